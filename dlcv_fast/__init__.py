@@ -1,0 +1,62 @@
+"""dlcv_fast: fast attention kernels for vision transformers and vision-language models.
+
+Public functions (shapes in each docstring): :func:`attention`, :func:`scaled_dot_product_attention`,
+and the backend controls :func:`use_backend` / :func:`get_backend`.
+"""
+from __future__ import annotations
+
+from dlcv_fast.backend import get_backend, use_backend
+from dlcv_fast.ops import attention as _attn_ops
+
+__version__ = "0.1.0"
+
+
+def attention(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, prefix_len=None, scale=None,
+              rope=None, backend=None):
+    """Flash attention with masks computed in the kernel.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k, v: ``(B, Hkv, Lk, D)`` with ``Hq % Hkv == 0`` (MHA, GQA, MQA). fp16, bf16
+            or fp32, one device, any strides with a unit last-dim stride (``qkv.permute(2, 0, 3, 1, 4)``
+            views of a fused qkv Linear need no copy). 1 <= D <= 256.
+        causal: SDPA's ``is_causal``: query i sees keys j <= i (top-left aligned when Lq != Lk).
+        key_padding_mask: ``(B, Lk)`` bool, True = the key takes part.
+        attn_bias: additive float bias broadcastable to ``(B, Hq, Lq, Lk)`` (broadcast dims are read with
+            zero strides, never expanded); differentiable.
+        prefix_len: P, the prefix-LM mask (BLIP-2 text generation): queries i < P see keys j < P, later
+            queries see keys j <= i. Implies the causal mask past the prefix.
+        scale: score scale, default ``D ** -0.5``.
+        rope: ``(cos, sin)`` rotary tables applied to q and k (see :func:`apply_rope`).
+        backend: "auto" (default), "triton", "cuda" or "torch"; see :func:`use_backend`.
+
+    Returns ``(B, Hq, Lq, D)`` in q's dtype (a view of a ``(B, Lq, Hq, D)`` buffer, so
+    ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` needs no copy). A fully masked query row (or Lk = 0)
+    gives zeros and zero gradients, never NaN. NaN in the inputs propagates as in torch.
+    fp32 inputs use IEEE fp32 dot products unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
+    """
+    if rope is not None:
+        q, k = _apply_rope_pair(q, k, rope)
+    return _attn_ops.attention_with_lse(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                                        attn_bias=attn_bias, prefix_len=prefix_len, scale=scale,
+                                        backend=backend)[0]
+
+
+def _apply_rope_pair(q, k, rope):
+    raise NotImplementedError("attention(rope=...) needs the RoPE kernels, which have not landed yet")
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` running on dlcv_fast kernels.
+
+    Same signature and semantics: query ``(N, ..., L, E)``, key/value ``(N, ..., S, E)`` (3-D or 4-D),
+    ``attn_mask`` bool (True = takes part) or additive float, broadcastable to ``(N, H, L, S)``;
+    ``is_causal`` top-left aligned; ``enable_gqa`` allows fewer key/value heads. Differences from torch:
+    a fully masked query row gives zeros (torch gives NaN), and ``dropout_p > 0`` raises
+    NotImplementedError (no dropout in the kernel yet), as does a value head dim different from the query's.
+    """
+    return _attn_ops.sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
+
+
+__all__ = ["attention", "scaled_dot_product_attention", "use_backend", "get_backend"]

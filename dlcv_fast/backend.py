@@ -1,0 +1,79 @@
+"""Backend selection: which implementation runs an op.
+
+``"auto"`` (the default) runs the Triton kernels on CUDA tensors and the eager reference on CPU
+tensors, except that with ``TRITON_INTERPRET=1`` CPU tensors also go through the Triton kernels
+(run by Triton's interpreter; that is how the test suite exercises them without a GPU).
+``"triton"`` forces the Triton kernels, ``"torch"`` forces the eager reference, and ``"cuda"``
+asks for the hand-written CUDA kernels of ``csrc/`` (raises where they are not built).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+
+_current: contextvars.ContextVar[str] = contextvars.ContextVar("dlcv_fast_backend", default="auto")
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend name in force ("auto" unless changed by :func:`use_backend`)."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager choosing the backend for every dlcv_fast op called inside it.
+
+    >>> with dlcv_fast.use_backend("torch"):
+    ...     out = dlcv_fast.attention(q, k, v)
+    """
+    token = _current.set(_check(name))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cuda_extension():
+    """The compiled csrc/ extension module, or None when it was not built."""
+    try:
+        from dlcv_fast import _C  # noqa: F401
+    except ImportError:
+        return None
+    return _C
+
+
+def resolve(device, backend: str | None = None) -> str:
+    """Pick the concrete backend ("triton", "cuda" or "torch") for tensors on ``device``.
+
+    ``backend`` (the per-call ``backend=`` keyword) overrides the context's choice.
+    """
+    name = _check(backend) if backend is not None else _current.get()
+    is_cuda = getattr(device, "type", device) == "cuda"
+    if name == "auto":
+        return "triton" if (is_cuda or interpreting()) else "torch"
+    if name == "triton" and not (is_cuda or interpreting()):
+        raise RuntimeError(
+            "backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU "
+            "through Triton's interpreter); use backend 'auto' or 'torch' for CPU tensors"
+        )
+    if name == "cuda":
+        if not is_cuda:
+            raise RuntimeError("backend 'cuda' needs CUDA tensors")
+        raise NotImplementedError(
+            "backend 'cuda': no hand-written CUDA kernel is available for this op yet; use 'triton' or 'auto'"
+        )
+    return name

@@ -1,0 +1,282 @@
+"""Dense attention as torch custom ops: input checks, backend dispatch, autograd.
+
+``dlcv_fast::attention_fwd`` returns ``(out, lse)``; ``dlcv_fast::attention_bwd`` returns
+``(dq, dk, dv, ds)``. Both have fake (meta) implementations, so ``torch.compile`` traces through them
+without graph breaks, and ``register_autograd`` connects them. The Triton kernels live in
+``dlcv_fast.kernels.attention``; the "torch" backend runs ``dlcv_fast.reference``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from dlcv_fast import backend as _backend
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks: every problem is a TypeError/ValueError that names the argument and what is allowed.
+# ------------------------------------------------------------------------------------------------
+
+def _dtype_names():
+    return ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+
+
+def check_attention_inputs(q, k, v, *, key_padding_mask=None, attn_bias=None, prefix_len=None, scale=None):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}.dtype must be one of {_dtype_names()}, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ({'B, Hq, Lq, D' if name == 'q' else 'B, Hkv, Lk, D'}), "
+                             f"got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype ({t.dtype}) must equal q.dtype ({q.dtype}); mixed dtypes are not allowed")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+    B, Hq, Lq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, Hkv, Lk, D), got k {tuple(k.shape)} and "
+                         f"v {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"k/v batch size {k.shape[0]} must equal q's batch size {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"k/v head dim {k.shape[3]} must equal q's head dim {D}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={D} is not supported: allowed 1 <= D <= {MAX_HEAD_DIM}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's head count Hq={Hq} must be a multiple of k/v's head count Hkv={Hkv} (MHA, GQA, MQA)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name} must have a unit stride in its last (head) dim, got strides {t.stride()}; "
+                             f"call .contiguous() first")
+    Lk = k.shape[2]
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        if not isinstance(m, Tensor) or m.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = key takes part), got "
+                            f"{getattr(m, 'dtype', type(m).__name__)}")
+        if tuple(m.shape) != (B, Lk):
+            raise ValueError(f"key_padding_mask must have shape (B, Lk) = {(B, Lk)}, got {tuple(m.shape)}")
+        if m.device != q.device:
+            raise ValueError(f"key_padding_mask is on {m.device} but q is on {q.device}")
+    if attn_bias is not None:
+        b = attn_bias
+        if not isinstance(b, Tensor) or not b.dtype.is_floating_point:
+            raise TypeError(f"attn_bias must be a floating-point tensor (additive bias), got "
+                            f"{getattr(b, 'dtype', type(b).__name__)}")
+        try:
+            ok = b.dim() <= 4 and torch.broadcast_shapes(tuple(b.shape), (B, Hq, Lq, Lk)) == (B, Hq, Lq, Lk)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_bias of shape {tuple(b.shape)} does not broadcast to (B, Hq, Lq, Lk) = "
+                             f"{(B, Hq, Lq, Lk)}")
+        if b.device != q.device:
+            raise ValueError(f"attn_bias is on {b.device} but q is on {q.device}")
+    if prefix_len is not None and (isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0):
+        raise ValueError(f"prefix_len must be a non-negative int or None, got {prefix_len!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Implementations per backend
+# ------------------------------------------------------------------------------------------------
+
+def _out_buffer(B, H, L, D, like):
+    """Output layout shared by every backend and the fake: a (B, L, H, D) buffer viewed as (B, H, L, D)."""
+    return torch.empty((B, L, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _ref_kwargs(attn_bias, key_padding_mask, causal, prefix_len, scale):
+    return dict(attn_bias=attn_bias, key_padding_mask=key_padding_mask, scale=scale,
+                causal=causal, prefix_len=prefix_len if (causal and prefix_len > 0) else None)
+
+
+def _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale):
+    from dlcv_fast import reference
+
+    out, lse = reference.attention_with_lse(q, k, v, **_ref_kwargs(attn_bias, key_padding_mask, causal,
+                                                                    prefix_len, scale))
+    o = _out_buffer(*q.shape[:3], q.shape[3], q)
+    o.copy_(out)
+    return o, lse.contiguous()
+
+
+def _bwd_torch(do, q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad):
+    from dlcv_fast import reference
+
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        bias = None
+        if attn_bias is not None:
+            bias = attn_bias.detach().float().expand(B, H, Lq, Lk)
+            if bias_grad:
+                bias = bias.clone().requires_grad_()
+        out = reference.attention(qq, kk, vv, **_ref_kwargs(bias, key_padding_mask, causal, prefix_len, scale))
+        inputs = (qq, kk, vv, bias) if bias_grad else (qq, kk, vv)
+        grads = torch.autograd.grad(out, inputs, do)
+    dq, dk, dv = grads[:3]
+    ds = grads[3].float() if bias_grad else None
+    return dq, dk, dv, ds
+
+
+def _empty_ds(q):
+    return q.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("dlcv_fast::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                  causal: bool, prefix_len: int, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if B * H * Lq == 0 or Lk == 0:
+        # Nothing to attend to: every row is fully masked, so out = 0 and lse = -inf (documented).
+        o = _out_buffer(B, H, Lq, D, q).zero_()
+        return o, torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
+    name = _backend.resolve(q.device, backend)
+    if name == "torch":
+        return _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale)
+    from dlcv_fast.kernels import attention as kernels
+
+    return kernels.forward(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, backend):
+    B, H, Lq, D = q.shape
+    return _out_buffer(B, H, Lq, D, q), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("dlcv_fast::attention_bwd", mutates_args=())
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, attn_bias: Optional[Tensor],
+                  key_padding_mask: Optional[Tensor], causal: bool, prefix_len: int, scale: float, bias_grad: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if B * H * Lq == 0 or Lk == 0:
+        ds = q.new_zeros((B, H, Lq, Lk), dtype=torch.float32) if bias_grad else _empty_ds(q)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), ds
+    name = _backend.resolve(q.device, backend)
+    if name == "torch":
+        dq, dk, dv, ds = _bwd_torch(do, q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad)
+    else:
+        from dlcv_fast.kernels import attention as kernels
+
+        dq, dk, dv, ds = kernels.backward(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal, prefix_len,
+                                          scale, bias_grad)
+    return dq, dk, dv, ds if ds is not None else _empty_ds(q)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad, backend):
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    ds = q.new_empty((B, H, Lq, Lk), dtype=torch.float32) if bias_grad else _empty_ds(q)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ds
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, attn_bias, key_padding_mask)
+    ctx.causal, ctx.prefix_len, ctx.scale, ctx.backend = causal, prefix_len, scale, backend
+    ctx.bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
+    ctx.bias_shape = None if attn_bias is None else tuple(attn_bias.shape)
+
+
+def reduce_to_shape(grad: Tensor, shape: tuple) -> Tensor:
+    """Sum a (B, H, Lq, Lk) gradient over the dims that ``shape`` broadcast, giving a tensor of ``shape``."""
+    lead = grad.dim() - len(shape)
+    if lead:
+        grad = grad.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if dims:
+        grad = grad.sum(dim=dims, keepdim=True)
+    return grad
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, attn_bias, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv, ds = attention_bwd(do, q, k, v, o, lse, attn_bias, key_padding_mask, ctx.causal, ctx.prefix_len,
+                                   ctx.scale, ctx.bias_grad, ctx.backend)
+    dbias = reduce_to_shape(ds, ctx.bias_shape).to(attn_bias.dtype) if ctx.bias_grad else None
+    return dq, dk, dv, dbias, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Python entry points (the public functions in dlcv_fast/__init__.py call these)
+# ------------------------------------------------------------------------------------------------
+
+def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, prefix_len=None,
+                       scale=None, backend=None):
+    """Checked attention returning ``(out, lse)``; see :func:`dlcv_fast.attention`."""
+    check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, prefix_len=prefix_len,
+                           scale=scale)
+    if backend is not None:
+        _backend.resolve(q.device, backend)  # validate early, with a clear message
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    masked = bool(causal) or prefix_len is not None
+    return attention_fwd(q, k, v, attn_bias, key_padding_mask, masked, int(prefix_len or 0), scale,
+                         backend if backend is not None else _backend.get_backend())
+
+
+def sdpa(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """torch SDPA semantics on top of :func:`attention_with_lse` (see dlcv_fast.scaled_dot_product_attention)."""
+    if dropout_p:
+        raise NotImplementedError(f"dropout_p={dropout_p}: dlcv_fast's kernels have no dropout yet; use "
+                                  f"dropout_p=0.0 (e.g. in eval mode) or torch's SDPA")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name} must be 3-D (N, L, E) or 4-D (N, H, L, E), got shape {tuple(t.shape)}")
+    if not query.dim() == key.dim() == value.dim():
+        raise ValueError("query, key and value must have the same number of dims")
+    if value.shape[-1] != query.shape[-1]:
+        raise NotImplementedError(f"value head dim {value.shape[-1]} differs from query's {query.shape[-1]}; "
+                                  f"dlcv_fast needs equal head dims")
+    squeeze = query.dim() == 3
+    if squeeze:
+        query, key, value = query[:, None], key[:, None], value[:, None]
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(f"query has {query.shape[1]} heads but key/value have {key.shape[1]}; pass "
+                         f"enable_gqa=True for grouped-query attention")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask and is_causal cannot both be set (as in torch SDPA)")
+    bias = kpm = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+        B, H, L = query.shape[:3]
+        S = key.shape[2]
+        shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+        if attn_mask.dim() > 4:
+            raise ValueError(f"attn_mask must broadcast to (N, H, L, S) = {(B, H, L, S)}, got {tuple(attn_mask.shape)}")
+        if attn_mask.dtype == torch.bool:
+            if shape[1] == 1 and shape[2] == 1 and shape[3] == S:
+                # A per-key mask: handled by the kernel's key-padding path, nothing materialised.
+                kpm = attn_mask.reshape(shape[0], S).expand(B, S)
+            else:
+                bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device).masked_fill_(
+                    ~attn_mask, float("-inf"))
+        elif attn_mask.dtype.is_floating_point:
+            bias = attn_mask
+        else:
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    out = attention_with_lse(query, key, value, causal=is_causal, key_padding_mask=kpm, attn_bias=bias,
+                             scale=scale)[0]
+    return out[:, 0] if squeeze else out

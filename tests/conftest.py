@@ -1,0 +1,34 @@
+"""Test-suite set-up.
+
+Without a CUDA device the Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1 must be
+set before triton is imported, hence here). Tests marked ``gpu`` need a CUDA device and are skipped,
+with the reason shown, where there is none (run them with ``pytest -m gpu`` on a GPU machine).
+"""
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """The device kernel tests run on: CUDA when present, else the CPU through the interpreter."""
+    return "cuda" if _HAS_CUDA else "cpu"
