@@ -65,9 +65,9 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
 
     q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lk, D)`` with Hq % Hkv == 0 (GQA/MQA repeat each kv head).
     Scores ``s = scale * q k^T + attn_bias`` (scale defaults to D**-0.5) with masked keys at -inf;
-    ``lse`` (B, Hq, Lq) float32 is the natural log-sum-exp of each row of s (-inf for a fully masked
+    ``lse`` (B, Hq, Lq), float32 (float64 for float64 inputs), is the natural log-sum-exp of each row of s (-inf for a fully masked
     row); out = softmax(s) v, and a fully masked row gives zeros. The matmuls run in the input dtype
-    and the softmax in float32 (as torch does), so running this in fp16 gives PyTorch's own error.
+    and the softmax in float32 (float64 for float64 inputs), as torch does, so running this in fp16 gives PyTorch's own error.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -78,9 +78,10 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for a golden run
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
     if attn_bias is not None:
-        s = s + attn_bias.float()
+        s = s + attn_bias.to(acc)
     mask = attention_mask(Lq, Lk, causal=causal, prefix_len=prefix_len, key_padding_mask=key_padding_mask,
                           device=q.device)
     if mask is not None:
@@ -93,8 +94,133 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
     return out, lse.expand(B, Hq, Lq)
 
 
+def attention_backward(do, q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, prefix_len=None,
+                       scale=None):
+    """Explicit gradients of :func:`attention` (no autograd): returns ``(dq, dk, dv, ds)``.
+
+    With P = softmax(s): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = scale dS K,
+    dK = scale dS^T Q (summed over the query heads of a GQA group). ``ds`` (B, Hq, Lq, Lk) is the
+    gradient of the scores, i.e. of ``attn_bias`` before reduction over its broadcast dims.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    out, lse = attention_with_lse(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
+                                  prefix_len=prefix_len, scale=scale)
+    kr = k.repeat_interleave(group, dim=1).to(acc)
+    vr = v.repeat_interleave(group, dim=1).to(acc)
+    s = torch.matmul(q.to(acc), kr.transpose(-1, -2)) * scale
+    if attn_bias is not None:
+        s = s + attn_bias.to(acc)
+    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, prefix_len=prefix_len,
+                          key_padding_mask=key_padding_mask, device=q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    finite = torch.isfinite(lse)[..., None]
+    p = torch.where(finite, torch.exp(s - torch.where(finite, lse[..., None], 0)), 0)
+    do = do.to(acc)
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    dp = torch.matmul(do, vr.transpose(-1, -2))
+    ds = p * (dp - (do * out.to(acc)).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, kr) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(acc)) * scale
+    if group > 1:
+        dk = dk.unflatten(1, (Hkv, group)).sum(2)
+        dv = dv.unflatten(1, (Hkv, group)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds
+
+
 def attention(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, prefix_len=None, scale=None,
               rope=None):
     """Eager attention; see :func:`attention_with_lse` for the exact definition."""
     return attention_with_lse(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
                               prefix_len=prefix_len, scale=scale, rope=rope)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Swin window attention
+# --------------------------------------------------------------------------------------------------
+
+
+def _pair(x):
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+def window_relative_position_index(win_h: int, win_w: int, device=None):
+    """``(N, N)`` long, N = win_h * win_w: the row of the relative position bias table for each
+    (query, key) pair of a window (timm's ``get_relative_position_index``)."""
+    ty = torch.arange(win_h * win_w, device=device) // win_w
+    tx = torch.arange(win_h * win_w, device=device) % win_w
+    return (ty[:, None] - ty[None, :] + win_h - 1) * (2 * win_w - 1) + (tx[:, None] - tx[None, :] + win_w - 1)
+
+
+def window_region_ids(pad_h: int, pad_w: int, window_size, shift_size, device=None):
+    """``(pad_h, pad_w)`` region ids of the shifted, padded map (timm's ``img_mask``): per axis, the band
+    before ``-window``, the band from ``-window`` to ``-shift`` and the last ``shift`` rows; a single band
+    on an axis without shift. Tokens of one window attend across regions only through the -100 mask."""
+    (wh, ww), (sh, sw) = _pair(window_size), _pair(shift_size)
+
+    def bands(n, w, s):
+        i = torch.arange(n, device=device)
+        return ((i >= n - w).long() + (i >= n - s).long()) if s else torch.zeros_like(i)
+
+    return bands(pad_h, wh, sh)[:, None] * 3 + bands(pad_w, ww, sw)[None, :]
+
+
+def window_partition(x, window_size):
+    """``(B, Hp, Wp, C)`` -> ``(B * nW, Wh * Ww, C)``, windows in row-major order per image."""
+    B, Hp, Wp, C = x.shape
+    wh, ww = window_size
+    x = x.view(B, Hp // wh, wh, Wp // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B * (Hp // wh) * (Wp // ww), wh * ww, C)
+
+
+def window_merge(windows, window_size, B, Hp, Wp):
+    """Inverse of :func:`window_partition`: ``(B * nW, Wh * Ww, C)`` -> ``(B, Hp, Wp, C)``."""
+    wh, ww = window_size
+    C = windows.shape[-1]
+    x = windows.view(B, Hp // wh, Wp // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, Hp, Wp, C)
+
+
+def window_attention(qkv, *, num_heads, window_size, shift_size=0, rel_pos_bias_table=None, qkv_bias=None,
+                     scale=None):
+    """timm's Swin block attention step (``SwinTransformerBlock._attn`` between the qkv and proj Linears).
+
+    qkv ``(B, H, W, 3C)`` channels-last, channels ordered ``(3, num_heads, D)``. Steps: cyclic shift by
+    ``-shift``; pad at the bottom/right up to a multiple of the window, padding tokens carrying
+    ``qkv_bias`` (timm pads x with zeros *before* the qkv Linear, so they carry its bias; zeros when None);
+    partition; per window ``softmax(scale * q k^T + bias + mask) v`` with ``bias[h, n, m] =
+    table[relative_position_index[n, m], h]`` and ``mask = -100`` between tokens of different regions
+    (shifted windows only); merge, crop, reverse shift. Returns ``(B, H, W, C)``. The matmuls run in the
+    input dtype and the softmax in float32 (float64 for float64 inputs), as timm's eager path does.
+    """
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    D = C // num_heads
+    (wh, ww), (sh, sw) = _pair(window_size), _pair(shift_size)
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.promote_types(qkv.dtype, torch.float32)
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    x = torch.roll(qkv, shifts=(-sh, -sw), dims=(1, 2)) if (sh or sw) else qkv
+    fill = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(C3)
+    padded = fill.expand(B, Hp, Wp, C3).clone()
+    padded[:, :H, :W] = x
+    N = wh * ww
+    q, k, v = window_partition(padded, (wh, ww)).view(-1, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+    s = ((q * scale) @ k.transpose(-1, -2)).to(acc)  # (B * nW, heads, N, N)
+    nW = s.shape[0] // B
+    s = s.view(B, nW, num_heads, N, N)
+    if rel_pos_bias_table is not None:
+        index = window_relative_position_index(wh, ww, device=qkv.device)
+        s = s + rel_pos_bias_table[index].permute(2, 0, 1).to(acc)
+    if sh or sw:
+        regions = window_partition(window_region_ids(Hp, Wp, (wh, ww), (sh, sw), qkv.device)[None, ..., None],
+                                   (wh, ww))[..., 0]  # (nW, N)
+        s = s + torch.where(regions[:, :, None] == regions[:, None, :], 0.0, -100.0).to(acc)[None, :, None]
+    p = torch.softmax(s, dim=-1).to(qkv.dtype).view(B * nW, num_heads, N, N)
+    out = (p @ v).transpose(1, 2).reshape(B * nW, N, C)
+    out = window_merge(out, (wh, ww), B, Hp, Wp)[:, :H, :W]
+    return torch.roll(out, shifts=(sh, sw), dims=(1, 2)) if (sh or sw) else out.contiguous()

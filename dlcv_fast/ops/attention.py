@@ -91,9 +91,11 @@ def check_attention_inputs(q, k, v, *, key_padding_mask=None, attn_bias=None, pr
 # Implementations per backend
 # ------------------------------------------------------------------------------------------------
 
-def _out_buffer(B, H, L, D, like):
-    """Output layout shared by every backend and the fake: a (B, L, H, D) buffer viewed as (B, H, L, D)."""
-    return torch.empty((B, L, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+def _like_kernel(t):
+    """An uninitialised tensor of t's (B, H, L, D) shape in the layout every backend and the fake return:
+    a (B, L, H, D) buffer viewed as (B, H, L, D), so merging heads afterwards is free."""
+    B, H, L, D = t.shape
+    return torch.empty((B, L, H, D), dtype=t.dtype, device=t.device).transpose(1, 2)
 
 
 def _ref_kwargs(attn_bias, key_padding_mask, causal, prefix_len, scale):
@@ -106,29 +108,16 @@ def _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale):
 
     out, lse = reference.attention_with_lse(q, k, v, **_ref_kwargs(attn_bias, key_padding_mask, causal,
                                                                     prefix_len, scale))
-    o = _out_buffer(*q.shape[:3], q.shape[3], q)
-    o.copy_(out)
-    return o, lse.contiguous()
+    return _like_kernel(q).copy_(out), lse.contiguous()
 
 
 def _bwd_torch(do, q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad):
     from dlcv_fast import reference
 
-    B, H, Lq, _ = q.shape
-    Lk = k.shape[2]
-    with torch.enable_grad():
-        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        bias = None
-        if attn_bias is not None:
-            bias = attn_bias.detach().float().expand(B, H, Lq, Lk)
-            if bias_grad:
-                bias = bias.clone().requires_grad_()
-        out = reference.attention(qq, kk, vv, **_ref_kwargs(bias, key_padding_mask, causal, prefix_len, scale))
-        inputs = (qq, kk, vv, bias) if bias_grad else (qq, kk, vv)
-        grads = torch.autograd.grad(out, inputs, do)
-    dq, dk, dv = grads[:3]
-    ds = grads[3].float() if bias_grad else None
-    return dq, dk, dv, ds
+    grads = reference.attention_backward(do, q, k, v, **_ref_kwargs(attn_bias, key_padding_mask, causal,
+                                                                     prefix_len, scale))
+    dq, dk, dv = (_like_kernel(t).copy_(g) for t, g in zip((q, k, v), grads[:3]))
+    return dq, dk, dv, grads[3].float() if bias_grad else None
 
 
 def _empty_ds(q):
@@ -142,8 +131,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], 
     Lk = k.shape[2]
     if B * H * Lq == 0 or Lk == 0:
         # Nothing to attend to: every row is fully masked, so out = 0 and lse = -inf (documented).
-        o = _out_buffer(B, H, Lq, D, q).zero_()
-        return o, torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
+        return _like_kernel(q).zero_(), torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
     name = _backend.resolve(q.device, backend)
     if name == "torch":
         return _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale)
@@ -154,8 +142,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], 
 
 @attention_fwd.register_fake
 def _(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, backend):
-    B, H, Lq, D = q.shape
-    return _out_buffer(B, H, Lq, D, q), q.new_empty((B, H, Lq), dtype=torch.float32)
+    return _like_kernel(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("dlcv_fast::attention_bwd", mutates_args=())
@@ -166,7 +153,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     Lk = k.shape[2]
     if B * H * Lq == 0 or Lk == 0:
         ds = q.new_zeros((B, H, Lq, Lk), dtype=torch.float32) if bias_grad else _empty_ds(q)
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), ds
+        return _like_kernel(q).zero_(), _like_kernel(k).zero_(), _like_kernel(v).zero_(), ds
     name = _backend.resolve(q.device, backend)
     if name == "torch":
         dq, dk, dv, ds = _bwd_torch(do, q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad)
@@ -183,7 +170,7 @@ def _(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal, prefix_len, scal
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     ds = q.new_empty((B, H, Lq, Lk), dtype=torch.float32) if bias_grad else _empty_ds(q)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ds
+    return _like_kernel(q), _like_kernel(k), _like_kernel(v), ds
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,225 @@
+"""Parity, masking, layout and robustness tests of the Triton flash-attention kernels.
+
+On a machine without CUDA these run through Triton's interpreter (fp32 and fp16); bf16 and large
+shapes are marked ``gpu``. Every parity check uses the rule in tests/parity.py: kernel error at most
+2x (3x for gradients) the error of the same reference computed in the input dtype, against float64.
+"""
+import pytest
+import torch
+
+import dlcv_fast
+from dlcv_fast import reference
+from tests.parity import assert_parity
+
+FP = [torch.float32, torch.float16]
+
+
+def make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=g).to(device=device, dtype=dtype)
+    return q, k, v
+
+
+def make_mask_args(kind, B, Hq, Lq, Lk, dtype, device, seed=1):
+    """Keyword arguments of attention() for a named mask kind."""
+    g = torch.Generator().manual_seed(seed)
+    kw = {}
+    if "causal" in kind:
+        kw["causal"] = True
+    if "padding" in kind:
+        lengths = torch.randint(1, Lk + 1, (B,), generator=g)
+        lengths[0] = Lk
+        kw["key_padding_mask"] = (torch.arange(Lk)[None, :] < lengths[:, None]).to(device)
+    if "holes" in kind:  # an arbitrary (non-suffix) key mask, with one key block fully removed
+        m = torch.rand(B, Lk, generator=g) > 0.3
+        m[:, 32:64] = False
+        m[:, 0] = True
+        kw["key_padding_mask"] = m.to(device)
+    if "prefix" in kind:
+        kw["prefix_len"] = max(1, Lk // 3)
+    if "bias" in kind:
+        shape = {"bias": (1, Hq, Lq, Lk), "bias_b": (B, 1, 1, Lk), "bias_full": (B, Hq, Lq, Lk)}[kind.split("+")[-1]]
+        kw["attn_bias"] = torch.randn(shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    return kw
+
+
+def golden_and_lp(q, k, v, kw, do):
+    """Outputs and gradients of the reference in float64 (golden) and in the input dtype (lp)."""
+    results = []
+    for dt in (torch.float64, q.dtype):
+        ins = [t.detach().cpu().to(dt).requires_grad_() for t in (q, k, v)]
+        kw_dt = dict(kw)
+        bias = kw.get("attn_bias")
+        if bias is not None:
+            kw_dt["attn_bias"] = bias.detach().cpu().to(dt).requires_grad_()
+        if kw.get("key_padding_mask") is not None:
+            kw_dt["key_padding_mask"] = kw["key_padding_mask"].cpu()
+        out = reference.attention(*ins, **kw_dt)
+        wrt = ins + ([kw_dt["attn_bias"]] if bias is not None else [])
+        grads = torch.autograd.grad(out, wrt, do.cpu().to(dt))
+        results.append((out, grads))
+    return results
+
+
+def check_parity(q, k, v, kw, *, backward=True):
+    q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
+    out = dlcv_fast.attention(q, k, v, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    do = torch.randn_like(out)
+    (g_out, g_grads), (lp_out, lp_grads) = golden_and_lp(q, k, v, kw, do)
+    assert_parity(out.cpu(), g_out, lp_out, name="out")
+    if not backward:
+        return
+    bias = kw.get("attn_bias")
+    wrt = [q, k, v] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(out, wrt, do)
+    for name, gr, gg, gl in zip(["dq", "dk", "dv", "dbias"], grads, g_grads, lp_grads):
+        assert gr.shape == gg.shape, name
+        assert_parity(gr.cpu(), gg, gl, factor=3.0, name=name)
+
+
+# Every seqlen and head dim of the matrix appears; each row is (Lq, Lk, D).
+SHAPES = [(1, 1, 32), (7, 7, 40), (49, 49, 64), (77, 77, 72), (97, 97, 80), (197, 197, 128), (257, 257, 160),
+          (1, 77, 64), (32, 257, 64), (257, 32, 40), (97, 49, 32), (49, 97, 128)]
+
+
+@pytest.mark.parametrize("dtype", FP, ids=str)
+@pytest.mark.parametrize("Lq,Lk,D", SHAPES)
+def test_parity_shapes(Lq, Lk, D, dtype, device):
+    q, k, v = make_inputs(2, 3, 3, Lq, Lk, D, dtype, device)  # B*H = 6: not a multiple of any block
+    check_parity(q, k, v, {})
+
+
+MASKS = ["causal", "padding", "holes", "prefix", "bias", "bias_b", "bias_full", "causal+padding",
+         "prefix+padding", "causal+padding+bias"]
+
+
+@pytest.mark.parametrize("dtype", FP, ids=str)
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("Lq,Lk", [(77, 77), (49, 97), (97, 49)])
+def test_parity_masks(kind, Lq, Lk, dtype, device):
+    B, H, D = 3, 2, 64
+    q, k, v = make_inputs(B, H, H, Lq, Lk, D, dtype, device)
+    check_parity(q, k, v, make_mask_args(kind, B, H, Lq, Lk, dtype, device))
+
+
+@pytest.mark.parametrize("dtype", FP, ids=str)
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (6, 1)], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("kind", ["none", "causal+padding"])
+def test_parity_gqa(Hq, Hkv, kind, dtype, device):
+    B, L, D = 2, 97, 40
+    q, k, v = make_inputs(B, Hq, Hkv, L, L, D, dtype, device)
+    check_parity(q, k, v, make_mask_args(kind, B, Hq, L, L, dtype, device))
+
+
+@pytest.mark.parametrize("dtype", FP, ids=str)
+def test_fused_qkv_view_needs_no_copy(dtype, device):
+    """A (B, N, 3, H, D) qkv Linear output permuted to (B, H, N, D) views is used as is."""
+    B, N, H, D = 2, 77, 3, 40
+    qkv = torch.randn(B, N, 3 * H * D, dtype=dtype, device=device)
+    q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    check_parity(q, k, v, {"causal": True})
+    out = dlcv_fast.attention(q, k, v)
+    merged = out.transpose(1, 2).reshape(B, N, H * D)  # free: out is a view of a (B, N, H, D) buffer
+    assert merged.data_ptr() == out.data_ptr()
+
+
+def test_custom_scale(device):
+    q, k, v = make_inputs(1, 2, 2, 49, 49, 32, torch.float32, device)
+    ref = reference.attention(q.double(), k.double(), v.double(), scale=0.3)
+    torch.testing.assert_close(dlcv_fast.attention(q, k, v, scale=0.3).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_bounds_reads_are_masked(device):
+    """Inputs inside larger NaN-filled buffers (every neighbour of every row and column is NaN)."""
+    B, H, Lq, Lk, D = 2, 2, 49, 77, 40
+
+    def nan_framed(L):
+        buf = torch.full((B, H, L + 9, 64), float("nan"), device=device)
+        t = buf[:, :, 4:4 + L, 8:8 + D]
+        t.copy_(torch.randn(B, H, L, D))
+        return t
+
+    q, k, v = nan_framed(Lq), nan_framed(Lk), nan_framed(Lk)
+    kw = make_mask_args("causal+padding+bias", B, H, Lq, Lk, torch.float32, device)
+    check_parity(q, k, v, kw)
+
+
+def test_fully_masked_rows_give_zeros_and_zero_grads(device):
+    B, H, L, D = 2, 2, 49, 32
+    q, k, v = (t.requires_grad_() for t in make_inputs(B, H, H, L, L, D, torch.float32, device))
+    kpm = torch.ones(B, L, dtype=torch.bool, device=device)
+    kpm[1] = False  # batch 1: every key removed
+    bias = torch.zeros(1, 1, L, L, device=device)
+    bias[..., 5, :] = float("-inf")  # row 5 of every batch removed by the bias
+    out = dlcv_fast.attention(q, k, v, key_padding_mask=kpm, attn_bias=bias)
+    assert not out.isnan().any()
+    assert (out[1] == 0).all() and (out[0, :, 5] == 0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert not t.grad.isnan().any()
+    assert (q.grad[1] == 0).all() and (k.grad[1] == 0).all() and (v.grad[1] == 0).all()
+    assert (q.grad[0, :, 5] == 0).all()
+    # The rows that are not masked are still right.
+    ref = reference.attention(q.double(), k.double(), v.double(), key_padding_mask=kpm, attn_bias=bias.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic(device):
+    B, H, L, D = 2, 4, 97, 64
+    q, k, v = make_inputs(B, H, 2, L, L, D, torch.float16, device)
+    kw = make_mask_args("causal+padding+bias", B, H, L, L, torch.float16, device)
+    runs = []
+    for _ in range(2):
+        ins = [t.detach().clone().requires_grad_() for t in (q, k, v, kw["attn_bias"])]
+        out = dlcv_fast.attention(*ins[:3], causal=True, key_padding_mask=kw["key_padding_mask"], attn_bias=ins[3])
+        out.backward(torch.ones_like(out))
+        runs.append([out] + [t.grad for t in ins])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_lse_matches_reference(device):
+    from dlcv_fast.ops.attention import attention_with_lse
+
+    q, k, v = make_inputs(2, 2, 2, 77, 49, 64, torch.float32, device)
+    kw = make_mask_args("causal+padding+bias", 2, 2, 77, 49, torch.float32, device)
+    out, lse = attention_with_lse(q, k, v, **kw)
+    kw_ref = dict(kw, attn_bias=kw["attn_bias"].detach().double())
+    _, lse_ref = reference.attention_with_lse(q.double(), k.double(), v.double(), **kw_ref)
+    assert lse.shape == (2, 2, 77) and lse.dtype == torch.float32
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    torch.testing.assert_close(lse.cpu().double()[finite], lse_ref[finite], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU-only: bf16 and large shapes (run by `pytest -m gpu`)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Lq,Lk,D,kind", [(197, 197, 64, "none"), (77, 77, 64, "causal+padding"),
+                                          (32, 257, 64, "none"), (4096, 4096, 40, "none"),
+                                          (1025, 1025, 128, "causal"), (2048, 2048, 64, "prefix"),
+                                          (257, 257, 256, "bias"), (49, 49, 160, "bias_b")])
+def test_gpu_parity(Lq, Lk, D, kind, dtype):
+    B, H = 2, 4
+    q, k, v = make_inputs(B, H, H, Lq, Lk, D, dtype, "cuda")
+    check_parity(q, k, v, make_mask_args(kind, B, H, Lq, Lk, dtype, "cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """A batch stride past 2^31 elements: offsets must be computed in 64-bit."""
+    L, D = 64, 64
+    big = torch.empty(2 ** 31 + 2 * L * D, dtype=torch.float16, device="cuda")
+    base = torch.randn(2, 1, L, D, dtype=torch.float16, device="cuda")
+    q = big.as_strided((2, 1, L, D), (2 ** 31, L * D, D, 1))
+    q.copy_(base)
+    out = dlcv_fast.attention(q, base, base)
+    ref = dlcv_fast.attention(base, base, base)
+    torch.testing.assert_close(out, ref)
