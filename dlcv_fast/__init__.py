@@ -1,12 +1,16 @@
 """dlcv_fast: fast attention kernels for vision transformers and vision-language models.
 
 Public functions (shapes in each docstring): :func:`attention`, :func:`scaled_dot_product_attention`,
-and the backend controls :func:`use_backend` / :func:`get_backend`.
+:func:`apply_rope`, :func:`rope_2d`, and the backend controls :func:`use_backend` / :func:`get_backend`.
 """
 from __future__ import annotations
 
+import torch
+
 from dlcv_fast.backend import get_backend, use_backend
 from dlcv_fast.ops import attention as _attn_ops
+from dlcv_fast.ops import rope as _rope_ops
+from dlcv_fast.rope_tables import rope_2d
 
 __version__ = "0.1.0"
 
@@ -26,7 +30,10 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, p
         prefix_len: P, the prefix-LM mask (BLIP-2 text generation): queries i < P see keys j < P, later
             queries see keys j <= i. Implies the causal mask past the prefix.
         scale: score scale, default ``D ** -0.5``.
-        rope: ``(cos, sin)`` rotary tables applied to q and k (see :func:`apply_rope`).
+        rope: ``(cos, sin)`` rotary tables applied to q and k before the scores, half-split pairs (see
+            :func:`apply_rope`). Tables shared by all heads, ``(N, R)`` or ``(B, N, R)`` with Lq = Lk = N, are
+            applied inside the kernel as q/k tiles are loaded (the backward rotates q and k once with the
+            standalone kernel); per-head ``(B, H, N, R)`` or learnable tables take the standalone kernel first.
         backend: "auto" (default), "triton", "cuda" or "torch"; see :func:`use_backend`.
 
     Returns ``(B, Hq, Lq, D)`` in q's dtype (a view of a ``(B, Lq, Hq, D)`` buffer, so
@@ -35,14 +42,41 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, p
     fp32 inputs use IEEE fp32 dot products unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
     """
     if rope is not None:
-        q, k = _apply_rope_pair(q, k, rope)
+        if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+            raise TypeError(f"rope must be a pair (cos, sin) of tables, got {type(rope).__name__}")
+        for x in (q, k):
+            if isinstance(x, torch.Tensor):
+                _rope_ops.check_rope_inputs(x, *rope)
+        if not _attn_ops.fusable_rope(q, k, rope):
+            # Per-head or learnable tables: rotate q and k with the standalone kernel, then attend.
+            q, k = (_rope_ops.apply_rope(x, *rope, backend=backend) for x in (q, k))
+            rope = None
     return _attn_ops.attention_with_lse(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                                        attn_bias=attn_bias, prefix_len=prefix_len, scale=scale,
+                                        attn_bias=attn_bias, prefix_len=prefix_len, scale=scale, rope=rope,
                                         backend=backend)[0]
 
 
-def _apply_rope_pair(q, k, rope):
-    raise NotImplementedError("attention(rope=...) needs the RoPE kernels, which have not landed yet")
+def apply_rope(x, cos, sin, *, interleaved=False, inplace=False, backend=None):
+    """Rotary position embedding of the first ``2R`` channels of each head (R = ``cos.shape[-1]``).
+
+    Args:
+        x: ``(B, H, N, D)``, fp16, bf16 or fp32, any strides with a unit last-dim stride (the q/k views of a
+            fused qkv Linear need no copy).
+        cos, sin: one angle per rotated channel pair and position: ``(N, R)``, ``(B, N, R)``, or
+            ``(B, H, N, R)`` with B and/or H allowed to be 1 (per-head tables, e.g. RoPE-Mixed from
+            :func:`rope_2d`). float32 or x's dtype, the same for both; ``2R <= D``. Channels ``2R..D`` pass
+            through unchanged (partial rotary).
+        interleaved: pair channels ``(2c, 2c + 1)`` ("GPT-J", RoPE-ViT, EVA-02) instead of ``(c, c + R)``
+            (half-split, "NeoX", the default).
+        inplace: rotate x in place and return it (no copy; inference only: raises when autograd would have
+            to record it, or when x has overlapping elements).
+        backend: "auto" (default), "triton", "cuda" or "torch"; see :func:`use_backend`.
+
+    Pair ``(a, b)`` at position n becomes ``(a cos - b sin, b cos + a sin)``, computed in fp32 and returned
+    in x's dtype with x's shape (a new tensor unless ``inplace``). Differentiable in x and, for learnable
+    frequencies, in cos and sin; the backward in x is the same kernel with sin negated.
+    """
+    return _rope_ops.apply_rope(x, cos, sin, interleaved=interleaved, inplace=inplace, backend=backend)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -59,4 +93,4 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                           scale=scale, enable_gqa=enable_gqa)
 
 
-__all__ = ["attention", "scaled_dot_product_attention", "use_backend", "get_backend"]
+__all__ = ["attention", "scaled_dot_product_attention", "apply_rope", "rope_2d", "use_backend", "get_backend"]

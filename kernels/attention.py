@@ -146,15 +146,32 @@ def _causal_hi(start_m, Lk, prefix_len, BLOCK_M: tl.constexpr, CAUSAL: tl.conste
         return Lk
 
 
+@triton.jit
+def _rotate(x, ptrs, cs_rows, COS, SIN, offs_d, row_mask, R):
+    """RoPE of a loaded (rows, BLOCK_D) tile ``x`` whose element pointers are ``ptrs``: channel c < R pairs
+    with c + R (half-split) and becomes ``x[c] cos - x[c+R] sin``, channel R <= c < 2R becomes
+    ``x[c] cos + x[c-R] sin``; channels past 2R pass through. ``cs_rows`` (rows, 1) are the offsets of
+    each row's angles in the (.., N, R) cos/sin tables. The partner channels are a second load of the
+    same rows (an L1 hit), so the rotation costs no extra pass over memory."""
+    first = offs_d < R
+    m = row_mask & (offs_d < 2 * R)[None, :]
+    partner = tl.load(ptrs + tl.where(first, R, -R)[None, :], mask=m, other=0.0).to(tl.float32)
+    ci = tl.where(first, offs_d, offs_d - R)[None, :]
+    c = tl.load(COS + cs_rows + ci, mask=m, other=1.0).to(tl.float32)
+    sn = tl.load(SIN + cs_rows + ci, mask=m, other=0.0).to(tl.float32)
+    sn = tl.where(first[None, :], -sn, sn)
+    return (x.to(tl.float32) * c + partner * sn).to(x.dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kpm_ptr, offs_m, offs_n, start_n,
-              Lq, Lk, prefix_len, qk_scale, mask_d,
+              Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
               HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr):
     cols = start_n + offs_n
     kp = cols < Lk
     if HAS_KPM:
@@ -169,6 +186,8 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kpm_ptr, offs_m, offs
     else:
         k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    if ROPE:
+        k = _rotate(k, k_ptrs, cs_b + cols.to(tl.int64)[:, None] * scn, COS, SIN, offs_d, cols[:, None] < Lk, R)
     s = _scores(q, k, bias_ptrs, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale,
                 HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -182,12 +201,12 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kpm_ptr, offs_m, offs
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
+def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-              sbb, sbh, sbm, sbn, skpb,
-              H, GROUP, Lq, Lk, prefix_len, qk_scale,
+              sbb, sbh, sbm, sbn, skpb, scb, scn,
+              H, GROUP, Lq, Lk, prefix_len, R, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, ROPE: tl.constexpr,
               DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -205,6 +224,9 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
     rows = offs_m.to(tl.int64)
     q_ptrs = Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & mask_d[None, :], other=0.0)
+    cs_b = b * scb
+    if ROPE:
+        q = _rotate(q, q_ptrs, cs_b + rows[:, None] * scn, COS, SIN, offs_d, offs_m[:, None] < Lq, R)
     k_ptrs = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
     v_ptrs = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
     bias_ptrs = BIAS
@@ -227,13 +249,13 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
     for start_n in range(0, full_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs + start_n * skn, v_ptrs + start_n * svn,
                                   bias_ptrs + start_n * sbn, kpm_ptr, offs_m, offs_n, start_n,
-                                  Lq, Lk, prefix_len, qk_scale, mask_d,
-                                  HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D)
+                                  Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
+                                  HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, ROPE)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs + start_n * skn, v_ptrs + start_n * svn,
                                   bias_ptrs + start_n * sbn, kpm_ptr, offs_m, offs_n, start_n,
-                                  Lq, Lk, prefix_len, qk_scale, mask_d,
-                                  HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D)
+                                  Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
+                                  HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, ROPE)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -423,9 +445,19 @@ def _kpm_args(kpm):
     return kpm, kpm.stride(0)
 
 
-def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, config=None):
+def _rope_args(rope):
+    """(cos, sin, batch stride, position stride, R) of (N, R) or (B, N, R) tables; Nones when no rope."""
+    if rope is None:
+        return None, None, 0, 0, 0
+    cos, sin = (t.contiguous() for t in rope)
+    return cos, sin, cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2), cos.shape[-1]
+
+
+def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None):
     """Launch the forward kernel. Returns ``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, stored as a
-    ``(B, Lq, Hq, D)`` buffer so ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` is free; lse fp32 (B, Hq, Lq)."""
+    ``(B, Lq, Hq, D)`` buffer so ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` is free; lse fp32 (B, Hq, Lq).
+    ``rope=(cos, sin)``, tables ``(N, R)`` or ``(B, N, R)`` with N = Lq = Lk, rotates q and k (half-split
+    pairs) as their tiles are loaded."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -433,15 +465,18 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, con
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     bias_t, sb = _bias_args(bias, B, H, Lq, Lk)
     kpm_t, skp = _kpm_args(kpm)
+    cos, sin, scb, scn, R = _rope_args(rope)
     bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D), Lq, B * H)
     grid = (triton.cdiv(Lq, bm), B * H)
     _attn_fwd[grid](
         q, k, v, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
+        cos if cos is not None else q, sin if sin is not None else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        *sb, skp,
-        H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E,
+        *sb, skp, scb, scn,
+        H, H // Hkv, Lq, Lk, prefix_len, R, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None, HAS_KPM=kpm_t is not None,
+        ROPE=cos is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
@@ -490,3 +525,58 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
         *sb, skp,
         H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale, **common)
     return dq, dk, dv, ds
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (dlcv_fast/aot.py, tests/kernels/test_aot_compile.py)
+# ------------------------------------------------------------------------------------------------
+
+def aot_specs():
+    """Every shipped instance of this file's kernels, for the compile check without a GPU.
+
+    Per head-dim bucket and dtype, each config of ``fwd_configs``/``bwd_configs`` as a GPU launch sees them,
+    with the heaviest variant (every feature constexpr the kernel has on: causal, bias, key padding mask,
+    rope, dS written), plus the plain forward (the hot path, which must use wgmma on Hopper in fp16/bf16).
+    fp16 takes the power-of-two head dim of each bucket and bf16 a padded one where models have it
+    (40 -> 64, 80 -> 128, 160 -> 256), so both the even and the masked head-dim paths compile; fp32 (IEEE
+    dots) is checked for the 64 bucket. Pointers are 16-byte aligned and, when the head dim is a multiple of
+    16, the q/k/v/o strides too, as for contiguous torch tensors; the bias is fp32 (what the SDPA bool-mask
+    path passes) with unaligned strides.
+    """
+    import re
+
+    from dlcv_fast.aot import AotSpec, arg_names, shipped_configs, signature_of
+
+    features = dict(CAUSAL="causal", HAS_BIAS="bias", HAS_KPM="kpm", ROPE="rope", WRITE_DS="ds")
+    cases = [("fp16", d) for d in (16, 32, 64, 128, 256)] + [("bf16", d) for d in (16, 32, 40, 80, 160)]
+    cases.append(("fp32", 64))
+    specs = []
+    for dtype, d in cases:
+        block_d = padded_head_dim(d)
+        types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+        types.update(LSE="*fp32", DELTA="*fp32", DS="*fp32", BIAS="*fp32", KPM="*u8", COS="*fp32",
+                     SIN="*fp32", qk_scale="fp32", sm_scale="fp32")
+
+        def add(fn, cfg=(None, None, 4, 3), heavy=True, wgmma=False, **constexprs):
+            bm, bn, warps, stages = cfg
+            if bm is not None:
+                constexprs.update(BLOCK_M=bm, BLOCK_N=bn)
+            flags = {k: heavy for k in features if k in arg_names(fn)}
+            constexprs.update(flags, HEAD_DIM=d, BLOCK_D=block_d)
+            sig = signature_of(fn, constexprs, types)
+            divisible = [a for a, t in sig.items() if t.startswith("*")]
+            if d % 16 == 0:
+                divisible += [a for a in sig if re.fullmatch(r"s(q|k|v|o|do|dq|dk|dv)[bhmn]", a)]
+            variant = "+".join(features[k] for k in flags if heavy) or ("plain" if flags else "")
+            specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps,
+                                 stages, tuple(divisible), expect_wgmma=wgmma))
+
+        prec = "ieee" if dtype == "fp32" else "tf32"
+        for heavy in (True,) if dtype == "fp32" else (True, False):
+            for cfg in shipped_configs(fwd_configs, block_d):
+                add(_attn_fwd, cfg, heavy, wgmma=dtype != "fp32", DOT_PRECISION=prec)
+        for cfg in shipped_configs(bwd_configs, block_d):
+            add(_attn_bwd_dkdv, cfg, DOT_PRECISION=prec)
+            add(_attn_bwd_dq, cfg, DOT_PRECISION=prec)
+        add(_bwd_preprocess, BLOCK_M=64)  # backward() launches it with BLOCK_M = 64 and default warps/stages
+    return specs

@@ -103,11 +103,11 @@ def _ref_kwargs(attn_bias, key_padding_mask, causal, prefix_len, scale):
                 causal=causal, prefix_len=prefix_len if (causal and prefix_len > 0) else None)
 
 
-def _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale):
+def _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope):
     from dlcv_fast import reference
 
-    out, lse = reference.attention_with_lse(q, k, v, **_ref_kwargs(attn_bias, key_padding_mask, causal,
-                                                                    prefix_len, scale))
+    out, lse = reference.attention_with_lse(q, k, v, rope=rope, **_ref_kwargs(attn_bias, key_padding_mask, causal,
+                                                                               prefix_len, scale))
     return _like_kernel(q).copy_(out), lse.contiguous()
 
 
@@ -126,22 +126,24 @@ def _empty_ds(q):
 
 @torch.library.custom_op("dlcv_fast::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                  causal: bool, prefix_len: int, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+                  causal: bool, prefix_len: int, scale: float, cos: Optional[Tensor], sin: Optional[Tensor],
+                  backend: str) -> tuple[Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if B * H * Lq == 0 or Lk == 0:
         # Nothing to attend to: every row is fully masked, so out = 0 and lse = -inf (documented).
         return _like_kernel(q).zero_(), torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
     name = _backend.resolve(q.device, backend)
+    rope = None if cos is None else (cos, sin)
     if name == "torch":
-        return _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale)
+        return _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope)
     from dlcv_fast.kernels import attention as kernels
 
-    return kernels.forward(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale)
+    return kernels.forward(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope=rope)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, backend):
+def _(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, cos, sin, backend):
     return _like_kernel(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -174,9 +176,9 @@ def _(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal, prefix_len, scal
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, backend = inputs
+    q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, cos, sin, backend = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, attn_bias, key_padding_mask)
+    ctx.save_for_backward(q, k, v, o, lse, attn_bias, key_padding_mask, cos, sin)
     ctx.causal, ctx.prefix_len, ctx.scale, ctx.backend = causal, prefix_len, scale, backend
     ctx.bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
     ctx.bias_shape = None if attn_bias is None else tuple(attn_bias.shape)
@@ -194,11 +196,19 @@ def reduce_to_shape(grad: Tensor, shape: tuple) -> Tensor:
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, attn_bias, key_padding_mask = ctx.saved_tensors
+    q, k, v, o, lse, attn_bias, key_padding_mask, cos, sin = ctx.saved_tensors
+    if cos is not None:
+        # Fused RoPE: the backward runs on the rotated q and k (one rotation pass each with the standalone
+        # kernel), and the gradients are rotated back by the inverse (conjugate) rotation.
+        from dlcv_fast.ops.rope import rope
+
+        q, k = (rope(t, cos, sin, False, False, ctx.backend) for t in (q, k))
     dq, dk, dv, ds = attention_bwd(do, q, k, v, o, lse, attn_bias, key_padding_mask, ctx.causal, ctx.prefix_len,
                                    ctx.scale, ctx.bias_grad, ctx.backend)
+    if cos is not None:
+        dq, dk = (rope(t, cos, sin, False, True, ctx.backend) for t in (dq, dk))
     dbias = reduce_to_shape(ds, ctx.bias_shape).to(attn_bias.dtype) if ctx.bias_grad else None
-    return dq, dk, dv, dbias, None, None, None, None, None
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -208,16 +218,28 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Python entry points (the public functions in dlcv_fast/__init__.py call these)
 # ------------------------------------------------------------------------------------------------
 
+def fusable_rope(q, k, rope) -> bool:
+    """Whether ``rope=(cos, sin)`` can be applied inside the attention kernel: tables shared by all heads
+    ((N, R) or (B, N, R)), constant (no learnable frequencies), and Lq = Lk = N. Otherwise the caller
+    rotates q and k with the standalone RoPE op first."""
+    cos, sin = rope
+    return (cos.dim() in (2, 3) and not (cos.requires_grad or sin.requires_grad)
+            and q.shape[2] == k.shape[2] == cos.shape[-2])
+
+
 def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, prefix_len=None,
-                       scale=None, backend=None):
-    """Checked attention returning ``(out, lse)``; see :func:`dlcv_fast.attention`."""
+                       scale=None, rope=None, backend=None):
+    """Checked attention returning ``(out, lse)``; see :func:`dlcv_fast.attention`.
+
+    ``rope`` here must be fusable (see :func:`fusable_rope`) and already checked (dlcv_fast.attention does both)."""
     check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, prefix_len=prefix_len,
                            scale=scale)
     if backend is not None:
         _backend.resolve(q.device, backend)  # validate early, with a clear message
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     masked = bool(causal) or prefix_len is not None
-    return attention_fwd(q, k, v, attn_bias, key_padding_mask, masked, int(prefix_len or 0), scale,
+    cos, sin = rope if rope is not None else (None, None)
+    return attention_fwd(q, k, v, attn_bias, key_padding_mask, masked, int(prefix_len or 0), scale, cos, sin,
                          backend if backend is not None else _backend.get_backend())
 
 

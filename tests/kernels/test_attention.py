@@ -223,3 +223,29 @@ def test_gpu_int64_offsets():
     out = dlcv_fast.attention(q, base, base)
     ref = dlcv_fast.attention(base, base, base)
     torch.testing.assert_close(out, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE fused into the kernel
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", FP, ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,L,D,R,batched,kind", [
+    (2, 2, 2, 49, 64, 32, False, "none"),      # full rotary
+    (2, 4, 2, 77, 80, 16, True, "causal"),     # partial rotary, per-batch tables, GQA
+    (1, 3, 3, 97, 40, 20, False, "padding"),   # head dim not a power of two
+])
+def test_fused_rope_parity(B, Hq, Hkv, L, D, R, batched, kind, dtype, device, monkeypatch):
+    from dlcv_fast.ops import rope as rope_ops
+
+    q, k, v = make_inputs(B, Hq, Hkv, L, L, D, dtype, device)
+    g = torch.Generator().manual_seed(7)
+    angles = torch.rand((B, L, R) if batched else (L, R), generator=g, dtype=torch.float64) * 6
+    cos, sin = angles.cos().float().to(device), angles.sin().float().to(device)
+    kw = make_mask_args(kind, B, Hq, L, L, dtype, device)
+    called = []
+    real = rope_ops.apply_rope
+    monkeypatch.setattr(rope_ops, "apply_rope", lambda *a, **k: called.append(1) or real(*a, **k))
+    check_parity(q, k, v, dict(kw, rope=(cos, sin)))
+    assert not called, "constant shared tables must take the fused path, not the standalone kernel"
+

@@ -236,9 +236,18 @@ def test_opcheck(with_bias):
     bias = torch.randn(1, 2, 9, 11, requires_grad=True) if with_bias else None
     kpm = torch.ones(2, 11, dtype=torch.bool)
     kpm[1, 7:] = False
-    torch.library.opcheck(ops.attention_fwd, (q, k, v, bias, kpm, True, 0, 0.25, "torch"))
-    torch.library.opcheck(ops.attention_fwd, (q, k, v, bias, None, False, 0, 0.25, "triton"),
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, bias, kpm, True, 0, 0.25, None, None, "torch"))
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, bias, None, False, 0, 0.25, None, None, "triton"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_opcheck_fused_rope():
+    q, k, v = (t.requires_grad_() for t in qkv(Lq=9, Lk=9, D=16))
+    angles = torch.randn(9, 6)
+    for backend in ("torch", "triton"):
+        torch.library.opcheck(ops.attention_fwd,
+                              (q, k, v, None, None, True, 0, 0.25, angles.cos(), angles.sin(), backend),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_torch_compile_fullgraph():
