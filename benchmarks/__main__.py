@@ -1,0 +1,205 @@
+"""python -m benchmarks [--suite kernels|models|all] [--quick] [--out DIR]: run the benchmark suite.
+
+Every provider of every case runs in this one process on the same inputs: first one call checked against the
+reference (parity), then timed. Results go to DIR/results.{csv,json} and DIR/<benchmark>.png, and on a GPU
+also to benchmarks/results/<date>_<card>.{json,csv}. Without a CUDA device the command times the CPU
+fallback at tiny sizes and says that kernel timings need a CUDA device.
+
+Exit status: on a GPU, 1 when one of dlcv_fast's own providers failed or gave a wrong result, else 0; on the
+CPU always 0 (failures are listed). Peers that are missing or fail are reported and do not change it.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import registry, report, runner
+
+QUICK_TIME_LIMIT_S = 130  # the GPU check gives the whole command 180 s, imports and reports included
+COMPILE_RESERVE_S = 45  # a torch.compile warm-up is not started with less time left than this
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("kernels", "models", "all"), default="all")
+    ap.add_argument("--quick", action="store_true",
+                    help="headline shapes only; compiled providers on each benchmark's first case only, after "
+                         f"everything else; a time cap ({QUICK_TIME_LIMIT_S} s on a GPU unless --time-limit says "
+                         "otherwise)")
+    ap.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default: bench-out)")
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="benchmarks whose name contains one of these")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
+                    help="skip what would start after S seconds (reported as skipped)")
+    ap.add_argument("--save-results", action=argparse.BooleanOptionalAction, default=None,
+                    help="also copy the CSV/JSON to benchmarks/results/ (default: on for GPU runs)")
+    ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    return ap.parse_args(argv)
+
+
+def list_benchmarks(benches):
+    for b in benches:
+        print(f"{b.name:<20} issue {b.issue:<2} {b.suite:<8} {b.title}")
+        print(f"{'':<20} {len(b.cases)} cases, {len(b.quick)} quick, {len(b.cpu_cases)} on the CPU; providers: "
+              f"{', '.join(p.name for p in b.providers)}")
+        reason = b.available()
+        if reason:
+            print(f"{'':<20} not available: {reason}")
+
+
+def _row(bench, case, provider, status, note=""):
+    label = bench.label(case) if case else "-"
+    group = ", ".join(f"{k}={case[k]}" for k in bench.group) if case else ""
+    return {"benchmark": bench.name, "issue": bench.issue, "case": label,
+            "params": case or {}, "provider": provider, "status": status, "note": note, "ms": None, "timer": "",
+            "tflops": None, "gbps": None, "items_per_s": None, "matmul_frac": None, "copy_frac": None,
+            "speedup": None, "parity_err": None, "parity_tol": None, "_key": f"{bench.name}|{label}", "_group": group}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.monotonic()
+    device = runner.pick_device(args.device)
+    benches = registry.benchmarks(args.suite, args.only)
+    if args.list:
+        list_benchmarks(benches)
+        return 0
+    limit = args.time_limit if args.time_limit is not None else (
+        QUICK_TIME_LIMIT_S if args.quick and device == "cuda" else None)
+    left = (lambda: limit - (time.monotonic() - start)) if limit else (lambda: float("inf"))
+    runner.allow_many_recompiles()
+
+    env = report.environment(device)
+    print(f"dlcv_fast benchmarks: {env['gpu'] or 'CPU'} driver {env['driver'] or '-'}, torch {env['torch']}, "
+          f"triton {env['triton']}, commit {env['commit'][:12]}, {env['date']}", flush=True)
+    notes = []
+    if device != "cuda":
+        notes.append("no CUDA device: kernel timings need a CUDA device; this run times the CPU fallback "
+                     "(dlcv_fast's reference backend against torch and the reference libraries) at tiny sizes")
+    if args.quick:
+        notes.append("--quick: headline shapes only; compiled providers (FlexAttention, torch.compile) on each "
+                     "benchmark's first case only, after all the others" + (
+                         f"; time cap {limit:.0f} s, work past it reported as skipped" if limit else ""))
+    for n in notes:
+        print(f"NOTE: {n}", flush=True)
+    roof = runner.roofline(device)
+    print(f"ceilings measured now: {roof['matmul_tflops']:.4g} TFLOP/s ({roof['matmul']} matmul), "
+          f"{roof['copy_gbps']:.4g} GB/s ({roof['copy']})", flush=True)
+
+    plan = [(b, b.available(), b.cases_for(device, args.quick)) for b in benches]
+    total = sum(1 if reason or not cases else len(cases) * len(b.providers_for(device)) for b, reason, cases in plan)
+    settings = {"suite": args.suite, "quick": args.quick, "device": device, "time_limit_s": limit,
+                "only": args.only}
+    session = Session(device, args.quick, left, roof, total)
+
+    def save():  # after every case, so that partial results survive a kill
+        report.add_speedups(session.rows)
+        return report.write_files(args.out, env, roof, settings, notes, session.rows)
+
+    # --quick runs in two passes, so that every benchmark's headline is timed before torch.compile warm-ups spend
+    # the time cap: first all but the compiled providers, then those on each benchmark's first case.
+    deferred = []
+    for bench, reason, cases in plan:
+        if reason or not cases:
+            session.emit(_row(bench, None, "-", "n/a", reason or f"no shapes for device {device}"))
+            continue
+        for index, case in enumerate(cases):
+            providers = bench.providers_for(device)
+            later = [p for p in providers if p.compiled] if args.quick else []
+            ours_ran = session.run_case(bench, case, [p for p in providers if p not in later])
+            if later and index == 0:
+                deferred.append((bench, case, later, ours_ran))
+            for p in later if index else []:
+                session.emit(_row(bench, case, p.name, "skipped", "--quick: compiled providers on the first case only"))
+            save()
+    for bench, case, later, ours_ran in deferred:
+        session.run_case(bench, case, later, ours_ran)
+        save()
+
+    rows = session.rows
+    paths = save()
+    paths += report.plots(args.out, benches, rows, env)
+    if args.save_results if args.save_results is not None else device == "cuda":
+        paths += report.save_results(args.out, env)
+    print(report.table(rows))
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    if skipped:
+        print(f"\n{skipped} rows skipped by the time cap or the --quick rules (see their notes)")
+    for n in notes:
+        print(f"NOTE: {n}")
+    print(f"\nwrote {', '.join(str(p) for p in paths)}  ({time.monotonic() - start:.0f} s)", flush=True)
+    ours_bad = [r for r in rows if r["provider"].startswith(report.OURS) and r["status"] in ("failed", "parity-fail")]
+    for r in ours_bad:
+        print(f"FAILED: {r['benchmark']} | {r['case']} | {r['provider']}: {r['status']} {r['note']}", file=sys.stderr)
+    return 1 if ours_bad and device == "cuda" else 0
+
+
+class Session:
+    """The rows of one run, its progress count and time cap."""
+
+    def __init__(self, device, quick, left, roof, total):
+        self.device, self.quick, self.left, self.roof, self.total = device, quick, left, roof, total
+        self.rows = []
+
+    def emit(self, row):
+        self.rows.append(row)
+        print(report.progress_line(len(self.rows), self.total, row), flush=True)
+
+    def run_case(self, bench, case, providers, ours_ran=None) -> bool:
+        """Parity-check and time ``providers`` (ours listed first) on one case, one row each; returns whether a
+        dlcv_fast provider ran. When none can (op not landed, shape unsupported; ``ours_ran`` False from an
+        earlier pass), the peers are skipped: there is nothing to compare them with."""
+        ours = [p for p in providers if p.name.startswith(report.OURS)]
+        if ours_ran is None:
+            ours_ran = not ours  # with no dlcv_fast provider on this device, the peers run on their own
+        if self.left() <= 0:
+            for p in providers:
+                self.emit(_row(bench, case, p.name, "skipped", "time cap"))
+            return ours_ran
+        try:
+            run = runner.CaseRun(bench, case, self.device)
+        except Exception as e:  # e.g. out of memory for the inputs: every provider of the case fails alike
+            for p in providers:
+                self.emit(_row(bench, case, p.name, "failed", f"inputs: {runner.short_error(e)}"))
+            return ours_ran
+        for p in providers:
+            row = _row(bench, case, p.name, "skipped")
+            if self.left() <= 0:
+                row["note"] = "time cap"
+            elif p not in ours and not ours_ran:
+                row["note"] = "no dlcv_fast provider can run this case: nothing to compare with"
+            elif p.compiled and self.left() < COMPILE_RESERVE_S:
+                row["note"] = f"time cap: under {COMPILE_RESERVE_S} s left for a torch.compile warm-up"
+            else:
+                row.update(measure(run, p, self.quick, self.roof))
+                ours_ran = ours_ran or (p in ours and row["status"] != "n/a")
+            self.emit(row)
+        del run
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        return ours_ran
+
+
+def measure(run, provider, quick, roof) -> dict:
+    trial = run.trial(provider)
+    out = {"status": trial.status, "note": trial.note, "parity_err": trial.parity_err, "parity_tol": trial.parity_tol}
+    if trial.fn is None:
+        return out
+    try:
+        ms, timer = runner.time_call(run.caller(trial.fn), run.device, quick)
+    except torch.cuda.OutOfMemoryError:
+        return {**out, "status": "failed", "note": "out of memory while timing"}
+    except Exception as e:
+        return {**out, "status": "failed", "note": f"while timing: {runner.short_error(e)}"}
+    return {**out, "ms": ms, "timer": timer, **runner.metrics(run.bench, run.case, run.dtype, ms, roof)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

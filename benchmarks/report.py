@@ -1,0 +1,225 @@
+"""Reports of a benchmark run: the environment record, the terminal table, CSV / JSON files and PNG plots."""
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ENV_COLUMNS = ("date", "commit", "gpu", "driver", "torch", "triton")
+ROW_COLUMNS = ("benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "tflops",
+               "gbps", "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol")
+CSV_COLUMNS = ENV_COLUMNS + ROW_COLUMNS
+OURS = "dlcv_fast"
+LIBRARIES = ("timm", "transformers", "diffusers", "open_clip_torch", "flash_attn", "liger_kernel", "numpy")
+
+
+def _run(cmd: list) -> str:
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment(device: str) -> dict:
+    """What the numbers were measured on: card, driver, versions, commit and date."""
+    import triton
+
+    commit = _run(["git", "rev-parse", "HEAD"]) or "unknown"
+    if commit != "unknown" and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
+        commit += "+dirty"
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "device": device,
+        "gpu": "",
+        "driver": "",
+        "cuda": torch.version.cuda or "",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "cpu": f"{platform.machine()} x {os.cpu_count()}",
+        "libraries": {},
+    }
+    for lib in LIBRARIES:
+        try:
+            env["libraries"][lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env.update(gpu=props.name, sm_count=props.multi_processor_count,
+                   memory_gib=round(props.total_memory / 2 ** 30, 1),
+                   l2_mib=round(getattr(props, "L2_cache_size", 0) / 2 ** 20, 1),
+                   driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).split("\n")[0])
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Terminal
+# ----------------------------------------------------------------------------------------------------------
+
+def _num(v, fmt):
+    return "" if v is None else format(v, fmt)
+
+
+def progress_line(i: int, total: int, row: dict) -> str:
+    if row["status"] == "ok":
+        what = f"{row['ms']:9.4g} ms" + "".join(
+            f"  {row[key]:.4g} {unit}" for key, unit in (("tflops", "TFLOP/s"), ("gbps", "GB/s"),
+                                                         ("items_per_s", "items/s")) if row[key] is not None)
+    else:
+        what = f"{row['status']}: {row['note']}"
+    return f"[{i:>3}/{total}] {row['benchmark']} | {row['case']} | {row['provider']:<22} {what}"
+
+
+def roof_pct(row: dict) -> str:
+    """The row's share of the binding ceiling: the larger of its matmul and copy fractions."""
+    fracs = [(f, k) for f, k in ((row["matmul_frac"], "mm"), (row["copy_frac"], "copy")) if f is not None]
+    if not fracs:
+        return ""
+    f, k = max(fracs)
+    return f"{100 * f:.0f}% {k}"
+
+
+def table(rows: list) -> str:
+    """The summary table, one block per benchmark."""
+    head = ("case", "provider", "status", "ms", "TFLOP/s", "GB/s", "items/s", "roofline", "speedup")
+    lines = []
+    for bench, group in _by(rows, "benchmark").items():
+        body = [(r["case"], r["provider"], r["status"] if r["status"] == "ok" else f"{r['status']}: {r['note'][:60]}",
+                 _num(r["ms"], ".4g"), _num(r["tflops"], ".4g"), _num(r["gbps"], ".4g"), _num(r["items_per_s"], ".4g"),
+                 roof_pct(r) if r["status"] == "ok" else "", _num(r["speedup"], ".2f") + "x" if r["speedup"] else "")
+                for r in group]
+        keep = [i for i, col in enumerate(zip(*body)) if i < 3 or any(col)]  # drop columns empty in this block
+        cols = [[line[i] for i in keep] for line in (head, *body)]
+        widths = [max(len(x) for x in col) for col in zip(*cols)]
+        lines += ["", f"== {bench} (issue {group[0]['issue']})"]
+        lines += ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in cols]
+    return "\n".join(lines)
+
+
+def _by(rows, key) -> dict:
+    out = defaultdict(list)
+    for r in rows:
+        out[r[key]].append(r)
+    return out
+
+
+def add_speedups(rows: list):
+    """speedup = time of the fastest non-dlcv_fast provider on the same case / this row's time."""
+    for case_rows in _by(rows, "_key").values():
+        peers = [r["ms"] for r in case_rows if r["status"] == "ok" and not r["provider"].startswith(OURS)]
+        for r in case_rows:
+            r["speedup"] = min(peers) / r["ms"] if peers and r["status"] == "ok" else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------
+
+def write_files(out_dir: Path, env: dict, roof: dict, settings: dict, notes: list, rows: list) -> list:
+    """results.json and results.csv in ``out_dir``; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    public = [{k: r[k] for k in ROW_COLUMNS} for r in rows]
+    doc = {"env": env, "roofline": roof, "settings": settings, "notes": notes, "rows": public}
+    paths = [out_dir / "results.json", out_dir / "results.csv"]
+    paths[0].write_text(json.dumps(doc, indent=1) + "\n")
+    with paths[1].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in public:
+            w.writerow({**{k: env[k] for k in ENV_COLUMNS}, **r, "params": json.dumps(r["params"])})
+    return paths
+
+
+def save_results(out_dir: Path, env: dict) -> list:
+    """Copy results.json / results.csv to benchmarks/results/<date>_<card>.{json,csv} (committed with the code)."""
+    card = re.sub(r"[^a-z0-9]+", "-", (env["gpu"] or env["device"]).lower()).strip("-")
+    stem = f"{env['date'][:16].replace(':', '')}_{card}"
+    RESULTS_DIR.mkdir(exist_ok=True)
+    paths = []
+    for ext in ("json", "csv"):
+        dst = RESULTS_DIR / f"{stem}.{ext}"
+        dst.write_bytes((out_dir / f"results.{ext}").read_bytes())
+        paths.append(dst)
+    return paths
+
+
+def plots(out_dir: Path, benches: list, rows: list, env: dict) -> list:
+    """One PNG per benchmark: throughput against ``bench.x`` per provider (a panel per ``bench.group`` value),
+    or, without an x axis, bars per case of throughput and of speedup over the fastest peer. Returns the paths
+    written ([] without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+        return []
+    paths = []
+    by_bench = _by([r for r in rows if r["status"] == "ok"], "benchmark")
+    for bench in benches:
+        bench_rows = by_bench.get(bench.name)
+        if not bench_rows:
+            continue
+        metric, unit = _metric(bench_rows[0])
+        if bench.x:
+            panels = [(title, panel, metric, unit) for title, panel in _by(bench_rows, "_group").items()]
+        else:
+            panels = [("", bench_rows, metric, unit), ("", bench_rows, "speedup", "speedup vs the fastest peer")]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+        for ax, (title, panel, key, label) in zip(axes[0], panels):
+            if bench.x:
+                xs = sorted({r["params"][bench.x] for r in panel})
+                for provider, pr in _by(panel, "provider").items():
+                    pts = sorted((r["params"][bench.x], r[key]) for r in pr)
+                    ax.plot(*zip(*pts), marker="o", label=provider, linewidth=2.5 if provider.startswith(OURS) else 1.2)
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(xs, [str(x) for x in xs])
+                ax.set_xlabel(bench.x)
+            else:
+                _bars(ax, [r for r in panel if r[key] is not None], key)
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{bench.name}: {bench.title}\n{env['gpu'] or env['device']}, torch {env['torch']}, "
+                     f"{env['date'][:10]}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"{bench.name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _metric(row) -> tuple:
+    for key, unit in (("tflops", "TFLOP/s"), ("gbps", "GB/s"), ("items_per_s", "items/s")):
+        if row[key] is not None:
+            return key, unit
+    return "ms", "ms"
+
+
+def _bars(ax, rows, metric):
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    width = 0.8 / len(providers)
+    for j, provider in enumerate(providers):
+        vals = {r["case"]: r[metric] for r in rows if r["provider"] == provider}
+        xs = [i + j * width for i, c in enumerate(cases) if c in vals]
+        ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=provider)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels([c.split(" ")[0] if len(c) > 20 else c for c in cases], rotation=20, fontsize=7)

@@ -1,0 +1,190 @@
+"""What the command and the pytest-benchmark tests share: inputs of a case, parity check, timing, roofline.
+
+Timing on a GPU is ``triton.testing.do_bench`` (median of CUDA-event-timed runs, L2 flushed before each);
+calls under ``CUDAGRAPH_BELOW_MS`` are timed again with ``do_bench_cudagraph`` (the launches captured in a
+CUDA graph, so host overhead does not count) where capture works. Each case keeps several fresh random
+input sets, together at least twice the L2 cache, and every timed call takes the next set in turn, so no
+provider is timed on inputs left in cache by its previous call. On the CPU a plain wall clock is used (CPU
+work is synchronous).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from benchmarks.registry import Benchmark, Provider, Unavailable
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+CUDAGRAPH_BELOW_MS = 1.0
+MAX_SETS = 64
+MAX_SET_MEMORY = 8 << 30
+
+
+def pick_device(name: str = "auto") -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    return name
+
+
+def allow_many_recompiles():
+    """Each case compiles its own static-shape graphs; keep torch.compile from falling back to eager after 8."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+
+
+def _nbytes(inputs: dict) -> int:
+    tensors = [t for v in inputs.values() for t in (v if isinstance(v, tuple) else (v,))]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def short_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+@dataclass
+class Trial:
+    """One provider on one case after its first (parity-checked) call. ``fn`` is set when the provider ran and gave
+    an output of the right shape (a parity-fail row is still timed, and flagged)."""
+
+    provider: Provider
+    status: str  # "ok", "parity-fail", "n/a" (cannot run here), "failed" (raised)
+    note: str = ""
+    fn: Optional[Callable] = None
+    parity_err: Optional[float] = None
+    parity_tol: Optional[float] = None
+
+
+class CaseRun:
+    """The inputs, shared context and parity reference of one (benchmark, case) on one device."""
+
+    def __init__(self, bench: Benchmark, case: dict, device: str):
+        self.bench, self.case, self.device = bench, case, device
+        self.dtype = getattr(torch, bench.dtype) if device == "cuda" else torch.float32
+        torch.manual_seed(0)
+        first = bench.make_inputs(case, device, self.dtype)
+        self.sets = [first] + [bench.make_inputs(case, device, self.dtype) for _ in range(self._n_sets(first) - 1)]
+        self.ctx: dict = {}
+        self._reference = None
+
+    def _n_sets(self, first: dict) -> int:
+        if self.device != "cuda":
+            return 2
+        size = max(_nbytes(first), 1)
+        l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20)
+        return max(2, min(MAX_SETS, math.ceil(2 * l2 / size), MAX_SET_MEMORY // size))
+
+    def reference(self) -> list:
+        if self._reference is None:
+            self._reference = self.bench.reference(self.case, self.sets[0], self.ctx)
+        return self._reference
+
+    def trial(self, provider: Provider) -> Trial:
+        """Build the provider, call it once on the first input set and check its output against the reference."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                fn = provider.build(self.case, self.sets[0], self.ctx)
+                out = fn(self.sets[0])
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+            except (Unavailable, ImportError, NotImplementedError) as e:
+                return Trial(provider, "n/a", short_error(e))
+            except torch.cuda.OutOfMemoryError:
+                return Trial(provider, "failed", "out of memory")
+            except Exception as e:
+                reasons = "; ".join(str(w.message).splitlines()[0][:120] for w in caught[:2])
+                return Trial(provider, "failed", short_error(e) + (f" [{reasons}]" if reasons else ""))
+        if not provider.parity:
+            return Trial(provider, "ok", "timing baseline, no parity check", fn)
+        try:
+            reference = self.reference()
+        except Exception as e:  # e.g. the float32 reference does not fit: time the provider, say it is unchecked
+            return Trial(provider, "ok", f"parity not checked: reference failed ({short_error(e)})", fn)
+        worst, err, tol = -1.0, 0.0, 0.0
+        for o, (golden, lp, factor) in zip(self.bench.view(self.case, out), reference):
+            if o.shape != golden.shape:
+                return Trial(provider, "parity-fail", f"output shape {tuple(o.shape)} != {tuple(golden.shape)}")
+            e = _max_err(o, golden)
+            t = factor * _max_err(lp, golden) + ATOL.get(lp.dtype, 1e-5)
+            ratio = e / t if e == e else math.inf  # NaN error fails
+            if ratio > worst:
+                worst, err, tol = ratio, e, t
+        status = "ok" if worst <= 1.0 else "parity-fail"
+        note = "" if status == "ok" else f"max error {err:.2e} > tolerance {tol:.2e}"
+        return Trial(provider, status, note, fn, err, tol)
+
+    def caller(self, fn: Callable) -> Callable[[], object]:
+        """A no-argument function calling ``fn`` on the next input set in turn."""
+        sets = itertools.cycle(self.sets)
+        return lambda: fn(next(sets))
+
+
+def _max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def time_call(call: Callable[[], object], device: str, quick: bool) -> tuple[float, str]:
+    """Median milliseconds per call and the timer used ("do_bench", "cudagraph" or "wallclock")."""
+    if device != "cuda":
+        return _time_cpu(call, quick), "wallclock"
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    ms = do_bench(call, warmup=10 if quick else 50, rep=50 if quick else 300, return_mode="median")
+    if ms < CUDAGRAPH_BELOW_MS:
+        try:
+            return do_bench_cudagraph(call, rep=20 if quick else 100, return_mode="median"), "cudagraph"
+        except Exception:  # not capturable (host sync, unsupported op): keep the event timing
+            torch.cuda.synchronize()
+    return ms, "do_bench"
+
+
+def _time_cpu(call, quick: bool) -> float:
+    call()
+    times, stop = [], time.perf_counter() + (0.2 if quick else 1.0)
+    while len(times) < (2 if quick else 5) or (time.perf_counter() < stop and len(times) < 100):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def roofline(device: str) -> dict:
+    """The card's ceilings measured now: a large matmul (TFLOP/s) and a large copy (GB/s, read + write)."""
+    if device == "cuda":
+        n, dtype, copy_bytes = 8192, torch.bfloat16, 1 << 30
+    else:
+        n, dtype, copy_bytes = 1024, torch.float32, 64 << 20
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    mm_ms, _ = time_call(lambda: a @ b, device, quick=device != "cuda")
+    src = torch.randn(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    cp_ms, _ = time_call(lambda: dst.copy_(src), device, quick=device != "cuda")
+    return {"matmul_tflops": 2 * n ** 3 / mm_ms / 1e9, "copy_gbps": 2 * copy_bytes / cp_ms / 1e6,
+            "matmul": f"{str(dtype).replace('torch.', '')} {n}x{n}x{n}",
+            "copy": f"{copy_bytes >> 20} MiB device copy, bytes read + written"}
+
+
+def metrics(bench: Benchmark, case: dict, dtype: torch.dtype, ms: float, roof: dict) -> dict:
+    """Throughputs of one timed call and their fractions of the measured ceilings."""
+    tflops = bench.flops(case) / ms / 1e9 if bench.flops else None
+    gbps = bench.bytes(case, dtype.itemsize) / ms / 1e6 if bench.bytes else None
+    return {
+        "tflops": tflops,
+        "gbps": gbps,
+        "items_per_s": bench.items(case) / ms * 1e3 if bench.items else None,
+        "matmul_frac": tflops / roof["matmul_tflops"] if tflops is not None else None,
+        "copy_frac": gbps / roof["copy_gbps"] if gbps is not None else None,
+    }

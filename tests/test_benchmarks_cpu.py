@@ -1,0 +1,36 @@
+"""The benchmark command without a GPU: ``python -m benchmarks --quick --device cpu`` runs the CPU fallback at tiny
+sizes, says that kernel timings need a CUDA device, exits 0 and writes results.csv / results.json (with the
+environment record and the documented columns) and the plots into --out."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV_KEYS = {"date", "commit", "gpu", "driver", "torch", "triton"}
+ROW_KEYS = {"benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "tflops", "gbps",
+            "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol"}
+
+
+def test_benchmark_command_without_gpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the command picks its own backends
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--no-save-results",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kernel timings need a CUDA device" in proc.stdout
+
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert ENV_KEYS <= set(doc["env"]) and doc["env"]["device"] == "cpu"
+    assert doc["roofline"]["matmul_tflops"] > 0 and doc["roofline"]["copy_gbps"] > 0
+    assert doc["rows"] and all(set(r) == ROW_KEYS for r in doc["rows"])
+    timed = [r for r in doc["rows"] if r["status"] == "ok"]
+    assert any(r["benchmark"] == "attn_fwd" and r["provider"] == "sdpa.math" for r in timed)
+    assert all(r["ms"] > 0 and r["timer"] == "wallclock" for r in timed)
+
+    with (tmp_path / "results.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert set(reader.fieldnames) == ENV_KEYS | ROW_KEYS
+        assert len(list(reader)) == len(doc["rows"])
+    assert (tmp_path / "attn_fwd.png").stat().st_size > 0
