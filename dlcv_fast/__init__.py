@@ -11,6 +11,7 @@ from dlcv_fast.backend import get_backend, use_backend
 from dlcv_fast.ops import attention as _attn_ops
 from dlcv_fast.ops import rope as _rope_ops
 from dlcv_fast.rope_tables import rope_2d
+from dlcv_fast.ops.window_attention import window_attention
 
 __version__ = "0.1.0"
 
@@ -93,4 +94,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                           scale=scale, enable_gqa=enable_gqa)
 
 
-__all__ = ["attention", "scaled_dot_product_attention", "apply_rope", "rope_2d", "use_backend", "get_backend"]
+from dlcv_fast import models  # noqa: E402  (last: the models are built on the functions above)
+
+__all__ = ["attention", "scaled_dot_product_attention", "apply_rope", "rope_2d", "window_attention", "use_backend",
+           "get_backend", "models"]

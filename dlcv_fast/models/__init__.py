@@ -1,0 +1,40 @@
+"""Weight-compatible models on dlcv_fast kernels: ViT/DeiT, Swin, CLIP.
+
+``create_model(name, **kw)`` builds a registered model (``list_models()``) with random weights;
+``from_timm(m)``, ``from_open_clip(m)`` and ``from_transformers(m)`` build ours from a reference model,
+weights included. ViT/DeiT and Swin use timm's state_dict keys, so timm checkpoints load directly.
+"""
+from dlcv_fast.models.clip import CLIP, TextTransformer, clip_from_open_clip, clip_from_transformers
+from dlcv_fast.models.plotting import save_attention_overlay
+from dlcv_fast.models.registry import create_model, list_models, register_model
+from dlcv_fast.models.swin import SwinTransformer, swin_from_timm
+from dlcv_fast.models.vit import VisionTransformer, vit_from_timm
+
+
+def from_timm(m):
+    """Our model with the configuration and weights of a timm ``VisionTransformer`` (incl. DeiT's
+    ``VisionTransformerDistilled``) or ``SwinTransformer``."""
+    name = type(m).__name__
+    if name in ("VisionTransformer", "VisionTransformerDistilled"):
+        return vit_from_timm(m)
+    if name == "SwinTransformer":
+        return swin_from_timm(m)
+    raise NotImplementedError(f"from_timm: {name} is not supported (VisionTransformer, "
+                              f"VisionTransformerDistilled, SwinTransformer)")
+
+
+def from_open_clip(m):
+    """Our :class:`CLIP` with the configuration and weights of an open_clip ``CLIP`` (ViT towers)."""
+    return clip_from_open_clip(m)
+
+
+def from_transformers(m):
+    """Our :class:`CLIP` with the configuration and weights of a Hugging Face ``CLIPModel``."""
+    name = type(m).__name__
+    if name != "CLIPModel":
+        raise NotImplementedError(f"from_transformers: {name} is not supported (CLIPModel)")
+    return clip_from_transformers(m)
+
+
+__all__ = ["CLIP", "SwinTransformer", "TextTransformer", "VisionTransformer", "create_model", "from_open_clip",
+           "from_timm", "from_transformers", "list_models", "register_model", "save_attention_overlay"]

@@ -1,0 +1,58 @@
+"""bf16 on a GPU: our models vs the reference library, both against the reference in fp32 (same weights).
+
+Rule (issue 6): ``max|ours_bf16 - theirs_fp32| <= 2 * max|theirs_bf16 - theirs_fp32| + 1e-2``. Full-size models.
+The GPU machine has timm and transformers but not open_clip, so CLIP is checked against Hugging Face's CLIPModel
+in the ViT-B/32 configuration.
+"""
+import copy
+
+import pytest
+import torch
+
+import dlcv_fast
+from dlcv_fast.models import from_timm, from_transformers
+from tests.parity import assert_parity
+
+pytestmark = pytest.mark.gpu
+
+
+def bf16_check(ours, ref, *inputs, call=lambda m, *a: m(*a), name="output"):
+    ref32 = ref.cuda().float().eval()
+    ref16 = copy.deepcopy(ref32).bfloat16()
+    ours16 = ours.cuda().bfloat16().eval()
+    inputs = [t.cuda() for t in inputs]
+    lp_inputs = [t.bfloat16() if t.is_floating_point() else t for t in inputs]
+    with torch.no_grad():
+        golden = call(ref32, *inputs).float()
+        theirs = call(ref16, *lp_inputs).float()
+        with dlcv_fast.use_backend("triton"):
+            out = call(ours16, *lp_inputs).float()
+    assert_parity(out, golden, theirs, factor=2.0, atol=1e-2, name=name)
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "deit_small_patch16_224", "deit_tiny_distilled_patch16_224",
+                                  "swin_tiny_patch4_window7_224"])
+def test_timm_bf16(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False).eval()
+    bf16_check(from_timm(ref), ref, torch.randn(8, 3, 224, 224), name=name)
+
+
+def test_clip_b32_bf16():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(vision_config=dict(patch_size=32))  # ViT-B/32 (openai/clip-vit-base-patch32)
+    ref = transformers.CLIPModel(cfg).eval()
+    ids = torch.randint(1, 49406, (8, 77))
+    ids[:, 0], ids[:, 20] = 49406, 49407
+    mask = torch.ones(8, 77, dtype=torch.long)
+    mask[:, 21:] = 0
+    images = torch.randn(4, 3, 224, 224)
+
+    def logits(m, image, text, attention_mask):
+        if isinstance(m, transformers.CLIPModel):
+            return m(input_ids=text, pixel_values=image, attention_mask=attention_mask).logits_per_image
+        return m(image, text, attention_mask)[0]
+
+    bf16_check(from_transformers(ref), ref, images, ids, mask, call=logits, name="logits_per_image")
