@@ -185,42 +185,114 @@ def window_merge(windows, window_size, B, Hp, Wp):
     return x.reshape(B, Hp, Wp, C)
 
 
-def window_attention(qkv, *, num_heads, window_size, shift_size=0, rel_pos_bias_table=None, qkv_bias=None,
-                     scale=None):
-    """timm's Swin block attention step (``SwinTransformerBlock._attn`` between the qkv and proj Linears).
+def _to_windows(x, window, shift, fill):
+    """``(B, H, W, ch)`` map -> ``(B * nW, N, ch)`` windows of the map rolled by ``-shift`` and padded at the
+    bottom/right with ``fill`` (``(ch,)``) up to a multiple of the window. Returns (windows, Hp, Wp)."""
+    B, H, W, ch = x.shape
+    (wh, ww), (sh, sw) = window, shift
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2)) if (sh or sw) else x
+    padded = fill.expand(B, Hp, Wp, ch).clone()
+    padded[:, :H, :W] = x
+    return window_partition(padded, window), Hp, Wp
+
+
+def _from_windows(t, window, shift, B, H, W):
+    """Inverse of :func:`_to_windows` (padding cropped): ``(B * nW, N, ch)`` -> ``(B, H, W, ch)``."""
+    (wh, ww), (sh, sw) = window, shift
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    t = window_merge(t, window, B, Hp, Wp)[:, :H, :W]
+    return torch.roll(t, shifts=(sh, sw), dims=(1, 2)) if (sh or sw) else t.contiguous()
+
+
+def _window_qkv_scores(qkv, num_heads, window, shift, table, qkv_bias, scale, acc):
+    """Windows of q, k, v ``(B * nW, heads, N, D)`` and the scores ``scale * q k^T + bias + mask`` in ``acc``."""
+    B, H, W, C3 = qkv.shape
+    N = window[0] * window[1]
+    fill = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(C3)
+    windows, Hp, Wp = _to_windows(qkv, window, shift, fill)
+    q, k, v = windows.view(-1, N, 3, num_heads, C3 // 3 // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    s = ((q * scale) @ k.transpose(-1, -2)).to(acc)
+    s = s.view(B, -1, num_heads, N, N)
+    if table is not None:
+        index = window_relative_position_index(*window, device=qkv.device)
+        s = s + table[index].permute(2, 0, 1).to(acc)
+    if any(shift):
+        regions = window_partition(window_region_ids(Hp, Wp, window, shift, qkv.device)[None, ..., None],
+                                   window)[..., 0]  # (nW, N)
+        s = s + torch.where(regions[:, :, None] == regions[:, None, :], 0.0, -100.0).to(acc)[None, :, None]
+    return q, k, v, s.view(-1, num_heads, N, N)
+
+
+def window_attention_with_lse(qkv, *, num_heads, window_size, shift_size=0, rel_pos_bias_table=None,
+                              qkv_bias=None, scale=None):
+    """timm's Swin block attention step (``SwinTransformerBlock._attn`` between the qkv and proj Linears),
+    returning ``(out, lse)``.
 
     qkv ``(B, H, W, 3C)`` channels-last, channels ordered ``(3, num_heads, D)``. Steps: cyclic shift by
     ``-shift``; pad at the bottom/right up to a multiple of the window, padding tokens carrying
     ``qkv_bias`` (timm pads x with zeros *before* the qkv Linear, so they carry its bias; zeros when None);
     partition; per window ``softmax(scale * q k^T + bias + mask) v`` with ``bias[h, n, m] =
     table[relative_position_index[n, m], h]`` and ``mask = -100`` between tokens of different regions
-    (shifted windows only); merge, crop, reverse shift. Returns ``(B, H, W, C)``. The matmuls run in the
-    input dtype and the softmax in float32 (float64 for float64 inputs), as timm's eager path does.
+    (shifted windows only); merge, crop, reverse shift. ``out`` is ``(B, H, W, C)``; ``lse`` ``(B, H, W,
+    num_heads)`` is the natural log-sum-exp of each token's scores. The matmuls run in the input dtype and
+    the softmax in float32 (float64 for float64 inputs), as timm's eager path does.
     """
     B, H, W, C3 = qkv.shape
-    C = C3 // 3
-    D = C // num_heads
-    (wh, ww), (sh, sw) = _pair(window_size), _pair(shift_size)
-    scale = D ** -0.5 if scale is None else scale
+    window, shift = _pair(window_size), _pair(shift_size)
+    scale = (C3 // 3 // num_heads) ** -0.5 if scale is None else scale
     acc = torch.promote_types(qkv.dtype, torch.float32)
-    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
-    x = torch.roll(qkv, shifts=(-sh, -sw), dims=(1, 2)) if (sh or sw) else qkv
-    fill = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(C3)
-    padded = fill.expand(B, Hp, Wp, C3).clone()
-    padded[:, :H, :W] = x
-    N = wh * ww
-    q, k, v = window_partition(padded, (wh, ww)).view(-1, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
-    s = ((q * scale) @ k.transpose(-1, -2)).to(acc)  # (B * nW, heads, N, N)
-    nW = s.shape[0] // B
-    s = s.view(B, nW, num_heads, N, N)
+    q, k, v, s = _window_qkv_scores(qkv, num_heads, window, shift, rel_pos_bias_table, qkv_bias, scale, acc)
+    p = torch.softmax(s, dim=-1).to(qkv.dtype)
+    out = (p @ v).transpose(1, 2).flatten(2)  # (B * nW, N, C)
+    lse = torch.logsumexp(s, dim=-1).transpose(1, 2)  # (B * nW, N, heads)
+    return _from_windows(out, window, shift, B, H, W), _from_windows(lse, window, shift, B, H, W)
+
+
+def window_attention(qkv, *, num_heads, window_size, shift_size=0, rel_pos_bias_table=None, qkv_bias=None,
+                     scale=None):
+    """The output of :func:`window_attention_with_lse`: ``(B, H, W, C)``."""
+    return window_attention_with_lse(qkv, num_heads=num_heads, window_size=window_size, shift_size=shift_size,
+                                     rel_pos_bias_table=rel_pos_bias_table, qkv_bias=qkv_bias, scale=scale)[0]
+
+
+def window_attention_backward(dout, qkv, *, num_heads, window_size, shift_size=0, rel_pos_bias_table=None,
+                              qkv_bias=None, scale=None):
+    """Explicit gradients of :func:`window_attention` (no autograd): ``(dqkv, dtable, dqkv_bias)``, the last
+    two None when the table / bias is None.
+
+    Per window, with P = softmax(s): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(P * dP)),
+    dQ = scale dS K, dK = scale dS^T Q. dtable[t, h] sums dS[h, n, m] over every window and image and every
+    pair (n, m) with relative_position_index t; dqkv_bias sums the gradients of the padding tokens' q/k/v
+    (dO of a padding token is 0, as it is cropped). Computed in float32 (float64 for float64 inputs).
+    """
+    B, H, W, C3 = qkv.shape
+    window, shift = _pair(window_size), _pair(shift_size)
+    N = window[0] * window[1]
+    scale = (C3 // 3 // num_heads) ** -0.5 if scale is None else scale
+    acc = torch.promote_types(qkv.dtype, torch.float32)
+    q, k, v, s = _window_qkv_scores(qkv.to(acc), num_heads, window, shift, rel_pos_bias_table, qkv_bias, scale,
+                                    acc)
+    p = torch.softmax(s, dim=-1)
+    do = _to_windows(dout.to(acc), window, shift, dout.new_zeros(C3 // 3, dtype=acc))[0]
+    do = do.view(-1, N, num_heads, C3 // 3 // num_heads).transpose(1, 2)
+    dv = p.transpose(-1, -2) @ do
+    dp = do @ v.transpose(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dq = ds @ k * scale
+    dk = ds.transpose(-1, -2) @ q * scale
+    dwin = torch.stack((dq, dk, dv), dim=2).permute(0, 3, 2, 1, 4).reshape(-1, N, C3)  # (B * nW, N, 3C)
+    dqkv = _from_windows(dwin, window, shift, B, H, W).to(qkv.dtype)
+    dtable = dbias = None
     if rel_pos_bias_table is not None:
-        index = window_relative_position_index(wh, ww, device=qkv.device)
-        s = s + rel_pos_bias_table[index].permute(2, 0, 1).to(acc)
-    if sh or sw:
-        regions = window_partition(window_region_ids(Hp, Wp, (wh, ww), (sh, sw), qkv.device)[None, ..., None],
-                                   (wh, ww))[..., 0]  # (nW, N)
-        s = s + torch.where(regions[:, :, None] == regions[:, None, :], 0.0, -100.0).to(acc)[None, :, None]
-    p = torch.softmax(s, dim=-1).to(qkv.dtype).view(B * nW, num_heads, N, N)
-    out = (p @ v).transpose(1, 2).reshape(B * nW, N, C)
-    out = window_merge(out, (wh, ww), B, Hp, Wp)[:, :H, :W]
-    return torch.roll(out, shifts=(sh, sw), dims=(1, 2)) if (sh or sw) else out.contiguous()
+        index = window_relative_position_index(*window, device=qkv.device).flatten()
+        per_pair = ds.view(B, -1, num_heads, N * N).sum((0, 1)).t()  # (N * N, heads)
+        bins = torch.nn.functional.one_hot(index, rel_pos_bias_table.shape[0]).t().to(acc)  # (T, N * N)
+        dtable = (bins @ per_pair).to(rel_pos_bias_table.dtype)
+    if qkv_bias is not None:
+        Hp, Wp = -(-H // window[0]) * window[0], -(-W // window[1]) * window[1]
+        padded_map = window_merge(dwin, window, B, Hp, Wp)
+        is_pad = torch.ones(Hp, Wp, dtype=torch.bool, device=qkv.device)
+        is_pad[:H, :W] = False
+        dbias = padded_map[:, is_pad].sum((0, 1)).to(qkv_bias.dtype)
+    return dqkv, dtable, dbias
