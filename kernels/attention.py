@@ -176,6 +176,23 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kpm_ptr, offs_m, offs
     kp = cols < Lk
     if HAS_KPM:
         kp = kp & (tl.load(kpm_ptr + cols, mask=cols < Lk, other=0) != 0)
+        if tl.max(kp.to(tl.int32), 0) > 0:  # a key block the padding mask removes entirely is skipped
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kp, offs_m, cols,
+                                       Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
+                                       HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D, ROPE)
+    else:
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kp, offs_m, cols,
+                                   Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
+                                   HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D, ROPE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kp, offs_m, cols,
+               Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
+               HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr):
+    """One key block of the online softmax: load K/V (rotating K for RoPE), score, rescale, accumulate."""
     if MASKED:
         kv_mask = (cols[:, None] < Lk) & mask_d[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
@@ -534,22 +551,24 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
 def aot_specs():
     """Every shipped instance of this file's kernels, for the compile check without a GPU.
 
-    Per head-dim bucket and dtype, each config of ``fwd_configs``/``bwd_configs`` as a GPU launch sees them,
-    with the heaviest variant (every feature constexpr the kernel has on: causal, bias, key padding mask,
-    rope, dS written), plus the plain forward (the hot path, which must use wgmma on Hopper in fp16/bf16).
+    Per head-dim bucket and dtype, each config of ``fwd_configs``/``bwd_configs`` as a GPU launch sees them.
+    Variants: every feature flag the kernel has on (causal, bias, key padding mask, rope, dS written: the
+    most registers); for the forward also all but the key padding mask (whose block skip stops software
+    pipelining, so this is the variant with the most shared memory) and the plain forward (the hot path,
+    which must use wgmma on Hopper in fp16/bf16; sm_90 only, to save time: the others bound it).
     fp16 takes the power-of-two head dim of each bucket and bf16 a padded one where models have it
-    (40 -> 64, 80 -> 128, 160 -> 256), so both the even and the masked head-dim paths compile; fp32 (IEEE
-    dots) is checked for the 64 bucket. Pointers are 16-byte aligned and, when the head dim is a multiple of
-    16, the q/k/v/o strides too, as for contiguous torch tensors; the bias is fp32 (what the SDPA bool-mask
-    path passes) with unaligned strides.
+    (40 -> 64, 80 -> 128, 160 -> 256), so both the even and the masked head-dim paths compile (bf16 at 16
+    and 32 compiled to the same registers as fp16, so it is left out to save time); fp32 (IEEE dots) is
+    checked for the 64 bucket with the first config of each kernel, all flags on. Pointers are 16-byte aligned and, when the head dim is a
+    multiple of 16, the q/k/v/o strides too, as for contiguous torch tensors; the bias is fp32 (what the
+    SDPA bool-mask path passes) with unaligned strides.
     """
     import re
 
     from dlcv_fast.aot import AotSpec, arg_names, shipped_configs, signature_of
 
     features = dict(CAUSAL="causal", HAS_BIAS="bias", HAS_KPM="kpm", ROPE="rope", WRITE_DS="ds")
-    cases = [("fp16", d) for d in (16, 32, 64, 128, 256)] + [("bf16", d) for d in (16, 32, 40, 80, 160)]
-    cases.append(("fp32", 64))
+    cases = [("fp16", d) for d in (16, 32, 64, 128, 256)] + [("bf16", d) for d in (40, 80, 160)] + [("fp32", 64)]
     specs = []
     for dtype, d in cases:
         block_d = padded_head_dim(d)
@@ -557,25 +576,30 @@ def aot_specs():
         types.update(LSE="*fp32", DELTA="*fp32", DS="*fp32", BIAS="*fp32", KPM="*u8", COS="*fp32",
                      SIN="*fp32", qk_scale="fp32", sm_scale="fp32")
 
-        def add(fn, cfg=(None, None, 4, 3), heavy=True, wgmma=False, **constexprs):
+        def add(fn, cfg=(None, None, 4, 3), off=(), wgmma=False, archs=None, **constexprs):
+            """``fn`` with every feature flag it has on except those in ``off`` ("all": the plain kernel)."""
             bm, bn, warps, stages = cfg
             if bm is not None:
                 constexprs.update(BLOCK_M=bm, BLOCK_N=bn)
-            flags = {k: heavy for k in features if k in arg_names(fn)}
+            flags = {k: off != "all" and k not in off for k in features if k in arg_names(fn)}
             constexprs.update(flags, HEAD_DIM=d, BLOCK_D=block_d)
             sig = signature_of(fn, constexprs, types)
             divisible = [a for a, t in sig.items() if t.startswith("*")]
             if d % 16 == 0:
                 divisible += [a for a in sig if re.fullmatch(r"s(q|k|v|o|do|dq|dk|dv)[bhmn]", a)]
-            variant = "+".join(features[k] for k in flags if heavy) or ("plain" if flags else "")
+            variant = "+".join(features[k] for k, on in flags.items() if on) or ("plain" if flags else "")
             specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps,
-                                 stages, tuple(divisible), expect_wgmma=wgmma))
+                                 stages, tuple(divisible), expect_wgmma=wgmma, archs=archs))
 
         prec = "ieee" if dtype == "fp32" else "tf32"
-        for heavy in (True,) if dtype == "fp32" else (True, False):
-            for cfg in shipped_configs(fwd_configs, block_d):
-                add(_attn_fwd, cfg, heavy, wgmma=dtype != "fp32", DOT_PRECISION=prec)
-        for cfg in shipped_configs(bwd_configs, block_d):
+        fwd_variants = [((), None), (("HAS_KPM",), None), ("all", (90,))]
+        fwd_cfgs, bwd_cfgs = shipped_configs(fwd_configs, block_d), shipped_configs(bwd_configs, block_d)
+        if dtype == "fp32":  # the first (default) configs, all flags on: fp32 is the rare path
+            fwd_variants, fwd_cfgs, bwd_cfgs = fwd_variants[:1], fwd_cfgs[:1], bwd_cfgs[:1]
+        for off, archs in fwd_variants:
+            for cfg in fwd_cfgs:
+                add(_attn_fwd, cfg, off, wgmma=dtype != "fp32", archs=archs, DOT_PRECISION=prec)
+        for cfg in bwd_cfgs:
             add(_attn_bwd_dkdv, cfg, DOT_PRECISION=prec)
             add(_attn_bwd_dq, cfg, DOT_PRECISION=prec)
         add(_bwd_preprocess, BLOCK_M=64)  # backward() launches it with BLOCK_M = 64 and default warps/stages
