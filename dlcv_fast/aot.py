@@ -207,7 +207,8 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                 options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         res.regs, res.stack_bytes = resource_usage(kernel.asm["cubin"])
-        res.spill_bytes = spill_bytes(kernel.asm["cubin"])
+        # spills live in the stack frame, so a kernel with none needs no (slow, ~1 s) disassembly
+        res.spill_bytes = spill_bytes(kernel.asm["cubin"]) if res.stack_bytes else 0
         res.smem = kernel.metadata.shared
         res.wgmma = "wgmma" in kernel.asm["ptx"]
     except Exception as e:  # report it; one bad spec must not hide the others

@@ -8,12 +8,16 @@ although conftest.py turns the interpreter on. ``python -m benchmarks.compile_re
 from pathlib import Path
 
 import pytest
+import triton
 
 from dlcv_fast import aot
 
 # One xdist worker compiles the whole list (itself with 2 processes) while the other runs the rest of the suite.
 pytestmark = pytest.mark.xdist_group("aot")
 
+# The list was recorded with this triton (its ptxas and flags decide the exact spills); on another version a
+# listed config that compiles cleanly is not an error, but an unlisted one that spills still fails.
+KNOWN_PROBLEMS_TRITON = "3.8.0"
 KNOWN_PROBLEMS = {line.split("#")[0].strip(): line.split("#", 1)[1].strip()
                   for line in (Path(__file__).parent / "aot_known_problems.txt").read_text().splitlines()
                   if line.strip() and not line.startswith("#")}
@@ -55,6 +59,8 @@ def test_compiles_without_spills_within_smem(compiled, spec, arch):
         problems.append(f"needs {r.smem} B of shared memory, over the {limit} B of sm_{arch}")
     key = f"{spec.id}-sm_{arch}"
     if key in KNOWN_PROBLEMS:
+        if not problems and triton.__version__ != KNOWN_PROBLEMS_TRITON:
+            return
         assert problems, f"{key} compiles cleanly now: remove it from aot_known_problems.txt"
         pytest.xfail(f"known problem: {'; '.join(problems)}")
     assert not problems, f"{spec.id} on sm_{arch}: " + "; ".join(problems)
