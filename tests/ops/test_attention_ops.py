@@ -72,15 +72,7 @@ def test_mixed_devices_raise_meta():
         dlcv_fast.attention(q, k, v.to("meta"))
 
 
-def test_empty_tensors():
-    # Nothing to compute: empty output of the right shape.
-    for shape in [(0, 2, 7, 32), (2, 0, 7, 32), (2, 2, 0, 32)]:
-        q = torch.randn(shape, requires_grad=True)
-        k = torch.randn(shape[0], max(shape[1], 1) if shape[1] else 0, 7, 32)
-        out = dlcv_fast.attention(q, k if shape[1] else torch.randn(shape[0], 0, 7, 32), k) \
-            if shape[1] else None
-        if out is not None:
-            assert out.shape == shape
+def test_no_keys_gives_zeros():
     # No keys (Lk = 0): every row is fully masked, so the documented result is zeros with zero gradients.
     q = torch.randn(2, 2, 5, 32, requires_grad=True)
     k = torch.randn(2, 2, 0, 32, requires_grad=True)
