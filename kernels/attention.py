@@ -19,8 +19,10 @@ walks the key blocks for one query block. Everything is deterministic: no atomic
 needs a gradient, the dK/dV kernel also writes dS, the gradient of the scores, into a (B, Hq, Lq, Lk) fp32
 buffer that the op layer reduces to the bias's own shape.
 
-Blocks that a mask removes entirely are skipped: causal/prefix limits bound the loops, and a key block
-whose padding mask is all False is not computed.
+Blocks that a mask removes entirely are skipped: causal/prefix limits bound the loops, and a key padding
+mask bounds them to the span of kept keys (read once per program; no branch inside the loop, which would
+stop software pipelining). ``rope=`` rotates q as its tile is loaded and k once with the standalone RoPE
+kernel before the launch.
 """
 from __future__ import annotations
 
@@ -35,48 +37,75 @@ LN2 = 0.6931471805599453
 
 
 # ------------------------------------------------------------------------------------------------
-# Configs as data: (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference, filtered per padded
-# head dim by keep(). The launcher takes the first kept config, or the first with BLOCK_M = 64 when the
-# grid would not fill the GPU twice over (short sequences). Under the interpreter one small config is used
-# so tests are quick and still cross several blocks. benchmarks/ can sweep every kept config.
+# Configs as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim and feature "kind", chosen
+# with the AOT compile check (python -m benchmarks.compile_report): every entry compiles for its arch with
+# no register spill and within its shared memory. Kinds: "plain" (any of causal / prefix / key padding),
+# "rope" (plus RoPE on q in the prologue), "bias" (an additive bias, with or without RoPE; its tile is one
+# more (BLOCK_M, BLOCK_N) fp32 operand in the loop, so it gets smaller tiles). fp32 inputs use IEEE fp32 dots,
+# several times the registers of a tensor-core dot, hence their own small tiles. Each forward entry is
+# (long, short): the short one (BLOCK_M = 64) is taken when the long one would give under two waves of
+# programs. Hopper (sm_90) and Ampere (sm_80, also used for other pre-Hopper GPUs) differ where a tile spills
+# on one of them. Under the interpreter one small config is used so tests are quick and cross several blocks.
 # ------------------------------------------------------------------------------------------------
 
-FWD_CANDIDATES = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3),
-                  (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]
-BWD_CANDIDATES = [(64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1),
-                  (32, 64, 4, 1)]
+_W8 = (128, 64, 8, 3)
+FWD_TABLE = {
+    90: {16: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
+         32: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
+         64: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
+         128: dict(plain=(_W8, (64, 64, 4, 2)), rope=((64, 64, 4, 2),) * 2, bias=((64, 32, 4, 2),) * 2),
+         256: dict(plain=((64, 64, 8, 2),) * 2, rope=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2)},
+    80: {16: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
+         32: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
+         64: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
+         128: dict(plain=(_W8, (128, 64, 8, 2)), rope=(_W8, (128, 64, 8, 2)), bias=((64, 32, 4, 2),) * 2),
+         256: dict(plain=((64, 32, 8, 2),) * 2, rope=((64, 32, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2)},
+}
+FWD_FP32 = (32, 32, 4, 1)
+# Backward: (dK/dV kernel config, dQ kernel config) per padded head dim and kind ("plain" or "bias": the
+# dK/dV kernel then also writes dS). The same on both archs.
+BWD_TABLE = {
+    16: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (32, 64, 4, 2))),
+    32: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (32, 64, 4, 2))),
+    64: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (32, 64, 4, 2))),
+    128: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (64, 64, 8, 2))),
+    256: dict(plain=((32, 32, 8, 1), (32, 32, 4, 1)), bias=((32, 32, 8, 1), (32, 32, 4, 1))),
+}
+BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
+ARCHS = (90, 80)
 
 
-def _fwd_keep(cfg, block_d):
-    bm, bn, warps, stages = cfg
-    if block_d <= 64:
-        return warps == 4 or bn == 128
-    if block_d == 128:
-        return warps == 8 and bn <= 64
-    return bm == 64 and warps == 4 and stages == 2  # 256: the tile must fit registers and shared memory
+def table_arch(arch=None) -> int:
+    """The config table for a compute capability ``major * 10 + minor`` (the current device's by default):
+    90 for Hopper and later, 80 below."""
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+        arch = major * 10 + minor
+    return 90 if arch >= 90 else 80
 
 
-def _bwd_keep(cfg, block_d):
-    bm, bn, warps, stages = cfg
-    if block_d <= 64:
-        return stages == 2 and bm == 64 and (warps == 4 or bn == 128)
-    if block_d == 128:
-        return stages == 2 and bn == 64 and (warps == 8 or bm == 32)
-    return stages == 1 and bm == 32
+def fwd_kind(bias: bool, rope: bool) -> str:
+    return "bias" if bias else ("rope" if rope else "plain")
 
 
-def fwd_configs(block_d: int):
+def fwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=None):
+    """Configs the forward launcher may use: ``[long, short]`` (fewer when they coincide)."""
     if _interpreting():
         return [INTERPRETER_CONFIG]
-    return [c for c in FWD_CANDIDATES if _fwd_keep(c, block_d)]
+    if dtype == torch.float32:
+        return [FWD_FP32]
+    return list(dict.fromkeys(FWD_TABLE[table_arch(arch)][block_d][kind]))
 
 
-def bwd_configs(block_d: int):
+def bwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain"):
+    """``(dK/dV config, dQ config)`` of the backward launcher."""
     if _interpreting():
-        return [INTERPRETER_CONFIG]
-    return [c for c in BWD_CANDIDATES if _bwd_keep(c, block_d)]
+        return (INTERPRETER_CONFIG, INTERPRETER_CONFIG)
+    if dtype == torch.float32:
+        return BWD_FP32
+    return BWD_TABLE[block_d][kind]
 
 
 def _interpreting():
@@ -88,10 +117,9 @@ def padded_head_dim(d: int) -> int:
 
 
 def _pick(configs, Lq, BH):
-    """First config, or the first BLOCK_M = 64 one when BLOCK_M = 128 gives under ~2 waves of programs."""
-    bm = configs[0][0]
-    if bm > 64 and triton.cdiv(Lq, bm) * BH < 2 * _sm_count():
-        return next((c for c in configs if c[0] == 64), configs[0])
+    """The long config, or the short one when the long one's BLOCK_M gives under ~2 waves of programs."""
+    if len(configs) > 1 and triton.cdiv(Lq, configs[0][0]) * BH < 2 * _sm_count():
+        return configs[1]
     return configs[0]
 
 
@@ -121,15 +149,24 @@ def _visible(offs_m, offs_n, Lk, prefix_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, bias_ptrs, offs_m, offs_n, Lq, Lk, prefix_len, kp, qk_scale,
+def _scores(q, k, bias_blk, sbm, sbn, offs_m, offs_n, Lq, Lk, prefix_len, kp, qk_scale,
             HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
             DOT_PRECISION: tl.constexpr):
     """Scores of one tile in log2 units, masked keys at -inf. ``MASKED`` False skips the index masks
-    (caller guarantees the tile is fully visible and in bounds)."""
+    (caller guarantees the tile is fully visible and in bounds). ``bias_blk`` points at the bias element of
+    the tile's first (query, key); the tile's offsets from it are int32 (a tile spans < 2^31 elements), so
+    no 64-bit pointer tile is kept live across the loop."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
-        bmask = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-        s += tl.load(bias_ptrs, mask=bmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        # Out-of-range rows/columns read the last valid one instead of being masked (their scores are
+        # discarded or set to -inf below): an unpredicated load, lighter on registers.
+        lm = tl.arange(0, offs_m.shape[0])
+        ln = tl.arange(0, offs_n.shape[0])
+        rl = tl.minimum(offs_m, Lq - 1) - (offs_m - lm)
+        cl = ln
+        if MASKED:
+            cl = tl.minimum(offs_n, Lk - 1) - (offs_n - ln)
+        s += tl.load(bias_blk + rl[:, None] * sbm + cl[None, :] * sbn).to(tl.float32) * 1.4426950408889634
     if MASKED:
         s = tl.where(_visible(offs_m, offs_n, Lk, prefix_len, CAUSAL), s, float("-inf"))
     if HAS_KPM:
@@ -147,19 +184,34 @@ def _causal_hi(start_m, Lk, prefix_len, BLOCK_M: tl.constexpr, CAUSAL: tl.conste
 
 
 @triton.jit
+def _key_range(start_m, Lk, prefix_len, kpm_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+    """[lo, hi): the keys query block start_m has to visit, lo a multiple of BLOCK_N. Causal/prefix
+    limits bound hi; a padding mask bounds both ends to the span of kept keys (whole padded blocks before
+    and after it are never loaded; padded keys inside it are masked)."""
+    lo = 0
+    hi = _causal_hi(start_m, Lk, prefix_len, BLOCK_M, CAUSAL)
+    if HAS_KPM:
+        first, last = _kpm_range(kpm_row, Lk, 1024)
+        lo = (first // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, last)
+    return lo, hi
+
+
+@triton.jit
 def _rotate(x, ptrs, cs_rows, COS, SIN, offs_d, row_mask, R):
     """RoPE of a loaded (rows, BLOCK_D) tile ``x`` whose element pointers are ``ptrs``: channel c < R pairs
     with c + R (half-split) and becomes ``x[c] cos - x[c+R] sin``, channel R <= c < 2R becomes
-    ``x[c] cos + x[c-R] sin``; channels past 2R pass through. ``cs_rows`` (rows, 1) are the offsets of
-    each row's angles in the (.., N, R) cos/sin tables. The partner channels are a second load of the
-    same rows (an L1 hit), so the rotation costs no extra pass over memory."""
-    first = offs_d < R
+    ``x[c] cos + x[c-R] sin``; channels past 2R pass through. ``COS``/``SIN`` are the launcher's
+    (.., N, 2R) tables ``[cos, cos]`` and ``[-sin, sin]`` (sign folded in), so every load here is
+    contiguous along the head dim; ``cs_rows`` (rows, 1) are each row's offsets in them. The partner
+    channels are two more loads of the same rows (L1 hits): the rotation costs no extra pass over memory."""
     m = row_mask & (offs_d < 2 * R)[None, :]
-    partner = tl.load(ptrs + tl.where(first, R, -R)[None, :], mask=m, other=0.0).to(tl.float32)
-    ci = tl.where(first, offs_d, offs_d - R)[None, :]
-    c = tl.load(COS + cs_rows + ci, mask=m, other=1.0).to(tl.float32)
-    sn = tl.load(SIN + cs_rows + ci, mask=m, other=0.0).to(tl.float32)
-    sn = tl.where(first[None, :], -sn, sn)
+    first = (offs_d < R)[None, :]
+    partner = (tl.load(ptrs + R, mask=m & first, other=0.0).to(tl.float32)
+               + tl.load(ptrs - R, mask=m & ~first, other=0.0).to(tl.float32))
+    c = tl.load(COS + cs_rows + offs_d[None, :], mask=m, other=1.0)
+    sn = tl.load(SIN + cs_rows + offs_d[None, :], mask=m, other=0.0)
     return (x.to(tl.float32) * c + partner * sn).to(x.dtype)
 
 
@@ -168,44 +220,42 @@ def _rotate(x, ptrs, cs_rows, COS, SIN, offs_d, row_mask, R):
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kpm_ptr, offs_m, offs_n, start_n,
-              Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
-              HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr):
-    cols = start_n + offs_n
-    kp = cols < Lk
-    if HAS_KPM:
-        kp = kp & (tl.load(kpm_ptr + cols, mask=cols < Lk, other=0) != 0)
-        if tl.max(kp.to(tl.int32), 0) > 0:  # a key block the padding mask removes entirely is skipped
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kp, offs_m, cols,
-                                       Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
-                                       HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D, ROPE)
-    else:
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kp, offs_m, cols,
-                                   Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
-                                   HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D, ROPE)
-    return acc, m_i, l_i
+def _kpm_range(kpm_row, Lk, BLOCK: tl.constexpr):
+    """(first, last + 1) of the keys a padding-mask row keeps; (Lk, 0) when it keeps none. Read once per
+    program, ``BLOCK`` bytes at a time, so the key loop can be bounded to the kept span instead of testing
+    every block inside the loop (a branch there stops software pipelining)."""
+    offs = tl.arange(0, BLOCK)
+    first = Lk
+    last = 0
+    for start in range(0, Lk, BLOCK):
+        c = start + offs
+        keep = tl.load(kpm_row + c, mask=c < Lk, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(keep, c, Lk), 0))
+        last = tl.maximum(last, tl.max(tl.where(keep, c + 1, 0), 0))
+    return first, last
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, kp, offs_m, cols,
-               Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
+def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_blk, sbm, sbn, kpm_ptr, offs_m, cols,
+               Lq, Lk, prefix_len, qk_scale, mask_d,
                HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr):
-    """One key block of the online softmax: load K/V (rotating K for RoPE), score, rescale, accumulate."""
+               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+    """One key block of the online softmax: load K/V, score, rescale, accumulate."""
     if MASKED:
-        kv_mask = (cols[:, None] < Lk) & mask_d[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    elif EVEN_D:
+        # Keys past Lk read the last key instead (finite: they get p = 0), so only the head dim is masked.
+        clamp = (tl.minimum(cols, Lk - 1) - cols)[:, None]
+        k_ptrs += clamp * skn
+        v_ptrs += clamp * svn
+    if EVEN_D:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     else:
         k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
-    if ROPE:
-        k = _rotate(k, k_ptrs, cs_b + cols.to(tl.int64)[:, None] * scn, COS, SIN, offs_d, cols[:, None] < Lk, R)
-    s = _scores(q, k, bias_ptrs, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale,
+    kp = cols < Lk
+    if HAS_KPM:
+        kp = kp & (tl.load(kpm_ptr + cols, mask=cols < Lk, other=0) != 0)
+    s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale,
                 HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with nothing visible yet keeps m = -inf; exponentiate against 0 there so no inf - inf.
@@ -223,7 +273,7 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
               sbb, sbh, sbm, sbn, skpb, scb, scn,
               H, GROUP, Lq, Lk, prefix_len, R, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, ROPE: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, ROPE_Q: tl.constexpr,
               DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -242,13 +292,13 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
     q_ptrs = Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & mask_d[None, :], other=0.0)
     cs_b = b * scb
-    if ROPE:
+    if ROPE_Q:
         q = _rotate(q, q_ptrs, cs_b + rows[:, None] * scn, COS, SIN, offs_d, offs_m[:, None] < Lq, R)
     k_ptrs = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
     v_ptrs = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
-    bias_ptrs = BIAS
+    bias_row = BIAS
     if HAS_BIAS:
-        bias_ptrs = BIAS + b * sbb + h * sbh + rows[:, None] * sbm + offs_n.to(tl.int64)[None, :] * sbn
+        bias_row = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
     kpm_ptr = KPM
     if HAS_KPM:
         kpm_ptr = KPM + b * skpb
@@ -257,22 +307,24 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    hi = _causal_hi(start_m, Lk, prefix_len, BLOCK_M, CAUSAL)
-    # Key blocks below full_hi are in bounds and fully visible to every row of this block: no index mask.
-    full_hi = (Lk // BLOCK_N) * BLOCK_N
+    lo, hi = _key_range(start_m, Lk, prefix_len, kpm_ptr, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
+    # Key blocks in [lo, full_hi) are in bounds and fully visible to every row of this block: no index mask.
+    full_hi = tl.maximum(lo, (hi // BLOCK_N) * BLOCK_N)
     if CAUSAL:
-        full_hi = tl.minimum(full_hi, tl.maximum(((start_m + 1) // BLOCK_N) * BLOCK_N,
-                                                 (prefix_len // BLOCK_N) * BLOCK_N))
-    for start_n in range(0, full_hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs + start_n * skn, v_ptrs + start_n * svn,
-                                  bias_ptrs + start_n * sbn, kpm_ptr, offs_m, offs_n, start_n,
-                                  Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
-                                  HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, ROPE)
+        full_hi = tl.maximum(lo, tl.minimum(full_hi, tl.maximum(((start_m + 1) // BLOCK_N) * BLOCK_N,
+                                                                (prefix_len // BLOCK_N) * BLOCK_N)))
+    for start_n in range(lo, full_hi, BLOCK_N):
+        n64 = tl.cast(start_n, tl.int64)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs + n64 * skn, v_ptrs + n64 * svn, skn, svn,
+                                   bias_row + n64 * sbn, sbm, sbn, kpm_ptr, offs_m, start_n + offs_n,
+                                   Lq, Lk, prefix_len, qk_scale, mask_d,
+                                   HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D)
     for start_n in range(full_hi, hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs + start_n * skn, v_ptrs + start_n * svn,
-                                  bias_ptrs + start_n * sbn, kpm_ptr, offs_m, offs_n, start_n,
-                                  Lq, Lk, prefix_len, qk_scale, mask_d, COS, SIN, cs_b, scn, R, offs_d,
-                                  HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, ROPE)
+        n64 = tl.cast(start_n, tl.int64)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs + n64 * skn, v_ptrs + n64 * svn, skn, svn,
+                                   bias_row + n64 * sbn, sbm, sbn, kpm_ptr, offs_m, start_n + offs_n,
+                                   Lq, Lk, prefix_len, qk_scale, mask_d,
+                                   HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -304,11 +356,11 @@ def _bwd_preprocess(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Lq,
 
 
 @triton.jit
-def _bwd_probs(q, k, bias_ptrs, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale, lse2,
+def _bwd_probs(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale, lse2,
                HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """Recompute the probabilities P of one tile from the saved log-sum-exp (log2 units)."""
-    s = _scores(q, k, bias_ptrs, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale,
+    s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale,
                 HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION)
     return tl.math.exp2(s - lse2[:, None])
 
@@ -367,10 +419,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                              other=0.0)
                 lse2 = _load_lse2(LSE + bh * Lq, offs_m, Lq)
                 delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-                bias_ptrs = BIAS
+                bias_blk = BIAS
                 if HAS_BIAS:
-                    bias_ptrs = BIAS + b * sbb + h * sbh + rows[:, None] * sbm + ccols[None, :] * sbn
-                p = _bwd_probs(q, k, bias_ptrs, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale, lse2,
+                    bias_blk = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm + tl.cast(start_n, tl.int64) * sbn
+                p = _bwd_probs(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale, lse2,
                                HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -412,25 +464,26 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
     lse2 = _load_lse2(LSE + pid_bh.to(tl.int64) * Lq, offs_m, Lq)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = _causal_hi(start_m, Lk, prefix_len, BLOCK_M, CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
+    kpm_row = KPM + b * skpb
+    lo, hi = _key_range(start_m, Lk, prefix_len, kpm_row, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
+    k_ptrs = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
+    v_ptrs = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
+    bias_row = BIAS
+    if HAS_BIAS:
+        bias_row = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        ccols = cols.to(tl.int64)
         kp = cols < Lk
         if HAS_KPM:
-            kp = kp & (tl.load(KPM + b * skpb + cols, mask=cols < Lk, other=0) != 0)
-        if tl.max(kp.to(tl.int32), 0) > 0:
-            kv_mask = (cols[:, None] < Lk) & mask_d
-            k = tl.load(K + b * skb + hk * skh + ccols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + b * svb + hk * svh + ccols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-            bias_ptrs = BIAS
-            if HAS_BIAS:
-                bias_ptrs = BIAS + b * sbb + h * sbh + rows[:, None] * sbm + ccols[None, :] * sbn
-            p = _bwd_probs(q, k, bias_ptrs, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale, lse2,
-                           HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            kp = kp & (tl.load(kpm_row + cols, mask=cols < Lk, other=0) != 0)
+        kv_mask = (cols[:, None] < Lk) & mask_d
+        k = tl.load(k_ptrs + tl.cast(start_n, tl.int64) * skn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + tl.cast(start_n, tl.int64) * svn, mask=kv_mask, other=0.0)
+        p = _bwd_probs(q, k, bias_row + tl.cast(start_n, tl.int64) * sbn, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len,
+                       kp, qk_scale, lse2, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=qd_mask)
@@ -466,8 +519,9 @@ def _rope_args(rope):
     """(cos, sin, batch stride, position stride, R) of (N, R) or (B, N, R) tables; Nones when no rope."""
     if rope is None:
         return None, None, 0, 0, 0
-    cos, sin = (t.contiguous() for t in rope)
-    return cos, sin, cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2), cos.shape[-1]
+    cos, sin = (t.float() for t in rope)
+    cos2, sin2 = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)  # what _rotate loads, (.., N, 2R)
+    return cos2, sin2, cos2.stride(0) if cos2.dim() == 3 else 0, cos2.stride(-2), cos.shape[-1]
 
 
 def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None):
@@ -483,7 +537,16 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     bias_t, sb = _bias_args(bias, B, H, Lq, Lk)
     kpm_t, skp = _kpm_args(kpm)
     cos, sin, scb, scn, R = _rope_args(rope)
-    bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D), Lq, B * H)
+    if rope is not None:
+        # K is rotated once, by the standalone RoPE kernel, rather than in the key loop: rotating a key block
+        # there is redone for every query block and its extra loads (partner channels, angles) doubled the
+        # loop's registers and shared memory (spills at every tile size for head dim 128). Q is rotated in
+        # the kernel as its tile is loaded, once per program.
+        from dlcv_fast.kernels import rope as rope_kernels
+
+        k = rope_kernels.apply(k, *rope, interleaved=False)
+    kind = fwd_kind(bias_t is not None, cos is not None)
+    bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind), Lq, B * H)
     grid = (triton.cdiv(Lq, bm), B * H)
     _attn_fwd[grid](
         q, k, v, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
@@ -493,7 +556,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         *sb, skp, scb, scn,
         H, H // Hkv, Lq, Lk, prefix_len, R, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None, HAS_KPM=kpm_t is not None,
-        ROPE=cos is not None,
+        ROPE_Q=cos is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
@@ -516,16 +579,20 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     ds = torch.zeros((B, H, Lq, Lk), device=q.device, dtype=torch.float32) if bias_grad else None
     bias_t, sb = _bias_args(bias, B, H, Lq, Lk)
     kpm_t, skp = _kpm_args(kpm)
-    bm, bn, warps, stages = config or bwd_configs(BLOCK_D)[0]
+    kv_cfg, q_cfg = config or bwd_configs(BLOCK_D, q.dtype, "bias" if bias_t is not None else "plain")
     pre_m = 64 if not _interpreting() else 32
     _bwd_preprocess[(triton.cdiv(Lq, pre_m), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Lq,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
     dummy = q
     common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None,
-                  HAS_KPM=kpm_t is not None, DOT_PRECISION=_dot_precision(q.dtype),
-                  BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    _attn_bwd_dkdv[(triton.cdiv(Lk, bn), B * Hkv)](
+                  HAS_KPM=kpm_t is not None, DOT_PRECISION=_dot_precision(q.dtype))
+
+    def launch(cfg):
+        bm, bn, warps, stages = cfg
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+    _attn_bwd_dkdv[(triton.cdiv(Lk, kv_cfg[1]), B * Hkv)](
         q, k, v, do, lse, delta, bias_t if bias_t is not None else dummy, kpm_t if kpm_t is not None else dummy,
         dk, dv, ds if ds is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -533,14 +600,14 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *sb, skp,
         Hkv, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale,
-        WRITE_DS=ds is not None, **common)
-    _attn_bwd_dq[(triton.cdiv(Lq, bm), B * H)](
+        WRITE_DS=ds is not None, **common, **launch(kv_cfg))
+    _attn_bwd_dq[(triton.cdiv(Lq, q_cfg[0]), B * H)](
         q, k, v, do, lse, delta, bias_t if bias_t is not None else dummy, kpm_t if kpm_t is not None else dummy, dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         *sb, skp,
-        H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale, **common)
+        H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale, **common, **launch(q_cfg))
     return dq, dk, dv, ds
 
 
@@ -549,58 +616,74 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
 # ------------------------------------------------------------------------------------------------
 
 def aot_specs():
-    """Every shipped instance of this file's kernels, for the compile check without a GPU.
+    """Every config the launchers can pick, for the compile check without a GPU.
 
-    Per head-dim bucket and dtype, each config of ``fwd_configs``/``bwd_configs`` as a GPU launch sees them.
-    Variants: every feature flag the kernel has on (causal, bias, key padding mask, rope, dS written: the
-    most registers); for the forward also all but the key padding mask (whose block skip stops software
-    pipelining, so this is the variant with the most shared memory) and the plain forward (the hot path,
-    which must use wgmma on Hopper in fp16/bf16; sm_90 only, to save time: the others bound it).
-    fp16 takes the power-of-two head dim of each bucket and bf16 a padded one where models have it
-    (40 -> 64, 80 -> 128, 160 -> 256), so both the even and the masked head-dim paths compile (bf16 at 16
-    and 32 compiled to the same registers as fp16, so it is left out to save time); fp32 (IEEE dots) is
-    checked for the 64 bucket with the first config of each kernel, all flags on. Pointers are 16-byte aligned and, when the head dim is a
-    multiple of 16, the q/k/v/o strides too, as for contiguous torch tensors; the bias is fp32 (what the
-    SDPA bool-mask path passes) with unaligned strides.
+    For each arch's table, head-dim bucket and kind, each config is compiled with every feature flag its
+    kind allows on (the most registers): "plain" as causal + key padding, "rope" adding RoPE, "bias" adding
+    the bias too; the backward's dK/dV kernel also writes dS for "bias". The plain forward with no flag is
+    compiled too, on sm_90 only, where it must use wgmma in fp16/bf16 (the hot path). fp16 takes the
+    power-of-two head dim of each bucket and bf16 a padded one where models have it (40 -> 64, 80 -> 128,
+    160 -> 256), so both the even and the masked head-dim paths compile; fp32 (IEEE dots) is checked for the
+    64 bucket. Pointers are 16-byte aligned, the batch and row strides of q/k/v/o multiples of 16 (as for
+    (B, L, H, D) buffers with H * D a multiple of 16, true of the models) and the head strides too when the
+    head dim is; the bias is fp32 (what the SDPA bool-mask path passes) with a unit
+    key stride (which Triton specialises on, as a launch with a contiguous bias does) and unaligned others.
     """
     import re
 
-    from dlcv_fast.aot import AotSpec, arg_names, shipped_configs, signature_of
+    from dlcv_fast.aot import AotSpec, arg_names, signature_of
 
-    features = dict(CAUSAL="causal", HAS_BIAS="bias", HAS_KPM="kpm", ROPE="rope", WRITE_DS="ds")
+    kind_flags = dict(plain=("CAUSAL", "HAS_KPM"), rope=("CAUSAL", "HAS_KPM", "ROPE_Q"),
+                      bias=("CAUSAL", "HAS_KPM", "ROPE_Q", "HAS_BIAS", "WRITE_DS"))
+    short = dict(CAUSAL="causal", HAS_BIAS="bias", HAS_KPM="kpm", ROPE_Q="rope", WRITE_DS="ds")
+    torch_dtype = dict(fp16=torch.float16, bf16=torch.bfloat16, fp32=torch.float32)
     cases = [("fp16", d) for d in (16, 32, 64, 128, 256)] + [("bf16", d) for d in (40, 80, 160)] + [("fp32", 64)]
-    specs = []
+    wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
+
+    def want(fn, dtype, d, flags, cfg, arch, wgmma=False):
+        flags = tuple(f for f in short if f in flags and f in arg_names(fn))
+        key = (fn, dtype, d, flags, cfg, wgmma)
+        wanted.setdefault(key, []).append(arch)
+
     for dtype, d in cases:
         block_d = padded_head_dim(d)
+        kinds = ("bias",) if dtype == "fp32" else ("plain", "rope", "bias")
+        for arch in ARCHS:
+            for kind in kinds:
+                fwd = _with_interpreter_off(fwd_configs, block_d, torch_dtype[dtype], kind, arch)
+                for cfg in fwd:
+                    want(_attn_fwd, dtype, d, kind_flags[kind], cfg, arch)
+                    if kind == "plain" and arch == 90:
+                        want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=True)
+                if kind != "rope":
+                    kv_cfg, q_cfg = _with_interpreter_off(bwd_configs, block_d, torch_dtype[dtype], kind)
+                    want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch)
+                    want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch)
+            want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it
+
+    specs = []
+    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma), archs in wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         types.update(LSE="*fp32", DELTA="*fp32", DS="*fp32", BIAS="*fp32", KPM="*u8", COS="*fp32",
                      SIN="*fp32", qk_scale="fp32", sm_scale="fp32")
-
-        def add(fn, cfg=(None, None, 4, 3), off=(), wgmma=False, archs=None, **constexprs):
-            """``fn`` with every feature flag it has on except those in ``off`` ("all": the plain kernel)."""
-            bm, bn, warps, stages = cfg
-            if bm is not None:
-                constexprs.update(BLOCK_M=bm, BLOCK_N=bn)
-            flags = {k: off != "all" and k not in off for k in features if k in arg_names(fn)}
-            constexprs.update(flags, HEAD_DIM=d, BLOCK_D=block_d)
-            sig = signature_of(fn, constexprs, types)
-            divisible = [a for a, t in sig.items() if t.startswith("*")]
-            if d % 16 == 0:
-                divisible += [a for a in sig if re.fullmatch(r"s(q|k|v|o|do|dq|dk|dv)[bhmn]", a)]
-            variant = "+".join(features[k] for k, on in flags.items() if on) or ("plain" if flags else "")
-            specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps,
-                                 stages, tuple(divisible), expect_wgmma=wgmma, archs=archs))
-
-        prec = "ieee" if dtype == "fp32" else "tf32"
-        fwd_variants = [((), None), (("HAS_KPM",), None), ("all", (90,))]
-        fwd_cfgs, bwd_cfgs = shipped_configs(fwd_configs, block_d), shipped_configs(bwd_configs, block_d)
-        if dtype == "fp32":  # the first (default) configs, all flags on: fp32 is the rare path
-            fwd_variants, fwd_cfgs, bwd_cfgs = fwd_variants[:1], fwd_cfgs[:1], bwd_cfgs[:1]
-        for off, archs in fwd_variants:
-            for cfg in fwd_cfgs:
-                add(_attn_fwd, cfg, off, wgmma=dtype != "fp32", archs=archs, DOT_PRECISION=prec)
-        for cfg in bwd_cfgs:
-            add(_attn_bwd_dkdv, cfg, DOT_PRECISION=prec)
-            add(_attn_bwd_dq, cfg, DOT_PRECISION=prec)
-        add(_bwd_preprocess, BLOCK_M=64)  # backward() launches it with BLOCK_M = 64 and default warps/stages
+        constexprs = {f: f in flags for f in short if f in arg_names(fn)}
+        constexprs.update(HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=bm)
+        if bn is not None:
+            constexprs.update(BLOCK_N=bn, sbn=1, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        sig = signature_of(fn, constexprs, types)
+        divisible = [a for a, t in sig.items() if t.startswith("*")]
+        # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the
+        # models' head counts; the head stride D only when D is
+        divisible += [a for a in sig if re.fullmatch(r"s(q|k|v|o|do|dq|dk|dv)[bmn]", a)]
+        if d % 16 == 0:
+            divisible += [a for a in sig if re.fullmatch(r"s(q|k|v|o|do|dq|dk|dv)h", a)]
+        variant = "+".join(short[f] for f in flags) or ("plain" if bn is not None else "")
+        specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps, stages,
+                             tuple(divisible), expect_wgmma=wgmma and dtype != "fp32", archs=tuple(archs)))
     return specs
+
+
+def _with_interpreter_off(config_fn, *args):
+    from dlcv_fast.aot import shipped_configs
+
+    return shipped_configs(config_fn, *args)

@@ -32,6 +32,10 @@ def make_mask_args(kind, B, Hq, Lq, Lk, dtype, device, seed=1):
         lengths = torch.randint(1, Lk + 1, (B,), generator=g)
         lengths[0] = Lk
         kw["key_padding_mask"] = (torch.arange(Lk)[None, :] < lengths[:, None]).to(device)
+    if "leftpad" in kind:  # padding in front (left-padded batches): whole leading key blocks are skipped
+        lengths = torch.randint(1, Lk + 1, (B,), generator=g)
+        lengths[0], lengths[1] = Lk, min(Lk, 9)
+        kw["key_padding_mask"] = (torch.arange(Lk)[None, :] >= (Lk - lengths)[:, None]).to(device)
     if "holes" in kind:  # an arbitrary (non-suffix) key mask, with one key block fully removed
         m = torch.rand(B, Lk, generator=g) > 0.3
         m[:, 32:64] = False
@@ -92,8 +96,8 @@ def test_parity_shapes(Lq, Lk, D, dtype, device):
     check_parity(q, k, v, {})
 
 
-MASKS = ["causal", "padding", "holes", "prefix", "bias", "bias_b", "bias_full", "causal+padding",
-         "prefix+padding", "causal+padding+bias"]
+MASKS = ["causal", "padding", "leftpad", "holes", "prefix", "bias", "bias_b", "bias_full", "causal+padding",
+         "prefix+padding", "causal+padding+bias", "causal+leftpad"]
 
 
 @pytest.mark.parametrize("dtype", FP, ids=str)
