@@ -49,28 +49,37 @@ LN2 = 0.6931471805599453
 # ------------------------------------------------------------------------------------------------
 
 _W8 = (128, 64, 8, 3)
+_W4 = ((128, 64, 4, 3), (64, 64, 4, 3))
 FWD_TABLE = {
     90: {16: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
          32: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
          64: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
-         128: dict(plain=(_W8, (64, 64, 4, 2)), rope=((64, 64, 4, 2),) * 2, bias=((64, 32, 4, 2),) * 2),
-         256: dict(plain=((64, 64, 8, 2),) * 2, rope=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2)},
-    80: {16: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
-         32: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
+         128: dict(plain=(_W8, (64, 64, 4, 2)), rope=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2),
+         256: dict(plain=((64, 64, 8, 2),) * 2, rope=((64, 64, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
+    80: {16: dict(plain=_W4, rope=_W4, bias=(_W8, (64, 64, 4, 3))),
+         32: dict(plain=_W4, rope=_W4, bias=(_W8, (64, 64, 4, 3))),
          64: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
-         128: dict(plain=(_W8, (128, 64, 8, 2)), rope=(_W8, (128, 64, 8, 2)), bias=((64, 32, 4, 2),) * 2),
-         256: dict(plain=((64, 32, 8, 2),) * 2, rope=((64, 32, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2)},
+         128: dict(plain=((64, 64, 8, 2),) * 2, rope=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2),
+         256: dict(plain=((64, 32, 8, 2),) * 2, rope=((64, 32, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
+}
+# Head dims below their padded bucket (40, 80, 160: masked head-dim loads) where the bucket's entry spills.
+FWD_UNEVEN = {
+    90: {256: dict(plain=((32, 64, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2)},
+    80: {256: dict(plain=((32, 64, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2)},
 }
 FWD_FP32 = (32, 32, 4, 1)
-# Backward: (dK/dV kernel config, dQ kernel config) per padded head dim and kind ("plain" or "bias": the
-# dK/dV kernel then also writes dS). The same on both archs.
+# Backward: (dK/dV kernel config, dQ kernel config) per arch, padded head dim and kind ("plain" or "bias":
+# the dK/dV kernel then also writes dS).
+_BWD_SMALL = dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (32, 64, 4, 2)))
+_BWD_SMALL_80 = dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((64, 32, 8, 2), (32, 64, 4, 2)))
+_BWD_256 = dict(plain=((32, 32, 8, 1), (32, 32, 4, 1)), bias=((32, 32, 8, 1), (32, 32, 4, 1)))
 BWD_TABLE = {
-    16: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (32, 64, 4, 2))),
-    32: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (32, 64, 4, 2))),
-    64: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (32, 64, 4, 2))),
-    128: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (64, 64, 8, 2))),
-    256: dict(plain=((32, 32, 8, 1), (32, 32, 4, 1)), bias=((32, 32, 8, 1), (32, 32, 4, 1))),
+    90: {16: _BWD_SMALL, 32: _BWD_SMALL, 64: _BWD_SMALL,
+         128: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (64, 64, 8, 2))), 256: _BWD_256},
+    80: {16: _BWD_SMALL_80, 32: _BWD_SMALL_80, 64: _BWD_SMALL_80,
+         128: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (64, 64, 8, 2))), 256: _BWD_256},
 }
+BWD_UNEVEN = {128: dict(bias=((32, 32, 8, 2), (64, 32, 8, 2)))}
 BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
@@ -90,22 +99,28 @@ def fwd_kind(bias: bool, rope: bool) -> str:
     return "bias" if bias else ("rope" if rope else "plain")
 
 
-def fwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=None):
-    """Configs the forward launcher may use: ``[long, short]`` (fewer when they coincide)."""
+def fwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=None, uneven: bool = False):
+    """Configs the forward launcher may use: ``[long, short]`` (fewer when they coincide). ``uneven``: the
+    head dim is below ``block_d``."""
     if _interpreting():
         return [INTERPRETER_CONFIG]
     if dtype == torch.float32:
         return [FWD_FP32]
-    return list(dict.fromkeys(FWD_TABLE[table_arch(arch)][block_d][kind]))
+    arch = table_arch(arch)
+    entry = FWD_TABLE[arch][block_d][kind]
+    if uneven:
+        entry = FWD_UNEVEN[arch].get(block_d, {}).get(kind, entry)
+    return list(dict.fromkeys(entry))
 
 
-def bwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain"):
+def bwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=None, uneven: bool = False):
     """``(dK/dV config, dQ config)`` of the backward launcher."""
     if _interpreting():
         return (INTERPRETER_CONFIG, INTERPRETER_CONFIG)
     if dtype == torch.float32:
         return BWD_FP32
-    return BWD_TABLE[block_d][kind]
+    entry = BWD_TABLE[table_arch(arch)][block_d][kind]
+    return BWD_UNEVEN.get(block_d, {}).get(kind, entry) if uneven else entry
 
 
 def _interpreting():
@@ -138,6 +153,16 @@ def _sm_count():
 # ------------------------------------------------------------------------------------------------
 # Shared pieces
 # ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _align8(stride, ALIGN8: tl.constexpr):
+    """``stride``, known to the compiler as a multiple of 8 elements when the launcher checked that it is
+    (``ALIGN8``). Triton only learns divisibility by 16 from the launch, so a head stride of 40 or 80 would
+    otherwise leave every row's alignment unknown and its loads unvectorised."""
+    if ALIGN8:
+        stride = (stride // 8) * 8
+    return stride
+
 
 @triton.jit
 def _visible(offs_m, offs_n, Lk, prefix_len, CAUSAL: tl.constexpr):
@@ -274,8 +299,12 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
               H, GROUP, Lq, Lk, prefix_len, R, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, ROPE_Q: tl.constexpr,
-              DOT_PRECISION: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    sqb, sqh, sqm = _align8(sqb, ALIGN8), _align8(sqh, ALIGN8), _align8(sqm, ALIGN8)
+    skb, skh, skn = _align8(skb, ALIGN8), _align8(skh, ALIGN8), _align8(skn, ALIGN8)
+    svb, svh, svn = _align8(svb, ALIGN8), _align8(svh, ALIGN8), _align8(svn, ALIGN8)
+    sob, soh, som = _align8(sob, ALIGN8), _align8(soh, ALIGN8), _align8(som, ALIGN8)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -380,8 +409,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                    HKV, GROUP, Lq, Lk, prefix_len, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, WRITE_DS: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    sqb, sqh, sqm = _align8(sqb, ALIGN8), _align8(sqh, ALIGN8), _align8(sqm, ALIGN8)
+    skb, skh, skn = _align8(skb, ALIGN8), _align8(skh, ALIGN8), _align8(skn, ALIGN8)
+    svb, svh, svn = _align8(svb, ALIGN8), _align8(svh, ALIGN8), _align8(svn, ALIGN8)
+    sdob, sdoh, sdom = _align8(sdob, ALIGN8), _align8(sdoh, ALIGN8), _align8(sdom, ALIGN8)
+    sdkb, sdkh, sdkn = _align8(sdkb, ALIGN8), _align8(sdkh, ALIGN8), _align8(sdkn, ALIGN8)
+    sdvb, sdvh, sdvn = _align8(sdvb, ALIGN8), _align8(sdvh, ALIGN8), _align8(sdvn, ALIGN8)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -445,8 +480,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
                  H, GROUP, Lq, Lk, prefix_len, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    sqb, sqh, sqm = _align8(sqb, ALIGN8), _align8(sqh, ALIGN8), _align8(sqm, ALIGN8)
+    skb, skh, skn = _align8(skb, ALIGN8), _align8(skh, ALIGN8), _align8(skn, ALIGN8)
+    svb, svh, svn = _align8(svb, ALIGN8), _align8(svh, ALIGN8), _align8(svn, ALIGN8)
+    sdob, sdoh, sdom = _align8(sdob, ALIGN8), _align8(sdoh, ALIGN8), _align8(sdom, ALIGN8)
+    sdqb, sdqh, sdqm = _align8(sdqb, ALIGN8), _align8(sdqh, ALIGN8), _align8(sdqm, ALIGN8)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -499,6 +539,11 @@ def _dot_precision(dtype):
     return "tf32"
 
 
+def _strides_align8(*tensors) -> bool:
+    """Whether every stride but the last of every tensor is a multiple of 8 elements (the kernels' ALIGN8)."""
+    return all(st % 8 == 0 for t in tensors for st in t.stride()[:-1])
+
+
 def _bias_args(bias, B, H, Lq, Lk):
     if bias is None:
         return None, (0, 0, 0, 0)
@@ -546,7 +591,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
 
         k = rope_kernels.apply(k, *rope, interleaved=False)
     kind = fwd_kind(bias_t is not None, cos is not None)
-    bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind), Lq, B * H)
+    bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H)
     grid = (triton.cdiv(Lq, bm), B * H)
     _attn_fwd[grid](
         q, k, v, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
@@ -557,7 +602,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         H, H // Hkv, Lq, Lk, prefix_len, R, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None, HAS_KPM=kpm_t is not None,
         ROPE_Q=cos is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), ALIGN8=_strides_align8(q, k, v, o),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
     return o, lse
@@ -579,14 +624,16 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     ds = torch.zeros((B, H, Lq, Lk), device=q.device, dtype=torch.float32) if bias_grad else None
     bias_t, sb = _bias_args(bias, B, H, Lq, Lk)
     kpm_t, skp = _kpm_args(kpm)
-    kv_cfg, q_cfg = config or bwd_configs(BLOCK_D, q.dtype, "bias" if bias_t is not None else "plain")
+    kv_cfg, q_cfg = config or bwd_configs(BLOCK_D, q.dtype, "bias" if bias_t is not None else "plain",
+                                          uneven=D < BLOCK_D)
     pre_m = 64 if not _interpreting() else 32
     _bwd_preprocess[(triton.cdiv(Lq, pre_m), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Lq,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
     dummy = q
     common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None,
-                  HAS_KPM=kpm_t is not None, DOT_PRECISION=_dot_precision(q.dtype))
+                  HAS_KPM=kpm_t is not None, DOT_PRECISION=_dot_precision(q.dtype),
+                  ALIGN8=_strides_align8(q, k, v, do, dq, dk, dv))
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
@@ -621,13 +668,16 @@ def aot_specs():
     For each arch's table, head-dim bucket and kind, each config is compiled with every feature flag its
     kind allows on (the most registers): "plain" as causal + key padding, "rope" adding RoPE, "bias" adding
     the bias too; the backward's dK/dV kernel also writes dS for "bias". The plain forward with no flag is
-    compiled too, on sm_90 only, where it must use wgmma in fp16/bf16 (the hot path). fp16 takes the
+    compiled too, on sm_90 only, where it must use wgmma in fp16/bf16 (the hot path) when its tile has 64
+    rows or more (a warpgroup MMA is 64 rows; head dim 160 takes 32-row tiles, which do not spill). fp16 takes the
     power-of-two head dim of each bucket and bf16 a padded one where models have it (40 -> 64, 80 -> 128,
     160 -> 256), so both the even and the masked head-dim paths compile; fp32 (IEEE dots) is checked for the
     64 bucket. Pointers are 16-byte aligned, the batch and row strides of q/k/v/o multiples of 16 (as for
     (B, L, H, D) buffers with H * D a multiple of 16, true of the models) and the head strides too when the
     head dim is; the bias is fp32 (what the SDPA bool-mask path passes) with a unit
     key stride (which Triton specialises on, as a launch with a contiguous bias does) and unaligned others.
+    ``ALIGN8`` is on, as the launchers set it whenever every q/k/v/o stride is a multiple of 8 elements
+    (contiguous and fused-qkv layouts of all the models); the fallback for other strides is not checked.
     """
     import re
 
@@ -650,13 +700,14 @@ def aot_specs():
         kinds = ("bias",) if dtype == "fp32" else ("plain", "rope", "bias")
         for arch in ARCHS:
             for kind in kinds:
-                fwd = _with_interpreter_off(fwd_configs, block_d, torch_dtype[dtype], kind, arch)
+                fwd = _with_interpreter_off(fwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
                 for cfg in fwd:
                     want(_attn_fwd, dtype, d, kind_flags[kind], cfg, arch)
                     if kind == "plain" and arch == 90:
                         want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=True)
                 if kind != "rope":
-                    kv_cfg, q_cfg = _with_interpreter_off(bwd_configs, block_d, torch_dtype[dtype], kind)
+                    kv_cfg, q_cfg = _with_interpreter_off(bwd_configs, block_d, torch_dtype[dtype], kind, arch,
+                                                          d < block_d)
                     want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch)
                     want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch)
             want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it
@@ -669,7 +720,7 @@ def aot_specs():
         constexprs = {f: f in flags for f in short if f in arg_names(fn)}
         constexprs.update(HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=bm)
         if bn is not None:
-            constexprs.update(BLOCK_N=bn, sbn=1, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+            constexprs.update(BLOCK_N=bn, sbn=1, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", ALIGN8=True)
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the
@@ -679,7 +730,7 @@ def aot_specs():
             divisible += [a for a in sig if re.fullmatch(r"s(q|k|v|o|do|dq|dk|dv)h", a)]
         variant = "+".join(short[f] for f in flags) or ("plain" if bn is not None else "")
         specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps, stages,
-                             tuple(divisible), expect_wgmma=wgmma and dtype != "fp32", archs=tuple(archs)))
+                             tuple(divisible), expect_wgmma=wgmma and dtype != "fp32" and bm >= 64, archs=tuple(archs)))
     return specs
 
 

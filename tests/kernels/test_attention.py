@@ -131,6 +131,19 @@ def test_fused_qkv_view_needs_no_copy(dtype, device):
     assert merged.data_ptr() == out.data_ptr()
 
 
+@pytest.mark.parametrize("dtype", FP, ids=str)
+def test_strides_not_multiple_of_8(dtype, device):
+    """Rows 43 elements apart (no 16-byte alignment): the launcher must not promise aligned strides
+    (ALIGN8), and the kernel still reads the right elements, forward and backward."""
+    from dlcv_fast.kernels.attention import _strides_align8
+
+    B, H, L, D = 2, 2, 50, 40
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, H, L, 43, generator=g).to(device=device, dtype=dtype)[..., :D] for _ in range(3))
+    assert not _strides_align8(q, k, v)
+    check_parity(q, k, v, {"causal": True})
+
+
 def test_custom_scale(device):
     q, k, v = make_inputs(1, 2, 2, 49, 49, 32, torch.float32, device)
     ref = reference.attention(q.double(), k.double(), v.double(), scale=0.3)
