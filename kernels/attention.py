@@ -155,13 +155,24 @@ def _sm_count():
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _align8(stride, ALIGN8: tl.constexpr):
-    """``stride``, known to the compiler as a multiple of 8 elements when the launcher checked that it is
-    (``ALIGN8``). Triton only learns divisibility by 16 from the launch, so a head stride of 40 or 80 would
-    otherwise leave every row's alignment unknown and its loads unvectorised."""
+def _align8(s_b, s_h, s_n, ALIGN8: tl.constexpr):
+    """A tensor's batch, head and row strides, known to the compiler as multiples of 8 elements when the
+    launcher checked that they are (``ALIGN8``). Triton only learns divisibility by 16 from the launch, so a
+    head stride of 40 or 80 would otherwise leave every row's alignment unknown and its loads unvectorised."""
     if ALIGN8:
-        stride = (stride // 8) * 8
-    return stride
+        s_b, s_h, s_n = (s_b // 8) * 8, (s_h // 8) * 8, (s_n // 8) * 8
+    return s_b, s_h, s_n
+
+
+@triton.jit
+def _query_block(H, GROUP, BLOCK_M: tl.constexpr):
+    """This program's (pid_bh, b, h, kv head, first query, query offsets): query block program_id(0) of the
+    (batch, head) pair program_id(1)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = tl.program_id(0) * BLOCK_M
+    return pid_bh, b, h, h // GROUP, start_m, start_m + tl.arange(0, BLOCK_M)
 
 
 @triton.jit
@@ -293,6 +304,21 @@ def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_blk, sbm, sbn, k
 
 
 @triton.jit
+def _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m, offs_n,
+              start, end, Lq, Lk, prefix_len, qk_scale, mask_d,
+              HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks in [start, end), all with or all without the index masks (``MASKED``)."""
+    for start_n in range(start, end, BLOCK_N):
+        n64 = tl.cast(start_n, tl.int64)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs + n64 * skn, v_ptrs + n64 * svn, skn, svn,
+                                   bias_row + n64 * sbn, sbm, sbn, kpm_ptr, offs_m, start_n + offs_n,
+                                   Lq, Lk, prefix_len, qk_scale, mask_d,
+                                   HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
               sbb, sbh, sbm, sbn, skpb, scb, scn,
@@ -301,17 +327,11 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, ROPE_Q: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    sqb, sqh, sqm = _align8(sqb, ALIGN8), _align8(sqh, ALIGN8), _align8(sqm, ALIGN8)
-    skb, skh, skn = _align8(skb, ALIGN8), _align8(skh, ALIGN8), _align8(skn, ALIGN8)
-    svb, svh, svn = _align8(svb, ALIGN8), _align8(svh, ALIGN8), _align8(svn, ALIGN8)
-    sob, soh, som = _align8(sob, ALIGN8), _align8(soh, ALIGN8), _align8(som, ALIGN8)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
+    skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
+    svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
+    sob, soh, som = _align8(sob, soh, som, ALIGN8)
+    pid_bh, b, h, hk, start_m, offs_m = _query_block(H, GROUP, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -342,18 +362,12 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
     if CAUSAL:
         full_hi = tl.maximum(lo, tl.minimum(full_hi, tl.maximum(((start_m + 1) // BLOCK_N) * BLOCK_N,
                                                                 (prefix_len // BLOCK_N) * BLOCK_N)))
-    for start_n in range(lo, full_hi, BLOCK_N):
-        n64 = tl.cast(start_n, tl.int64)
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs + n64 * skn, v_ptrs + n64 * svn, skn, svn,
-                                   bias_row + n64 * sbn, sbm, sbn, kpm_ptr, offs_m, start_n + offs_n,
-                                   Lq, Lk, prefix_len, qk_scale, mask_d,
-                                   HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D)
-    for start_n in range(full_hi, hi, BLOCK_N):
-        n64 = tl.cast(start_n, tl.int64)
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs + n64 * skn, v_ptrs + n64 * svn, skn, svn,
-                                   bias_row + n64 * sbn, sbm, sbn, kpm_ptr, offs_m, start_n + offs_n,
-                                   Lq, Lk, prefix_len, qk_scale, mask_d,
-                                   HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
+                              offs_n, lo, full_hi, Lq, Lk, prefix_len, qk_scale, mask_d,
+                              HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
+                              offs_n, full_hi, hi, Lq, Lk, prefix_len, qk_scale, mask_d,
+                              HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -411,12 +425,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, WRITE_DS: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    sqb, sqh, sqm = _align8(sqb, ALIGN8), _align8(sqh, ALIGN8), _align8(sqm, ALIGN8)
-    skb, skh, skn = _align8(skb, ALIGN8), _align8(skh, ALIGN8), _align8(skn, ALIGN8)
-    svb, svh, svn = _align8(svb, ALIGN8), _align8(svh, ALIGN8), _align8(svn, ALIGN8)
-    sdob, sdoh, sdom = _align8(sdob, ALIGN8), _align8(sdoh, ALIGN8), _align8(sdom, ALIGN8)
-    sdkb, sdkh, sdkn = _align8(sdkb, ALIGN8), _align8(sdkh, ALIGN8), _align8(sdkn, ALIGN8)
-    sdvb, sdvh, sdvn = _align8(sdvb, ALIGN8), _align8(sdvh, ALIGN8), _align8(sdvn, ALIGN8)
+    sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
+    skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
+    svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
+    sdob, sdoh, sdom = _align8(sdob, sdoh, sdom, ALIGN8)
+    sdkb, sdkh, sdkn = _align8(sdkb, sdkh, sdkn, ALIGN8)
+    sdvb, sdvh, sdvn = _align8(sdvb, sdvh, sdvn, ALIGN8)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -482,18 +496,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
                  CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    sqb, sqh, sqm = _align8(sqb, ALIGN8), _align8(sqh, ALIGN8), _align8(sqm, ALIGN8)
-    skb, skh, skn = _align8(skb, ALIGN8), _align8(skh, ALIGN8), _align8(skn, ALIGN8)
-    svb, svh, svn = _align8(svb, ALIGN8), _align8(svh, ALIGN8), _align8(svn, ALIGN8)
-    sdob, sdoh, sdom = _align8(sdob, ALIGN8), _align8(sdoh, ALIGN8), _align8(sdom, ALIGN8)
-    sdqb, sdqh, sdqm = _align8(sdqb, ALIGN8), _align8(sdqh, ALIGN8), _align8(sdqm, ALIGN8)
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
+    skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
+    svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
+    sdob, sdoh, sdom = _align8(sdob, sdoh, sdom, ALIGN8)
+    sdqb, sdqh, sdqm = _align8(sdqb, sdqh, sdqm, ALIGN8)
+    pid_bh, b, h, hk, start_m, offs_m = _query_block(H, GROUP, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d[None, :] < HEAD_DIM

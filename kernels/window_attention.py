@@ -173,6 +173,40 @@ def _bias_and_mask(s, TABLE, t_rows, t_cols, reg_rows, reg_cols, ok_rows, ok_col
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _key_block(q, q_f, q_reg, q_ok, start_n, win, img, QKV_BIAS, col, C, table_h, H, W, n_win_w,
+               roll_h, roll_w, cut_h0, cut_h1, cut_w0, cut_w1, s_h, s_w, s_t, offs_d, mask_d, qk_scale,
+               WIN_H: tl.constexpr, WIN_W: tl.constexpr, BLOCK_N: tl.constexpr, HAS_TABLE: tl.constexpr,
+               HAS_QKV_BIAS: tl.constexpr, SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """K and V of key block ``start_n`` of window ``win`` and the query block's scores against it, in log2
+    units with the relative position bias and the shifted-window region mask applied."""
+    T0: tl.constexpr = (WIN_H - 1) * (2 * WIN_W - 1) + WIN_W - 1  # table row of the offset (0, 0)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_ok, k_in, k_y, k_x, k_f, k_reg = _tokens(offs_n, win, H, W, n_win_w, roll_h, roll_w, cut_h0, cut_h1,
+                                               cut_w0, cut_w1, WIN_H, WIN_W)
+    k_row = _rows(k_y, k_x, s_h, s_w)
+    k = _load_part(img + C, QKV_BIAS + C + col, k_row, k_in, offs_d, mask_d, HAS_QKV_BIAS)
+    v = _load_part(img + 2 * C, QKV_BIAS + 2 * C + col, k_row, k_in, offs_d, mask_d, HAS_QKV_BIAS)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = _bias_and_mask(s, table_h, (q_f + T0) * s_t, -k_f * s_t, q_reg, k_reg, q_ok, k_ok, k_ok[None, :],
+                       HAS_TABLE, SHIFTED)
+    return k, v, s
+
+
+@triton.jit
+def _query_block(QKV, TABLE, s_b, s_th, n_win, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """This program's (b, head, window, query offsets in the window, offs_d, mask_d, head column, image base,
+    head's table column): window program_id(0) (image-major), head program_id(1), query block program_id(2)."""
+    pid_w = tl.program_id(0)
+    h = tl.program_id(1)
+    b = (pid_w // n_win).to(tl.int64)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col = h * HEAD_DIM
+    return b, h, pid_w % n_win, offs_m, offs_d, offs_d < HEAD_DIM, col, QKV + b * s_b + col, TABLE + h * s_th
+
+
+@triton.jit
 def _window_attn_fwd(QKV, TABLE, QKV_BIAS, OUT, LSE,
                      s_b, s_h, s_w, o_b, o_h, o_w, l_b, l_h, l_w, s_t, s_th,
                      H, W, n_win, n_win_w, roll_h, roll_w, cut_h0, cut_h1, cut_w0, cut_w1, C, qk_scale,
@@ -181,18 +215,8 @@ def _window_attn_fwd(QKV, TABLE, QKV_BIAS, OUT, LSE,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """LSE: (B, H, W, heads) fp32, natural log, strides l_*."""
     N: tl.constexpr = WIN_H * WIN_W
-    T0: tl.constexpr = (WIN_H - 1) * (2 * WIN_W - 1) + WIN_W - 1  # table row of the offset (0, 0)
-    pid_w = tl.program_id(0)
-    h = tl.program_id(1)
-    b = (pid_w // n_win).to(tl.int64)
-    win = pid_w % n_win
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    col = h * HEAD_DIM
-    img = QKV + b * s_b + col
-    table_h = TABLE + h * s_th
-
+    b, h, win, offs_m, offs_d, mask_d, col, img, table_h = _query_block(QKV, TABLE, s_b, s_th, n_win, HEAD_DIM,
+                                                                       BLOCK_M, BLOCK_D)
     q_ok, q_in, q_y, q_x, q_f, q_reg = _tokens(offs_m, win, H, W, n_win_w, roll_h, roll_w, cut_h0, cut_h1,
                                                cut_w0, cut_w1, WIN_H, WIN_W)
     q = _load_part(img, QKV_BIAS + col, _rows(q_y, q_x, s_h, s_w), q_in, offs_d, mask_d, HAS_QKV_BIAS)
@@ -200,15 +224,9 @@ def _window_attn_fwd(QKV, TABLE, QKV_BIAS, OUT, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ok, k_in, k_y, k_x, k_f, k_reg = _tokens(offs_n, win, H, W, n_win_w, roll_h, roll_w, cut_h0, cut_h1,
-                                                   cut_w0, cut_w1, WIN_H, WIN_W)
-        k_row = _rows(k_y, k_x, s_h, s_w)
-        k = _load_part(img + C, QKV_BIAS + C + col, k_row, k_in, offs_d, mask_d, HAS_QKV_BIAS)
-        v = _load_part(img + 2 * C, QKV_BIAS + 2 * C + col, k_row, k_in, offs_d, mask_d, HAS_QKV_BIAS)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = _bias_and_mask(s, table_h, (q_f + T0) * s_t, -k_f * s_t, q_reg, k_reg, q_ok, k_ok, k_ok[None, :],
-                           HAS_TABLE, SHIFTED)
+        k, v, s = _key_block(q, q_f, q_reg, q_ok, start_n, win, img, QKV_BIAS, col, C, table_h, H, W, n_win_w,
+                             roll_h, roll_w, cut_h0, cut_h1, cut_w0, cut_w1, s_h, s_w, s_t, offs_d, mask_d,
+                             qk_scale, WIN_H, WIN_W, BLOCK_N, HAS_TABLE, HAS_QKV_BIAS, SHIFTED, DOT_PRECISION)
         # The first key block holds token 0, which every query sees: m_new is finite from the start.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -239,18 +257,8 @@ def _window_attn_bwd_dq(QKV, TABLE, QKV_BIAS, OUT, DOUT, LSE, DELTA, DQKV,
     """dq, and delta = rowsum(dO * O) saved per (token, head) for the dk/dv kernel. Strides: s_* qkv,
     o_* out, d_* dout, l_* the lse/delta buffers, g_* dqkv. Padding queries (cropped: dO = 0) are skipped."""
     N: tl.constexpr = WIN_H * WIN_W
-    T0: tl.constexpr = (WIN_H - 1) * (2 * WIN_W - 1) + WIN_W - 1
-    pid_w = tl.program_id(0)
-    h = tl.program_id(1)
-    b = (pid_w // n_win).to(tl.int64)
-    win = pid_w % n_win
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    col = h * HEAD_DIM
-    img = QKV + b * s_b + col
-    table_h = TABLE + h * s_th
-
+    b, h, win, offs_m, offs_d, mask_d, col, img, table_h = _query_block(QKV, TABLE, s_b, s_th, n_win, HEAD_DIM,
+                                                                       BLOCK_M, BLOCK_D)
     q_ok, q_in, q_y, q_x, q_f, q_reg = _tokens(offs_m, win, H, W, n_win_w, roll_h, roll_w, cut_h0, cut_h1,
                                                cut_w0, cut_w1, WIN_H, WIN_W)
     qd_mask = q_in[:, None] & mask_d[None, :]
@@ -267,15 +275,9 @@ def _window_attn_bwd_dq(QKV, TABLE, QKV_BIAS, OUT, DOUT, LSE, DELTA, DQKV,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ok, k_in, k_y, k_x, k_f, k_reg = _tokens(offs_n, win, H, W, n_win_w, roll_h, roll_w, cut_h0, cut_h1,
-                                                   cut_w0, cut_w1, WIN_H, WIN_W)
-        k_row = _rows(k_y, k_x, s_h, s_w)
-        k = _load_part(img + C, QKV_BIAS + C + col, k_row, k_in, offs_d, mask_d, HAS_QKV_BIAS)
-        v = _load_part(img + 2 * C, QKV_BIAS + 2 * C + col, k_row, k_in, offs_d, mask_d, HAS_QKV_BIAS)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = _bias_and_mask(s, table_h, (q_f + T0) * s_t, -k_f * s_t, q_reg, k_reg, q_ok, k_ok, k_ok[None, :],
-                           HAS_TABLE, SHIFTED)
+        k, v, s = _key_block(q, q_f, q_reg, q_ok, start_n, win, img, QKV_BIAS, col, C, table_h, H, W, n_win_w,
+                             roll_h, roll_w, cut_h0, cut_h1, cut_w0, cut_w1, s_h, s_w, s_t, offs_d, mask_d,
+                             qk_scale, WIN_H, WIN_W, BLOCK_N, HAS_TABLE, HAS_QKV_BIAS, SHIFTED, DOT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])

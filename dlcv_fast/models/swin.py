@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcv_fast.models.registry import load_reference, register_model
+from dlcv_fast.models.vit import init_linears
 from dlcv_fast.nn.patch_embed import PatchEmbed, to_2tuple
 from dlcv_fast.nn.window_attention import SwinTransformerBlock
 
@@ -118,11 +119,7 @@ class SwinTransformer(nn.Module):
     def init_weights(self):
         """timm's default initialisation: truncated normal (std 0.02) Linear weights, zero biases (the relative
         position bias tables are initialised by their blocks)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     @torch.jit.ignore
     def no_weight_decay(self):

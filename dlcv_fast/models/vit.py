@@ -30,6 +30,15 @@ def resample_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens):
     return torch.cat([prefix, grid], dim=1)
 
 
+
+def init_linears(module: nn.Module, std: float = 0.02):
+    """timm's default Linear initialisation: truncated normal weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
 class VisionTransformer(nn.Module):
     """ViT / DeiT image classifier (and CLIP image tower) with timm's parameter names.
 
@@ -101,11 +110,7 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.dist_token is not None:
             nn.init.trunc_normal_(self.dist_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     @torch.jit.ignore
     def no_weight_decay(self):
