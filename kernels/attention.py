@@ -55,28 +55,30 @@ FWD_TABLE = {
          32: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
          64: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
          128: dict(plain=(_W8, (64, 64, 4, 2)), rope=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2),
-         256: dict(plain=((64, 64, 8, 2),) * 2, rope=((64, 64, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
+         256: dict(plain=((64, 64, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
     80: {16: dict(plain=_W4, rope=_W4, bias=(_W8, (64, 64, 4, 3))),
          32: dict(plain=_W4, rope=_W4, bias=(_W8, (64, 64, 4, 3))),
          64: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
          128: dict(plain=((64, 64, 8, 2),) * 2, rope=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2),
-         256: dict(plain=((64, 32, 8, 2),) * 2, rope=((64, 32, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
+         256: dict(plain=((64, 32, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
 }
 # Head dims below their padded bucket (40, 80, 160: masked head-dim loads) where the bucket's entry spills.
 FWD_UNEVEN = {
     90: {256: dict(plain=((32, 64, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2)},
     80: {256: dict(plain=((32, 64, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2)},
 }
-FWD_FP32 = (32, 32, 4, 1)
+FWD_FP32 = (32, 32, 8, 1)
 # Backward: (dK/dV kernel config, dQ kernel config) per arch, padded head dim and kind ("plain" or "bias":
 # the dK/dV kernel then also writes dS).
-_BWD_SMALL = dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (32, 64, 4, 2)))
-_BWD_SMALL_80 = dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((64, 32, 8, 2), (32, 64, 4, 2)))
+_BWD_SMALL = dict(plain=((64, 32, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (32, 64, 8, 2)))
+_BWD_SMALL_80 = dict(plain=((64, 32, 8, 2), (64, 64, 8, 2)), bias=((64, 32, 8, 2), (32, 64, 8, 2)))
+_BWD_16 = dict(_BWD_SMALL, plain=((32, 64, 8, 2), (64, 64, 8, 2)))
+_BWD_16_80 = dict(_BWD_SMALL_80, plain=((32, 64, 8, 2), (64, 64, 8, 2)))
 _BWD_256 = dict(plain=((32, 32, 8, 1), (32, 32, 4, 1)), bias=((32, 32, 8, 1), (32, 32, 4, 1)))
 BWD_TABLE = {
-    90: {16: _BWD_SMALL, 32: _BWD_SMALL, 64: _BWD_SMALL,
+    90: {16: _BWD_16, 32: _BWD_SMALL, 64: _BWD_SMALL,
          128: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (64, 64, 8, 2))), 256: _BWD_256},
-    80: {16: _BWD_SMALL_80, 32: _BWD_SMALL_80, 64: _BWD_SMALL_80,
+    80: {16: _BWD_16_80, 32: _BWD_SMALL_80, 64: _BWD_SMALL_80,
          128: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (64, 64, 8, 2))), 256: _BWD_256},
 }
 BWD_UNEVEN = {128: dict(bias=((32, 32, 8, 2), (64, 32, 8, 2)))}

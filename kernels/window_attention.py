@@ -55,9 +55,10 @@ MAX_HEAD_DIM = 64
 # ------------------------------------------------------------------------------------------------
 
 MAX_TILE = 64
-FWD_CONFIGS = {16: (32, 4), 32: (32, 4), 64: (64, 4)}  # fp16/bf16: BLOCK_N, num_warps
+FWD_CONFIGS = {16: (32, 4), 32: (32, 4), 64: (64, 8)}  # fp16/bf16: BLOCK_N, num_warps
 FWD_CONFIGS_FP32 = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8)}  # IEEE fp32: BLOCK_M, BLOCK_N, num_warps
-DKDV_CONFIGS = {16: (32, 64, 4), 32: (32, 64, 4), 64: (16, 64, 8)}  # BLOCK_M, BLOCK_N, num_warps
+DKDV_CONFIGS = {16: (32, 64, 4), 32: (32, 64, 8), 64: (16, 64, 8)}  # BLOCK_M, BLOCK_N, num_warps
+DKDV_CONFIGS_FP32 = {16: (32, 64, 4), 32: (32, 64, 4), 64: (16, 64, 8)}  # IEEE fp32
 PROGRAMS_PER_SM = 4
 INTERPRETER_GROUPS = 3
 
@@ -85,7 +86,7 @@ def fwd_config(window, head_dim, dtype):
 def dkdv_config(window, head_dim, dtype):
     """(BLOCK_M: query chunk, BLOCK_N: key block, num_warps, num_stages) of the dk/dv kernel."""
     tile, block_d = block_sizes(window, head_dim)
-    bm, bn, warps = DKDV_CONFIGS[block_d]
+    bm, bn, warps = (DKDV_CONFIGS_FP32 if dtype == torch.float32 else DKDV_CONFIGS)[block_d]
     return min(tile, bm), min(tile, bn), warps, 1
 
 
