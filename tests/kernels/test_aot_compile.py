@@ -71,3 +71,29 @@ def test_hopper_forward_uses_wgmma(compiled, spec):
     r = compiled[(spec.id, HOPPER)]
     assert r.error is None, f"{spec.id} does not compile for sm_{HOPPER}: {r.error}"
     assert r.wgmma, f"{spec.id}: no wgmma in the sm_{HOPPER} PTX"
+
+
+def test_every_launchable_attention_config_is_checked():
+    """The AOT specs cover every tile the attention launchers can pick, for every head dim 1..256, kind,
+    arch and 16-bit dtype (so a table edit cannot ship an unchecked tile)."""
+    import torch
+
+    from dlcv_fast.kernels import attention as A
+
+    checked = {(s.name, s.constexprs["BLOCK_D"], s.constexprs.get("BLOCK_M"), s.constexprs.get("BLOCK_N"),
+                s.num_warps, s.num_stages, arch)
+               for s in SPECS if s.name.startswith("_attn_") for arch in s.archs}
+    missing = []
+    for arch in A.ARCHS:
+        for d in range(1, 257):
+            block_d = A.padded_head_dim(d)
+            for dtype in (torch.float16, torch.bfloat16):
+                for kind in ("plain", "rope", "bias"):
+                    cfgs = [("_attn_fwd", c) for c in aot.shipped_configs(A.fwd_configs, block_d, dtype, kind, arch,
+                                                                          d < block_d)]
+                    if kind != "rope":
+                        kv, q = aot.shipped_configs(A.bwd_configs, block_d, dtype, kind, arch, d < block_d)
+                        cfgs += [("_attn_bwd_dkdv", kv), ("_attn_bwd_dq", q)]
+                    missing += [(name, d, kind, arch, c) for name, c in cfgs
+                                if (name, block_d, *c, arch) not in checked]
+    assert not missing, f"tiles the launchers can pick that no AOT spec compiles: {sorted(set(missing))[:10]}"
