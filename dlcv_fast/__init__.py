@@ -34,7 +34,8 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, p
         rope: ``(cos, sin)`` rotary tables applied to q and k before the scores, half-split pairs (see
             :func:`apply_rope`). Tables shared by all heads, ``(N, R)`` or ``(B, N, R)`` with Lq = Lk = N, are
             fused: q is rotated inside the kernel as its tiles are loaded, k once by the standalone kernel
-            before it (the backward rotates q and k once with the standalone kernel); per-head ``(B, H, N, R)`` or learnable tables take the standalone kernel first.
+            before it (the backward rotates q and k once with the standalone kernel); per-head
+            ``(B, H, N, R)`` or learnable tables take the standalone kernel first.
         backend: "auto" (default), "triton", "cuda" or "torch"; see :func:`use_backend`.
 
     Returns ``(B, Hq, Lq, D)`` in q's dtype (a view of a ``(B, Lq, Hq, D)`` buffer, so

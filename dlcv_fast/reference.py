@@ -65,9 +65,10 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
 
     q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lk, D)`` with Hq % Hkv == 0 (GQA/MQA repeat each kv head).
     Scores ``s = scale * q k^T + attn_bias`` (scale defaults to D**-0.5) with masked keys at -inf;
-    ``lse`` (B, Hq, Lq), float32 (float64 for float64 inputs), is the natural log-sum-exp of each row of s (-inf for a fully masked
-    row); out = softmax(s) v, and a fully masked row gives zeros. The matmuls run in the input dtype
-    and the softmax in float32 (float64 for float64 inputs), as torch does, so running this in fp16 gives PyTorch's own error.
+    ``lse`` (B, Hq, Lq), float32 (float64 for float64 inputs), is the natural log-sum-exp of each row of s
+    (-inf for a fully masked row); out = softmax(s) v, and a fully masked row gives zeros. The matmuls run in
+    the input dtype and the softmax in float32 (float64 for float64 inputs), as torch does, so running this
+    in fp16 gives PyTorch's own error.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]

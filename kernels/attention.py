@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlcv_fast.kernels import rope as rope_kernels
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -49,24 +51,20 @@ LN2 = 0.6931471805599453
 # ------------------------------------------------------------------------------------------------
 
 _W8 = (128, 64, 8, 3)
-_W4 = ((128, 64, 4, 3), (64, 64, 4, 3))
+_FWD_SMALL = dict.fromkeys(("plain", "rope", "bias"), (_W8, (64, 64, 4, 3)))  # head dims 16, 32, 64
+_FWD_SMALL_80 = dict(_FWD_SMALL, plain=((128, 64, 4, 3), (64, 64, 4, 3)), rope=((128, 64, 4, 3), (64, 64, 4, 3)))
 FWD_TABLE = {
-    90: {16: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
-         32: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
-         64: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
+    90: {16: _FWD_SMALL, 32: _FWD_SMALL, 64: _FWD_SMALL,
          128: dict(plain=(_W8, (64, 64, 4, 2)), rope=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2),
          256: dict(plain=((64, 64, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
-    80: {16: dict(plain=_W4, rope=_W4, bias=(_W8, (64, 64, 4, 3))),
-         32: dict(plain=_W4, rope=_W4, bias=(_W8, (64, 64, 4, 3))),
-         64: dict(plain=(_W8, (64, 64, 4, 3)), rope=(_W8, (64, 64, 4, 3)), bias=(_W8, (64, 64, 4, 3))),
+    80: {16: _FWD_SMALL_80, 32: _FWD_SMALL_80, 64: _FWD_SMALL,
          128: dict(plain=((64, 64, 8, 2),) * 2, rope=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2),
          256: dict(plain=((64, 32, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
 }
-# Head dims below their padded bucket (40, 80, 160: masked head-dim loads) where the bucket's entry spills.
-FWD_UNEVEN = {
-    90: {256: dict(plain=((32, 64, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2)},
-    80: {256: dict(plain=((32, 64, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2)},
-}
+# Head dims below their padded bucket (40, 80, 160: masked head-dim loads) where the bucket's entry spills;
+# the same on both archs.
+_UNEVEN_256 = {256: dict.fromkeys(("plain", "rope"), ((32, 64, 8, 2),) * 2)}
+FWD_UNEVEN = {90: _UNEVEN_256, 80: _UNEVEN_256}
 FWD_FP32 = (32, 32, 8, 1)
 # Backward: (dK/dV kernel config, dQ kernel config) per arch, padded head dim and kind ("plain" or "bias":
 # the dK/dV kernel then also writes dS).
@@ -84,7 +82,6 @@ BWD_TABLE = {
 BWD_UNEVEN = {128: dict(bias=((32, 32, 8, 2), (64, 32, 8, 2)))}
 BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 INTERPRETER_CONFIG = (32, 32, 4, 1)
-HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
 ARCHS = (90, 80)
 
 
@@ -472,7 +469,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                 delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
                 bias_blk = BIAS
                 if HAS_BIAS:
-                    bias_blk = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm + tl.cast(start_n, tl.int64) * sbn
+                    bias_blk = (BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
+                                + tl.cast(start_n, tl.int64) * sbn)
                 p = _bwd_probs(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale, lse2,
                                HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
@@ -522,14 +520,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
     if HAS_BIAS:
         bias_row = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
     for start_n in range(lo, hi, BLOCK_N):
+        n64 = tl.cast(start_n, tl.int64)
         cols = start_n + offs_n
         kp = cols < Lk
         if HAS_KPM:
             kp = kp & (tl.load(kpm_row + cols, mask=cols < Lk, other=0) != 0)
         kv_mask = (cols[:, None] < Lk) & mask_d
-        k = tl.load(k_ptrs + tl.cast(start_n, tl.int64) * skn, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + tl.cast(start_n, tl.int64) * svn, mask=kv_mask, other=0.0)
-        p = _bwd_probs(q, k, bias_row + tl.cast(start_n, tl.int64) * sbn, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len,
+        k = tl.load(k_ptrs + n64 * skn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + n64 * svn, mask=kv_mask, other=0.0)
+        p = _bwd_probs(q, k, bias_row + n64 * sbn, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len,
                        kp, qk_scale, lse2, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -597,8 +596,6 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         # there is redone for every query block and its extra loads (partner channels, angles) doubled the
         # loop's registers and shared memory (spills at every tile size for head dim 128). Q is rotated in
         # the kernel as its tile is loaded, once per program.
-        from dlcv_fast.kernels import rope as rope_kernels
-
         k = rope_kernels.apply(k, *rope, interleaved=False)
     kind = fwd_kind(bias_t is not None, cos is not None)
     bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H)
@@ -691,7 +688,7 @@ def aot_specs():
     """
     import re
 
-    from dlcv_fast.aot import AotSpec, arg_names, signature_of
+    from dlcv_fast.aot import AotSpec, arg_names, shipped_configs, signature_of
 
     kind_flags = dict(plain=("CAUSAL", "HAS_KPM"), rope=("CAUSAL", "HAS_KPM", "ROPE_Q"),
                       bias=("CAUSAL", "HAS_KPM", "ROPE_Q", "HAS_BIAS", "WRITE_DS"))
@@ -710,14 +707,14 @@ def aot_specs():
         kinds = ("bias",) if dtype == "fp32" else ("plain", "rope", "bias")
         for arch in ARCHS:
             for kind in kinds:
-                fwd = _with_interpreter_off(fwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
+                fwd = shipped_configs(fwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
                 for cfg in fwd:
                     want(_attn_fwd, dtype, d, kind_flags[kind], cfg, arch)
                     if kind == "plain" and arch == 90:
                         want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=True)
                 if kind != "rope":
-                    kv_cfg, q_cfg = _with_interpreter_off(bwd_configs, block_d, torch_dtype[dtype], kind, arch,
-                                                          d < block_d)
+                    kv_cfg, q_cfg = shipped_configs(bwd_configs, block_d, torch_dtype[dtype], kind, arch,
+                                                    d < block_d)
                     want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch)
                     want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch)
             want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it
@@ -743,8 +740,3 @@ def aot_specs():
                              tuple(divisible), expect_wgmma=wgmma and dtype != "fp32" and bm >= 64, archs=tuple(archs)))
     return specs
 
-
-def _with_interpreter_off(config_fn, *args):
-    from dlcv_fast.aot import shipped_configs
-
-    return shipped_configs(config_fn, *args)
