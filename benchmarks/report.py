@@ -216,6 +216,9 @@ def _metric(row) -> tuple:
 def _bars(ax, rows, metric):
     cases = list(dict.fromkeys(r["case"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
+    if not providers:  # e.g. no speedup: the only peer failed or was skipped
+        ax.text(0.5, 0.5, f"no {metric} to plot", ha="center", va="center", transform=ax.transAxes)
+        return
     width = 0.8 / len(providers)
     for j, provider in enumerate(providers):
         vals = {r["case"]: r[metric] for r in rows if r["provider"] == provider}

@@ -9,12 +9,16 @@ asks for the hand-written CUDA kernels of ``csrc/`` (raises where they are not b
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 
-_current: contextvars.ContextVar[str] = contextvars.ContextVar("dlcv_fast_backend", default="auto")
+
+# The backend in force, process-wide (like torch.backends' flags). A module global on purpose: torch.compile
+# guards on it, so a compiled model recompiles when the backend changes. A ContextVar cannot be traced by
+# dynamo in torch 2.11 (a graph break on every op), and a thread-local attribute is read without a guard
+# there (a compiled model would keep the backend it was traced with).
+_current = "auto"
 
 
 def _check(name: str) -> str:
@@ -25,7 +29,7 @@ def _check(name: str) -> str:
 
 def get_backend() -> str:
     """The backend name in force ("auto" unless changed by :func:`use_backend`)."""
-    return _current.get()
+    return _current
 
 
 @contextlib.contextmanager
@@ -35,11 +39,12 @@ def use_backend(name: str):
     >>> with dlcv_fast.use_backend("torch"):
     ...     out = dlcv_fast.attention(q, k, v)
     """
-    token = _current.set(_check(name))
+    global _current
+    previous, _current = _current, _check(name)
     try:
         yield
     finally:
-        _current.reset(token)
+        _current = previous
 
 
 def interpreting() -> bool:
@@ -61,7 +66,7 @@ def resolve(device, backend: str | None = None) -> str:
 
     ``backend`` (the per-call ``backend=`` keyword) overrides the context's choice.
     """
-    name = _check(backend) if backend is not None else _current.get()
+    name = _check(backend) if backend is not None else _current
     is_cuda = getattr(device, "type", device) == "cuda"
     if name == "auto":
         return "triton" if (is_cuda or interpreting()) else "torch"

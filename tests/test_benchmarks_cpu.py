@@ -34,3 +34,19 @@ def test_benchmark_command_without_gpu(tmp_path):
         assert set(reader.fieldnames) == ENV_KEYS | ROW_KEYS
         assert len(list(reader)) == len(doc["rows"])
     assert (tmp_path / "attn_fwd.png").stat().st_size > 0
+
+
+def test_plots_survive_a_case_without_speedup(tmp_path):
+    """A bar chart whose only peer failed (no speedup on any row) is still drawn, not a ZeroDivisionError
+    (seen on the H200 run of 2026-11-27: the model_train reference failed parity)."""
+    from types import SimpleNamespace
+
+    from benchmarks import report
+
+    row = dict(benchmark="model_train", case="swin_tiny B=256", provider="dlcv_fast", status="ok", ms=61.6,
+               tflops=None, gbps=None, items_per_s=4155.0, speedup=None, params={})
+    bench = SimpleNamespace(name="model_train", title="training step", x=None)
+    env = dict(gpu="test", device="cpu", torch="2.14.1", date="2026-11-27")
+    paths = report.plots(tmp_path, [bench], [row], env)
+    assert paths == [tmp_path / "model_train.png"] and paths[0].stat().st_size > 0
+

@@ -134,6 +134,20 @@ def test_backend_errors(monkeypatch):
     torch.testing.assert_close(dlcv_fast.attention(q, k, v), reference.attention(q, k, v))
 
 
+def test_compiled_graph_follows_the_backend(monkeypatch):
+    """torch.compile traces the backend choice without a graph break and recompiles when it changes (a stale
+    graph would keep running the backend it was traced with)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = qkv()
+    f = torch.compile(lambda q, k, v: dlcv_fast.attention(q, k, v) * 2, fullgraph=True, backend="eager")
+    with dlcv_fast.use_backend("torch"):
+        torch.testing.assert_close(f(q, k, v), 2 * reference.attention(q, k, v))
+    with pytest.raises(RuntimeError, match="backend 'triton' needs CUDA tensors"):
+        with dlcv_fast.use_backend("triton"):
+            f(q, k, v)
+    assert dlcv_fast.get_backend() == "auto"
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_backends_agree(backend):
     q, k, v = qkv(Lq=49, Lk=49, D=40)

@@ -1,0 +1,156 @@
+"""Config sweep for the attention kernels on a GPU: parity and time of each candidate tile.
+
+    python -m benchmarks.tune --out sweep.jsonl [--only bwd128,bwd64,rope]
+
+For each group (backward at head dim 128 / 64, forward with RoPE on q at 64 / 128) every candidate
+``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` is launched through the kernels' own launchers with
+``config=``, its outputs are compared with torch's SDPA math backend in float32 (non-causal and causal,
+at a length that leaves a one-row last block), and it is timed with ``triton.testing.do_bench`` on the
+headline shape. One JSON line per candidate is appended to ``--out`` as soon as it is measured, so a run
+cut short keeps what it measured. The chosen entries of ``kernels/attention.py``'s tables come from these
+lines (benchmarks/results/ keeps them); a candidate that fails parity is never chosen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+# (dK/dV candidates, dQ candidates); the other kernel keeps the table's entry while one is swept.
+BWD_CANDIDATES = {
+    64: ([(64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 128, 8, 2), (32, 128, 4, 3),
+          (64, 128, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
+         [(64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
+          (128, 64, 4, 2)]),
+    128: ([(32, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (16, 64, 4, 2),
+           (64, 32, 4, 2), (64, 64, 4, 2)],
+          [(64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 4, 2)]),
+}
+ROPE_CANDIDATES = {
+    64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 8, 3)],
+    128: [(64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2)],
+}
+# Headline shapes (B, H, L) per head dim, as in benchmarks/attention.py; parity at (1, 4, 1025).
+TIME_SHAPE = {64: (4, 32, 4096), 128: (4, 16, 4096)}
+ROPE_SHAPE = {64: (8, 12, 4096), 128: (8, 6, 4096)}
+CHECK = (1, 4, 1025)
+DEVICE = "cuda"
+
+
+def _inputs(B, H, L, D, dtype=torch.float16, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return [torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, generator=g) for _ in range(4)]  # q k v do
+
+
+def _ref_grads(q, k, v, do, causal):
+    ins = [t.float().requires_grad_() for t in (q, k, v)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(*ins, is_causal=causal)
+    return [out.detach()] + list(torch.autograd.grad(out, ins, do.float()))
+
+
+def _rel_err(a, b):
+    return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+def _bwd(kern, q, k, v, do, causal, config):
+    scale = q.shape[-1] ** -0.5
+    o, lse = kern.forward(q, k, v, None, None, causal, 0, scale)
+    dq, dk, dv, _ = kern.backward(do, q, k, v, o, lse, None, None, causal, 0, scale, False, config=config)
+    return o, dq, dk, dv
+
+
+def sweep_bwd(D, emit):
+    from dlcv_fast.kernels import attention as kern
+    from triton.testing import do_bench
+
+    table = kern.bwd_configs(D, torch.float16, "plain")
+    checks = {c: (_inputs(*CHECK, D, seed=1), None) for c in (False, True)}
+    checks = {c: (ins, _ref_grads(*ins, c)) for c, (ins, _) in checks.items()}
+    B, H, L = TIME_SHAPE[D]
+    q, k, v, do = _inputs(B, H, L, D)
+    kv_cands, q_cands = BWD_CANDIDATES[D]
+    jobs = [("dkdv", (c, table[1])) for c in kv_cands] + [("dq", (table[0], c)) for c in q_cands]
+    for which, config in jobs:
+        row = dict(group=f"bwd{D}", kernel=which, config=config, table=list(table), shape=[B, H, L, D])
+        try:
+            errs = {}
+            for causal, (ins, ref) in checks.items():
+                got = _bwd(kern, *ins, causal, config)
+                errs["causal" if causal else "full"] = [_rel_err(a, b) for a, b in zip(got[1:], ref[1:])]
+            fn = lambda: kern.backward(do, q, k, v, o, lse, None, None, False, 0, D ** -0.5, False, config=config)  # noqa: E731
+            o, lse = kern.forward(q, k, v, None, None, False, 0, D ** -0.5)
+            row.update(ms=do_bench(fn, warmup=10, rep=40), rel_err=errs,
+                       ok=all(e < 2e-2 for es in errs.values() for e in es))
+        except Exception as e:  # a tile that does not fit (shared memory, registers): recorded, not fatal
+            row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+        emit(row)
+
+
+def sweep_rope(D, emit):
+    from dlcv_fast.kernels import attention as kern
+    from dlcv_fast.kernels import rope as rope_kernels
+    from triton.testing import do_bench
+
+    B, H, L = ROPE_SHAPE[D]
+    q, k, v, _ = _inputs(B, H, L, D)
+    pos = torch.arange(L, device=DEVICE, dtype=torch.float32)
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=DEVICE, dtype=torch.float32) / D)
+    ang = pos[:, None] * inv[None]
+    cos, sin = ang.cos(), ang.sin()
+    scale = D ** -0.5
+    qr, kr = (rope_kernels.apply(t, cos, sin, interleaved=False) for t in (q, k))
+    ref = kern.forward(qr, kr, v, None, None, False, 0, scale)[0]
+    base = dict(group=f"rope{D}", shape=[B, H, L, D])
+    emit(dict(base, kernel="plain (no rope)", ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale),
+                                                         warmup=10, rep=40)))
+    emit(dict(base, kernel="apply_rope(q,k)+plain", ms=do_bench(
+        lambda: kern.forward(rope_kernels.apply(q, cos, sin, interleaved=False),
+                             rope_kernels.apply(k, cos, sin, interleaved=False), v, None, None, False, 0, scale),
+        warmup=10, rep=40)))
+    for config in ROPE_CANDIDATES[D]:
+        row = dict(base, kernel="fwd ROPE_Q", config=config)
+        try:
+            out = kern.forward(q, k, v, None, None, False, 0, scale, rope=(cos, sin), config=config)[0]
+            err = _rel_err(out, ref.float())
+            row.update(ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale, rope=(cos, sin),
+                                                        config=config), warmup=10, rep=40),
+                       rel_err=err, ok=err < 2e-2)
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+        emit(row)
+
+
+GROUPS = {"bwd128": lambda emit: sweep_bwd(128, emit), "bwd64": lambda emit: sweep_bwd(64, emit),
+          "rope64": lambda emit: sweep_rope(64, emit), "rope128": lambda emit: sweep_rope(128, emit)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", default=",".join(GROUPS))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.tune needs a CUDA GPU")
+    header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                  triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    with open(args.out, "a") as f:
+        def emit(row):
+            row = {k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+            line = json.dumps(row)
+            print(line, flush=True)
+            f.write(line + "\n")
+            f.flush()
+        emit(header)
+        for name in args.only.split(","):
+            t0 = time.time()
+            GROUPS[name](emit)
+            print(f"# {name}: {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
