@@ -72,7 +72,10 @@ def reference_model(c, device):
     if lib == "timm":
         import timm
 
-        m = timm.create_model(c["model"], pretrained=False)
+        # No stochastic depth (timm's Swin default is 0.1): a training step is then deterministic, so its
+        # output can be checked against the eval-mode reference, and ours (which carries the rate over) and
+        # timm's do the same work.
+        m = timm.create_model(c["model"], pretrained=False, drop_path_rate=0.0)
     elif lib == "open_clip":
         import open_clip
 

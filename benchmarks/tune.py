@@ -1,14 +1,14 @@
 """Config sweep for the attention kernels on a GPU: parity and time of each candidate tile.
 
-    python -m benchmarks.tune --out sweep.jsonl [--only bwd128,bwd64,rope]
+    python -m benchmarks.tune --out sweep.jsonl [--only table,bwd128,bwd64,rope64,rope128]
 
-For each group (backward at head dim 128 / 64, forward with RoPE on q at 64 / 128) every candidate
-``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` is launched through the kernels' own launchers with
-``config=``, its outputs are compared with torch's SDPA math backend in float32 (non-causal and causal,
-at a length that leaves a one-row last block), and it is timed with ``triton.testing.do_bench`` on the
-headline shape. One JSON line per candidate is appended to ``--out`` as soon as it is measured, so a run
-cut short keeps what it measured. The chosen entries of ``kernels/attention.py``'s tables come from these
-lines (benchmarks/results/ keeps them); a candidate that fails parity is never chosen.
+For each group (the backward tables' own entries, backward candidates at head dim 128 / 64, forward with
+``rope=`` at 64 / 128) every candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` is launched through
+the kernels' own launchers with ``config=``, its outputs are compared with torch's SDPA math backend in
+float32 (non-causal and causal, at a length that leaves a one-row last block), and it is timed with
+``triton.testing.do_bench`` on the headline shape. One JSON line per candidate is appended to ``--out`` as
+soon as it is measured, so a run cut short keeps what it measured. The entries of ``kernels/attention.py``'s
+tables come from these lines (benchmarks/results/ keeps them); a candidate that fails parity is never chosen.
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ BWD_CANDIDATES = {
            (64, 32, 4, 2), (64, 64, 4, 2)],
           [(64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 4, 2)]),
 }
+# Forward with rope= at these tiles. Until 2026-11-27 rope= rotated q in the kernel's prologue; that version
+# ("fwd ROPE_Q" rows of benchmarks/results/2026-11-27T2115_nvidia-h200_tune.jsonl) lost to one RoPE pass over
+# q and k plus the plain kernel at every tile, which is what forward(rope=) does now.
 ROPE_CANDIDATES = {
     64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 8, 3)],
     128: [(64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2)],
@@ -64,7 +67,7 @@ def _bwd(kern, q, k, v, do, causal, config):
     return o, dq, dk, dv
 
 
-def sweep_bwd(D, emit):
+def sweep_bwd(D, emit, table_only=False):
     from dlcv_fast.kernels import attention as kern
     from triton.testing import do_bench
 
@@ -73,8 +76,9 @@ def sweep_bwd(D, emit):
     checks = {c: (ins, _ref_grads(*ins, c)) for c, (ins, _) in checks.items()}
     B, H, L = TIME_SHAPE[D]
     q, k, v, do = _inputs(B, H, L, D)
-    kv_cands, q_cands = BWD_CANDIDATES[D]
-    jobs = [("dkdv", (c, table[1])) for c in kv_cands] + [("dq", (table[0], c)) for c in q_cands]
+    kv_cands, q_cands = BWD_CANDIDATES[D] if not table_only else ([], [])
+    jobs = [("table", tuple(table))] + [("dkdv", (c, table[1])) for c in kv_cands]
+    jobs += [("dq", (table[0], c)) for c in q_cands]
     for which, config in jobs:
         row = dict(group=f"bwd{D}", kernel=which, config=config, table=list(table), shape=[B, H, L, D])
         try:
@@ -82,8 +86,10 @@ def sweep_bwd(D, emit):
             for causal, (ins, ref) in checks.items():
                 got = _bwd(kern, *ins, causal, config)
                 errs["causal" if causal else "full"] = [_rel_err(a, b) for a, b in zip(got[1:], ref[1:])]
-            fn = lambda: kern.backward(do, q, k, v, o, lse, None, None, False, 0, D ** -0.5, False, config=config)  # noqa: E731
             o, lse = kern.forward(q, k, v, None, None, False, 0, D ** -0.5)
+
+            def fn():
+                kern.backward(do, q, k, v, o, lse, None, None, False, 0, D ** -0.5, False, config=config)
             row.update(ms=do_bench(fn, warmup=10, rep=40), rel_err=errs,
                        ok=all(e < 2e-2 for es in errs.values() for e in es))
         except Exception as e:  # a tile that does not fit (shared memory, registers): recorded, not fatal
@@ -113,7 +119,7 @@ def sweep_rope(D, emit):
                              rope_kernels.apply(k, cos, sin, interleaved=False), v, None, None, False, 0, scale),
         warmup=10, rep=40)))
     for config in ROPE_CANDIDATES[D]:
-        row = dict(base, kernel="fwd ROPE_Q", config=config)
+        row = dict(base, kernel="forward(rope=)", config=config)
         try:
             out = kern.forward(q, k, v, None, None, False, 0, scale, rope=(cos, sin), config=config)[0]
             err = _rel_err(out, ref.float())
@@ -126,6 +132,7 @@ def sweep_rope(D, emit):
 
 
 GROUPS = {"bwd128": lambda emit: sweep_bwd(128, emit), "bwd64": lambda emit: sweep_bwd(64, emit),
+          "table": lambda emit: [sweep_bwd(d, emit, table_only=True) for d in (64, 128)],
           "rope64": lambda emit: sweep_rope(64, emit), "rope128": lambda emit: sweep_rope(128, emit)}
 
 

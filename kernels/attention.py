@@ -21,8 +21,8 @@ buffer that the op layer reduces to the bias's own shape.
 
 Blocks that a mask removes entirely are skipped: causal/prefix limits bound the loops, and a key padding
 mask bounds them to the span of kept keys (read once per program; no branch inside the loop, which would
-stop software pipelining). ``rope=`` rotates q as its tile is loaded and k once with the standalone RoPE
-kernel before the launch.
+stop software pipelining). ``rope=`` rotates q and k with the standalone RoPE kernel (one pass each) before
+the launch: on an H200 that was faster than rotating q in the kernel's prologue (benchmarks.tune).
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ LN2 = 0.6931471805599453
 # Configs as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim and feature "kind", chosen
 # with the AOT compile check (python -m benchmarks.compile_report): every entry compiles for its arch with
 # no register spill and within its shared memory. Kinds: "plain" (any of causal / prefix / key padding),
-# "rope" (plus RoPE on q in the prologue), "bias" (an additive bias, with or without RoPE; its tile is one
-# more (BLOCK_M, BLOCK_N) fp32 operand in the loop, so it gets smaller tiles). fp32 inputs use IEEE fp32 dots,
+# "bias" (an additive bias too; its tile is one more (BLOCK_M, BLOCK_N) fp32 operand in the loop, so it gets
+# smaller tiles). fp32 inputs use IEEE fp32 dots,
 # several times the registers of a tensor-core dot, hence their own small tiles. Each forward entry is
 # (long, short): the short one (BLOCK_M = 64) is taken when the long one would give under two waves of
 # programs. Hopper (sm_90) and Ampere (sm_80, also used for other pre-Hopper GPUs) differ where a tile spills
@@ -51,35 +51,42 @@ LN2 = 0.6931471805599453
 # ------------------------------------------------------------------------------------------------
 
 _W8 = (128, 64, 8, 3)
-_FWD_SMALL = dict.fromkeys(("plain", "rope", "bias"), (_W8, (64, 64, 4, 3)))  # head dims 16, 32, 64
-_FWD_SMALL_80 = dict(_FWD_SMALL, plain=((128, 64, 4, 3), (64, 64, 4, 3)), rope=((128, 64, 4, 3), (64, 64, 4, 3)))
+_FWD_SMALL = dict.fromkeys(("plain", "bias"), (_W8, (64, 64, 4, 3)))  # head dims 16, 32, 64
+_FWD_SMALL_80 = dict(_FWD_SMALL, plain=((128, 64, 4, 3), (64, 64, 4, 3)))
 FWD_TABLE = {
     90: {16: _FWD_SMALL, 32: _FWD_SMALL, 64: _FWD_SMALL,
-         128: dict(plain=(_W8, (64, 64, 4, 2)), rope=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2),
-         256: dict(plain=((64, 64, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
+         128: dict(plain=(_W8, (64, 64, 4, 2)), bias=((64, 32, 8, 2),) * 2),
+         256: dict(plain=((64, 64, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
     80: {16: _FWD_SMALL_80, 32: _FWD_SMALL_80, 64: _FWD_SMALL,
-         128: dict(plain=((64, 64, 8, 2),) * 2, rope=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2),
-         256: dict(plain=((64, 32, 8, 2),) * 2, rope=((32, 64, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
+         128: dict(plain=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2),
+         256: dict(plain=((64, 32, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
 }
 # Head dims below their padded bucket (40, 80, 160: masked head-dim loads) where the bucket's entry spills;
 # the same on both archs.
-_UNEVEN_256 = {256: dict.fromkeys(("plain", "rope"), ((32, 64, 8, 2),) * 2)}
+_UNEVEN_256 = {256: dict(plain=((32, 64, 8, 2),) * 2)}
 FWD_UNEVEN = {90: _UNEVEN_256, 80: _UNEVEN_256}
 FWD_FP32 = (32, 32, 8, 1)
 # Backward: (dK/dV kernel config, dQ kernel config) per arch, padded head dim and kind ("plain" or "bias":
-# the dK/dV kernel then also writes dS).
-_BWD_SMALL = dict(plain=((64, 32, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (32, 64, 8, 2)))
-_BWD_SMALL_80 = dict(plain=((64, 32, 8, 2), (64, 64, 8, 2)), bias=((64, 32, 8, 2), (32, 64, 8, 2)))
-_BWD_16 = dict(_BWD_SMALL, plain=((32, 64, 8, 2), (64, 64, 8, 2)))
-_BWD_16_80 = dict(_BWD_SMALL_80, plain=((32, 64, 8, 2), (64, 64, 8, 2)))
+# the dK/dV kernel then also writes dS). sm_90 from python -m benchmarks.tune on an H200 (triton 3.6;
+# benchmarks/results/2026-11-27T2115_nvidia-h200_tune.jsonl): 4 warps and 64x64 tiles for both kernels were
+# the fastest candidates at head dims 64 and 128 (backward 4.5 / 3.6 ms against 11.3 / 9.6 ms with the previous
+# dK/dV tiles 64x32 w8 / 32x64 w8), though the dK/dV one spills a few hundred bytes (within aot.SPILL_BUDGET).
+# Several tiles with BLOCK_M < BLOCK_N (dK/dV 32x64 w8, 32x128, 16x64) returned wrong gradients on the GPU
+# although the interpreter and the AOT compile accept them: no shipped dK/dV tile has that shape. The bias
+# kind's dK/dV tile (one more score-sized operand, and the dS store) is 64x32 w8, which passed the same
+# parity sweep and spills less than 64x64 w4 with the bias. sm_80 (no GPU measurement yet) takes 64x32 w8
+# for both kernels: the tile shape that passed everywhere on the H200, with the fewest spills in the sm_80
+# AOT compile.
+_BWD_90 = dict(plain=((64, 64, 4, 2), (64, 64, 4, 3)), bias=((64, 32, 8, 2), (64, 64, 4, 3)))  # head dims <= 64
+_BWD_90_128 = dict(plain=((64, 64, 4, 2), (64, 64, 4, 2)), bias=((64, 32, 8, 2), (64, 64, 4, 2)))
+_BWD_80 = dict.fromkeys(("plain", "bias"), ((64, 32, 8, 2), (64, 32, 8, 2)))
 _BWD_256 = dict(plain=((32, 32, 8, 1), (32, 32, 4, 1)), bias=((32, 32, 8, 1), (32, 32, 4, 1)))
 BWD_TABLE = {
-    90: {16: _BWD_16, 32: _BWD_SMALL, 64: _BWD_SMALL,
-         128: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (64, 64, 8, 2))), 256: _BWD_256},
-    80: {16: _BWD_16_80, 32: _BWD_SMALL_80, 64: _BWD_SMALL_80,
-         128: dict(plain=((32, 64, 8, 2), (64, 64, 8, 2)), bias=((32, 64, 8, 2), (64, 64, 8, 2))), 256: _BWD_256},
+    90: {16: _BWD_90, 32: _BWD_90, 64: _BWD_90, 128: _BWD_90_128, 256: _BWD_256},
+    80: {16: _BWD_80, 32: _BWD_80, 64: _BWD_80, 128: _BWD_80, 256: _BWD_256},
 }
-BWD_UNEVEN = {128: dict(bias=((32, 32, 8, 2), (64, 32, 8, 2)))}
+# Head dims below their bucket that need other backward tiles: none at present (kept for the AOT sweep).
+BWD_UNEVEN = {}
 BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 ARCHS = (90, 80)
@@ -92,10 +99,6 @@ def table_arch(arch=None) -> int:
         major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
         arch = major * 10 + minor
     return 90 if arch >= 90 else 80
-
-
-def fwd_kind(bias: bool, rope: bool) -> str:
-    return "bias" if bias else ("rope" if rope else "plain")
 
 
 def fwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=None, uneven: bool = False):
@@ -233,23 +236,6 @@ def _key_range(start_m, Lk, prefix_len, kpm_row, BLOCK_M: tl.constexpr, BLOCK_N:
     return lo, hi
 
 
-@triton.jit
-def _rotate(x, ptrs, cs_rows, COS, SIN, offs_d, row_mask, R):
-    """RoPE of a loaded (rows, BLOCK_D) tile ``x`` whose element pointers are ``ptrs``: channel c < R pairs
-    with c + R (half-split) and becomes ``x[c] cos - x[c+R] sin``, channel R <= c < 2R becomes
-    ``x[c] cos + x[c-R] sin``; channels past 2R pass through. ``COS``/``SIN`` are the launcher's
-    (.., N, 2R) tables ``[cos, cos]`` and ``[-sin, sin]`` (sign folded in), so every load here is
-    contiguous along the head dim; ``cs_rows`` (rows, 1) are each row's offsets in them. The partner
-    channels are two more loads of the same rows (L1 hits): the rotation costs no extra pass over memory."""
-    m = row_mask & (offs_d < 2 * R)[None, :]
-    first = (offs_d < R)[None, :]
-    partner = (tl.load(ptrs + R, mask=m & first, other=0.0).to(tl.float32)
-               + tl.load(ptrs - R, mask=m & ~first, other=0.0).to(tl.float32))
-    c = tl.load(COS + cs_rows + offs_d[None, :], mask=m, other=1.0)
-    sn = tl.load(SIN + cs_rows + offs_d[None, :], mask=m, other=0.0)
-    return (x.to(tl.float32) * c + partner * sn).to(x.dtype)
-
-
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
@@ -318,12 +304,12 @@ def _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kp
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
+def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-              sbb, sbh, sbm, sbn, skpb, scb, scn,
-              H, GROUP, Lq, Lk, prefix_len, R, qk_scale,
+              sbb, sbh, sbm, sbn, skpb,
+              H, GROUP, Lq, Lk, prefix_len, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, ROPE_Q: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
@@ -337,11 +323,8 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     rows = offs_m.to(tl.int64)
-    q_ptrs = Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & mask_d[None, :], other=0.0)
-    cs_b = b * scb
-    if ROPE_Q:
-        q = _rotate(q, q_ptrs, cs_b + rows[:, None] * scn, COS, SIN, offs_d, offs_m[:, None] < Lq, R)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
+                mask=(offs_m[:, None] < Lq) & mask_d[None, :], other=0.0)
     k_ptrs = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
     v_ptrs = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
     bias_row = BIAS
@@ -569,20 +552,11 @@ def _kpm_args(kpm):
     return kpm, kpm.stride(0)
 
 
-def _rope_args(rope):
-    """(cos, sin, batch stride, position stride, R) of (N, R) or (B, N, R) tables; Nones when no rope."""
-    if rope is None:
-        return None, None, 0, 0, 0
-    cos, sin = (t.float() for t in rope)
-    cos2, sin2 = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)  # what _rotate loads, (.., N, 2R)
-    return cos2, sin2, cos2.stride(0) if cos2.dim() == 3 else 0, cos2.stride(-2), cos.shape[-1]
-
-
 def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None):
     """Launch the forward kernel. Returns ``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, stored as a
     ``(B, Lq, Hq, D)`` buffer so ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` is free; lse fp32 (B, Hq, Lq).
-    ``rope=(cos, sin)``, tables ``(N, R)`` or ``(B, N, R)`` with N = Lq = Lk, rotates q and k (half-split
-    pairs) as their tiles are loaded."""
+    ``rope=(cos, sin)``, tables ``(N, R)`` or ``(B, N, R)`` with N = Lq = Lk: q and k are rotated (half-split
+    pairs) by the standalone RoPE kernel, one pass each, before the launch."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -590,25 +564,21 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     bias_t, sb = _bias_args(bias, B, H, Lq, Lk)
     kpm_t, skp = _kpm_args(kpm)
-    cos, sin, scb, scn, R = _rope_args(rope)
     if rope is not None:
-        # K is rotated once, by the standalone RoPE kernel, rather than in the key loop: rotating a key block
-        # there is redone for every query block and its extra loads (partner channels, angles) doubled the
-        # loop's registers and shared memory (spills at every tile size for head dim 128). Q is rotated in
-        # the kernel as its tile is loaded, once per program.
-        k = rope_kernels.apply(k, *rope, interleaved=False)
-    kind = fwd_kind(bias_t is not None, cos is not None)
+        # One rotation pass over q and one over k, then the plain kernel. Measured on an H200 (benchmarks.tune,
+        # 2026-11-27), this beat rotating q in the kernel's prologue at every tile tried: 0.99 vs 1.01 ms at
+        # head dim 128, 1.10 vs 1.15 ms at 64 (rotating k in the key loop is redone per query block).
+        q, k = (rope_kernels.apply(t, *rope, interleaved=False) for t in (q, k))
+    kind = "bias" if bias_t is not None else "plain"
     bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H)
     grid = (triton.cdiv(Lq, bm), B * H)
     _attn_fwd[grid](
         q, k, v, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
-        cos if cos is not None else q, sin if sin is not None else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        *sb, skp, scb, scn,
-        H, H // Hkv, Lq, Lk, prefix_len, R, scale * LOG2E,
+        *sb, skp,
+        H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None, HAS_KPM=kpm_t is not None,
-        ROPE_Q=cos is not None,
         DOT_PRECISION=_dot_precision(q.dtype), ALIGN8=_strides_align8(q, k, v, o),
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
@@ -673,10 +643,10 @@ def aot_specs():
     """Every config the launchers can pick, for the compile check without a GPU.
 
     For each arch's table, head-dim bucket and kind, each config is compiled with every feature flag its
-    kind allows on (the most registers): "plain" as causal + key padding, "rope" adding RoPE, "bias" adding
-    the bias too; the backward's dK/dV kernel also writes dS for "bias". The plain forward with no flag is
-    compiled too, on sm_90 only, where it must use wgmma in fp16/bf16 (the hot path) when its tile has 64
-    rows or more (a warpgroup MMA is 64 rows; head dim 160 takes 32-row tiles, which do not spill). fp16 takes the
+    kind allows on (the most registers): "plain" as causal + key padding, "bias" adding the bias too; the
+    backward's dK/dV kernel also writes dS for "bias". The plain forward with no flag is compiled too, on
+    sm_90 only, where it must use wgmma in fp16/bf16 (the hot path) when its tile has 64 rows or more (a
+    warpgroup MMA is 64 rows; head dim 160 takes 32-row tiles, which do not spill). fp16 takes the
     power-of-two head dim of each bucket and bf16 a padded one where models have it (40 -> 64, 80 -> 128,
     160 -> 256), so both the even and the masked head-dim paths compile; fp32 (IEEE dots) is checked for the
     64 bucket. Pointers are 16-byte aligned, the batch and row strides of q/k/v/o multiples of 16 (as for
@@ -690,9 +660,8 @@ def aot_specs():
 
     from dlcv_fast.aot import AotSpec, arg_names, shipped_configs, signature_of
 
-    kind_flags = dict(plain=("CAUSAL", "HAS_KPM"), rope=("CAUSAL", "HAS_KPM", "ROPE_Q"),
-                      bias=("CAUSAL", "HAS_KPM", "ROPE_Q", "HAS_BIAS", "WRITE_DS"))
-    short = dict(CAUSAL="causal", HAS_BIAS="bias", HAS_KPM="kpm", ROPE_Q="rope", WRITE_DS="ds")
+    kind_flags = dict(plain=("CAUSAL", "HAS_KPM"), bias=("CAUSAL", "HAS_KPM", "HAS_BIAS", "WRITE_DS"))
+    short = dict(CAUSAL="causal", HAS_BIAS="bias", HAS_KPM="kpm", WRITE_DS="ds")
     torch_dtype = dict(fp16=torch.float16, bf16=torch.bfloat16, fp32=torch.float32)
     cases = [("fp16", d) for d in (16, 32, 64, 128, 256)] + [("bf16", d) for d in (40, 80, 160)] + [("fp32", 64)]
     wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
@@ -704,7 +673,7 @@ def aot_specs():
 
     for dtype, d in cases:
         block_d = padded_head_dim(d)
-        kinds = ("bias",) if dtype == "fp32" else ("plain", "rope", "bias")
+        kinds = ("bias",) if dtype == "fp32" else ("plain", "bias")
         for arch in ARCHS:
             for kind in kinds:
                 fwd = shipped_configs(fwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
@@ -712,18 +681,16 @@ def aot_specs():
                     want(_attn_fwd, dtype, d, kind_flags[kind], cfg, arch)
                     if kind == "plain" and arch == 90:
                         want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=True)
-                if kind != "rope":
-                    kv_cfg, q_cfg = shipped_configs(bwd_configs, block_d, torch_dtype[dtype], kind, arch,
-                                                    d < block_d)
-                    want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch)
-                    want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch)
+                kv_cfg, q_cfg = shipped_configs(bwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
+                want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch)
+                want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch)
             want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it
 
     specs = []
     for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma), archs in wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-        types.update(LSE="*fp32", DELTA="*fp32", DS="*fp32", BIAS="*fp32", KPM="*u8", COS="*fp32",
-                     SIN="*fp32", qk_scale="fp32", sm_scale="fp32")
+        types.update(LSE="*fp32", DELTA="*fp32", DS="*fp32", BIAS="*fp32", KPM="*u8", qk_scale="fp32",
+                     sm_scale="fp32")
         constexprs = {f: f in flags for f in short if f in arg_names(fn)}
         constexprs.update(HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=bm)
         if bn is not None:

@@ -35,3 +35,33 @@ def load_reference(model, m, state_dict=None):
     ref = next(m.parameters())
     model.load_state_dict(m.state_dict() if state_dict is None else state_dict)
     return model.to(device=ref.device, dtype=ref.dtype).train(m.training)
+
+
+def timm_regularisers(model, m, our_blocks, ref_blocks):
+    """Carry timm's stochastic depth over, block by block, and refuse dropout (which our models do not have).
+
+    Each timm block's ``drop_path1`` / ``drop_path2`` rate (its DropPath's ``drop_prob``) becomes our block's
+    rate, so fine-tuning the converted model regularises like the original. Any ``nn.Dropout`` with p > 0
+    (timm's ``drop_rate``, ``proj_drop_rate``, ``attn_drop_rate``) raises NotImplementedError instead of being
+    dropped silently. Returns ``model``."""
+    from torch import nn
+
+    from dlcv_fast.nn.block import DropPath
+
+    live = [name for name, x in m.named_modules() if isinstance(x, nn.Dropout) and x.p > 0]
+    if live:
+        raise NotImplementedError(
+            f"the timm model has dropout > 0 ({', '.join(live[:3])}{', ...' if len(live) > 3 else ''}); "
+            f"dlcv_fast's models have none: create it with drop_rate=0, proj_drop_rate=0 and attn_drop_rate=0 "
+            f"(stochastic depth, drop_path_rate, is carried over)")
+    our_blocks, ref_blocks = list(our_blocks), list(ref_blocks)
+    if len(our_blocks) != len(ref_blocks):
+        raise ValueError(f"{len(our_blocks)} blocks here, {len(ref_blocks)} in the timm model")
+    for ours, ref in zip(our_blocks, ref_blocks):
+        rates = [float(getattr(getattr(ref, name, None), "drop_prob", 0.0)) for name in ("drop_path1", "drop_path2")]
+        targets = ["drop_path1", "drop_path2"] if hasattr(ours, "drop_path1") else ["drop_path"]
+        if len(targets) == 1 and rates[0] != rates[1]:
+            raise NotImplementedError(f"timm block with different drop-path rates {rates} on its two branches")
+        for name, rate in zip(targets, rates):
+            setattr(ours, name, DropPath(rate) if rate > 0 else nn.Identity())
+    return model.train(m.training)  # the new modules take the model's mode

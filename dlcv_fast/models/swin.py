@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlcv_fast.models.registry import load_reference, register_model
+from dlcv_fast.models.registry import load_reference, register_model, timm_regularisers
 from dlcv_fast.models.vit import init_linears
 from dlcv_fast.nn.patch_embed import PatchEmbed, to_2tuple
 from dlcv_fast.nn.window_attention import SwinTransformerBlock
@@ -183,4 +183,6 @@ def swin_from_timm(m):
         window_size=[tuple(s.blocks[0].window_size) for s in m.layers], always_partition=first.always_partition,
         mlp_ratio=first.mlp.fc1.out_features / m.embed_dim, qkv_bias=first.attn.qkv.bias is not None,
         norm_eps=first.norm1.eps)
-    return load_reference(SwinTransformer(**cfg), m)
+    model = load_reference(SwinTransformer(**cfg), m)
+    return timm_regularisers(model, m, (b for stage in model.layers for b in stage.blocks),
+                             (b for stage in m.layers for b in stage.blocks))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlcv_fast.models.registry import load_reference, register_model
+from dlcv_fast.models.registry import load_reference, register_model, timm_regularisers
 from dlcv_fast.nn.block import Block
 from dlcv_fast.nn.patch_embed import PatchEmbed
 from dlcv_fast.nn.rotary import RotaryEmbedding2D
@@ -282,6 +282,7 @@ def vit_from_timm(m):
         ("dynamic_img_pad", getattr(m.patch_embed, "dynamic_img_pad", False)),
         ("patch-embedding norm", not isinstance(m.patch_embed.norm, nn.Identity)),
         ("layer scale", not isinstance(m.blocks[0].ls1, nn.Identity)),
+        ("patch dropout", getattr(getattr(m, "patch_drop", None), "prob", 0.0) > 0),
         ("global_pool " + repr(m.global_pool), m.global_pool not in ("token", "avg", "")),
     ) if bad]
     if unsupported:
@@ -297,4 +298,5 @@ def vit_from_timm(m):
         distilled=distilled, pre_norm=not isinstance(m.norm_pre, nn.Identity),
         fc_norm=not isinstance(m.fc_norm, nn.Identity), head_bias=getattr(m.head, "bias", None) is not None,
         act=act_name(blk.mlp.act), norm_eps=blk.norm1.eps, pos_embed=m.pos_embed is not None)
-    return load_reference(VisionTransformer(**cfg), m)
+    model = load_reference(VisionTransformer(**cfg), m)
+    return timm_regularisers(model, m, model.blocks, m.blocks)

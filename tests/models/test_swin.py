@@ -52,3 +52,21 @@ def test_registry_matches_timm_layout(name):
     with torch.device("meta"):
         ours, ref = create_model(name), timm.create_model(name, pretrained=False, num_classes=1000)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_from_timm_carries_stochastic_depth_and_refuses_dropout():
+    """timm's per-block drop-path rates (default drop_path_rate=0.1 for Swin) come over, so training the
+    converted model regularises like timm's; dropout, which our model does not have, raises."""
+    ref = tiny_timm_swin(drop_path_rate=0.3)
+    ours = from_timm(ref)
+    ref_rates = [getattr(getattr(b, n), "drop_prob", 0.0) for s in ref.layers for b in s.blocks
+                 for n in ("drop_path1", "drop_path2")]
+    our_rates = [getattr(getattr(b, n), "p", 0.0) for s in ours.layers for b in s.blocks
+                 for n in ("drop_path1", "drop_path2")]
+    assert our_rates == pytest.approx(ref_rates) and max(our_rates) == pytest.approx(0.3)
+    # In train mode the branches are dropped per sample: outputs differ from eval mode, as timm's do.
+    x = torch.randn(4, 3, 40, 48)
+    with dlcv_fast.use_backend("torch"), torch.no_grad():
+        assert not torch.allclose(ours.train()(x), ours.eval()(x))
+    with pytest.raises(NotImplementedError, match=r"dropout > 0 .*proj_drop_rate=0"):
+        from_timm(tiny_timm_swin(proj_drop_rate=0.1))

@@ -80,6 +80,19 @@ def test_from_timm_keeps_dtype_and_mode():
         create_model("vit_nonexistent")
 
 
+def test_from_timm_carries_stochastic_depth_and_refuses_dropout():
+    ref = timm_tiny(drop_path_rate=0.2)
+    ours = from_timm(ref)
+    assert not ours.training and not ours.blocks[1].drop_path.training
+    ref_rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in ref.blocks]
+    assert [getattr(b.drop_path, "p", 0.0) for b in ours.blocks] == ref_rates
+    assert ref_rates == pytest.approx([0.0, 0.2])
+    for kw, match in ((dict(drop_rate=0.1), "dropout > 0"), (dict(attn_drop_rate=0.1), "dropout > 0"),
+                      (dict(patch_drop_rate=0.1), "patch dropout")):
+        with pytest.raises(NotImplementedError, match=match):
+            from_timm(timm_tiny(**kw))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("layer", [0, -1])
 def test_attention_maps_are_the_class_row(backend, layer, device):
