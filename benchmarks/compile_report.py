@@ -3,9 +3,9 @@
     python -m benchmarks.compile_report [--arch 90 80] [--kernel attention] [--jobs 2]
 
 No GPU needed: each kernel module's ``aot_specs()`` is compiled for ``sm_<arch>`` with ``triton.compile``
-(see dlcv_fast/aot.py). Rows that spill more than ``aot.SPILL_BUDGET`` bytes, exceed the arch's shared
-memory, or (on sm_90) lack an expected wgmma are flagged in the last column; the exit status is 1 when any
-row is flagged or fails to compile.
+(see dlcv_fast/aot.py). Rows that spill, exceed the arch's shared memory, or (on sm_90) lack an expected
+wgmma are flagged in the last column; the exit status is 1 when any row is flagged or fails to compile
+(tests/kernels/aot_known_problems.txt lists the flagged rows that are accepted, and why).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def problems(r: aot.AotResult, expect_wgmma: bool) -> list[str]:
     if r.error:
         return ["compile error"]
     out = []
-    if r.spill_bytes > aot.SPILL_BUDGET:
+    if r.spill_bytes:
         out.append("SPILLS")
     limit = aot.SMEM_LIMIT.get(r.arch)
     if limit is not None and r.smem > limit:

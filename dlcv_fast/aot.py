@@ -33,12 +33,6 @@ from typing import Any
 # Dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 DEFAULT_ARCHS = (90, 80)
-# Register spills (bytes of local memory) a shipped config may have. Not zero: on an H200 the attention dK/dV
-# kernel's 64x64 4-warp tile, which spills 400-800 B at head dim 128, ran 1.6x faster than every spill-free
-# tile tried (benchmarks/results/2026-11-27T2115_nvidia-h200_tune.jsonl), the spills being few and cached.
-# What this still catches is the pathological case: a tile the compiler squeezes into local memory by the
-# kilobyte (22 KB was seen).
-SPILL_BUDGET = 1024
 KERNELS_PACKAGE = "dlcv_fast.kernels"
 
 

@@ -1,8 +1,8 @@
 """Ahead-of-time compile check, no GPU needed.
 
 Every shipped config of every Triton kernel (each kernel module's ``aot_specs()``) compiles for sm_90 and
-sm_80 spilling at most ``aot.SPILL_BUDGET`` bytes (see its note) and within the arch's shared memory, and
-the Hopper forward uses wgmma.
+sm_80 with no register spill and within the arch's shared memory, and the Hopper forward uses wgmma; the
+exceptions, each with its reason, are listed in aot_known_problems.txt (reported as xfail).
 The compiles run in fresh processes with ``TRITON_INTERPRET=0`` (dlcv_fast/aot.py), so this works here
 although conftest.py turns the interpreter on. ``python -m benchmarks.compile_report`` prints the numbers.
 """
@@ -54,9 +54,8 @@ def test_compiles_without_spills_within_smem(compiled, spec, arch):
     assert r.error is None, f"{spec.id} does not compile for sm_{arch}: {r.error}"
     limit = aot.SMEM_LIMIT[arch]
     problems = []
-    if r.spill_bytes > aot.SPILL_BUDGET:
-        problems.append(f"spills {r.spill_bytes} bytes, over the {aot.SPILL_BUDGET} B budget (stack "
-                        f"{r.stack_bytes} B, {r.regs} registers)")
+    if r.spill_bytes:
+        problems.append(f"spills {r.spill_bytes} bytes (stack {r.stack_bytes} B, {r.regs} registers)")
     if r.smem > limit:
         problems.append(f"needs {r.smem} B of shared memory, over the {limit} B of sm_{arch}")
     key = f"{spec.id}-sm_{arch}"
