@@ -402,11 +402,11 @@ def _load_lse2(LSE, offs_m, Lq):
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                   sbb, sbh, sbm, sbn, skpb,
+                   sbb, sbh, sbm, sbn, skpb, split_stride, split_rows,
                    HKV, GROUP, Lq, Lk, prefix_len, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, WRITE_DS: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr, QUERY_SPLIT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
@@ -438,11 +438,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
     lo = 0
     if CAUSAL:
         lo = tl.where(start_n < prefix_len, 0, (start_n // BLOCK_M) * BLOCK_M)
+    hi = Lq
+    s64 = 0
+    if QUERY_SPLIT:  # this program's share of the queries, [split * split_rows, + split_rows); a multiple
+        split = tl.program_id(2)  # of BLOCK_M, so lo keeps its block alignment. Off, the kernel is as timed.
+        lo = tl.maximum(lo, split * split_rows)
+        hi = tl.minimum(Lq, (split + 1) * split_rows)
+        s64 = split.to(tl.int64) * split_stride
     if tl.max(kp.to(tl.int32), 0) > 0:
         for g in range(0, GROUP):
             h = hk * GROUP + g
             bh = b * (HKV * GROUP) + h
-            for start_m in range(lo, Lq, BLOCK_M):
+            for start_m in range(lo, hi, BLOCK_M):
                 offs_m = start_m + offs_m0
                 rows = offs_m.to(tl.int64)
                 qd_mask = (offs_m[:, None] < Lq) & mask_d
@@ -465,10 +472,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                     tl.store(ds_ptrs, ds, mask=(offs_m[:, None] < Lq) & (cols[None, :] < Lk))
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
-    tl.store(DK + b * sdkb + hk * sdkh + ccols[:, None] * sdkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV + b * sdvb + hk * sdvh + ccols[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_mask)
+    tl.store(DK + s64 + b * sdkb + hk * sdkh + ccols[:, None] * sdkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + s64 + b * sdvb + hk * sdvh + ccols[:, None] * sdvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -586,10 +593,24 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     return o, lse
 
 
+def _query_splits(n_key_blocks, BH_kv, Lq, block_m):
+    """How many programs share one key block's queries in the dK/dV kernel. One per key block is FA2's
+    layout; with few key blocks (short Lk: U-Net cross-attention has Lk = 77, two blocks) and few heads it
+    leaves most of the GPU idle while each program walks every query serially. Then the queries are split
+    so the grid reaches about two waves, each split keeping at least 4 query blocks; the partial dK/dV
+    (fp32) are summed in a fixed order afterwards, so the result stays deterministic."""
+    programs = n_key_blocks * BH_kv
+    target = 2 * _sm_count()
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(Lq, block_m) // 4))
+
+
 def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scale: float, bias_grad: bool,
-             config=None):
+             config=None, splits=None):
     """Launch the backward kernels. Returns ``(dq, dk, dv, ds)`` where ds is the (B, Hq, Lq, Lk) fp32
-    gradient of the scores when ``bias_grad`` (else None)."""
+    gradient of the scores when ``bias_grad`` (else None). ``splits``: query splits of the dK/dV kernel
+    (default: :func:`_query_splits`)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -617,15 +638,28 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
         bm, bn, warps, stages = cfg
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
-    _attn_bwd_dkdv[(triton.cdiv(Lk, kv_cfg[1]), B * Hkv)](
+    n_kb = triton.cdiv(Lk, kv_cfg[1])
+    splits = splits or _query_splits(n_kb, B * Hkv, Lq, kv_cfg[0])
+    split_rows = max(1, triton.cdiv(triton.cdiv(Lq, kv_cfg[0]), splits)) * kv_cfg[0]
+    splits = max(1, triton.cdiv(Lq, split_rows))  # no empty split
+    # one split writes dk/dv directly; several write fp32 partials (splits, B, Lk, Hkv, D), summed below
+    # (each split's slice has dk's strides, so the ALIGN8 hint above holds for it)
+    dk_out, dv_out = dk, dv
+    if splits > 1:
+        dk_out, dv_out = (torch.empty((splits, B, Lk, Hkv, D), device=q.device, dtype=torch.float32)
+                          .transpose(2, 3) for _ in range(2))
+    _attn_bwd_dkdv[(n_kb, B * Hkv, splits)](
         q, k, v, do, lse, delta, bias_t if bias_t is not None else dummy, kpm_t if kpm_t is not None else dummy,
-        dk, dv, ds if ds is not None else dummy,
+        dk_out, dv_out, ds if ds is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        *sb, skp,
+        *dk_out.stride()[-4:-1], *dv_out.stride()[-4:-1],
+        *sb, skp, dk_out.stride(0) if splits > 1 else 0, split_rows,
         Hkv, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale,
-        WRITE_DS=ds is not None, **common, **launch(kv_cfg))
+        WRITE_DS=ds is not None, QUERY_SPLIT=splits > 1, **common, **launch(kv_cfg))
+    if splits > 1:  # a reduction in a fixed order: deterministic
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
     _attn_bwd_dq[(triton.cdiv(Lq, q_cfg[0]), B * H)](
         q, k, v, do, lse, delta, bias_t if bias_t is not None else dummy, kpm_t if kpm_t is not None else dummy, dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -696,6 +730,8 @@ def aot_specs():
         constexprs.update(HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=bm)
         if bn is not None:
             constexprs.update(BLOCK_N=bn, sbn=1, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", ALIGN8=True)
+        if "QUERY_SPLIT" in arg_names(fn):
+            constexprs["QUERY_SPLIT"] = False  # the path timed on the H200; the short-Lk split is not checked
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the

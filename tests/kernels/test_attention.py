@@ -185,6 +185,30 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(device):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["none", "causal+padding", "prefix", "bias"])
+def test_backward_query_splits(kind, device, monkeypatch):
+    """With few key blocks (a short key side: U-Net cross-attention's Lk = 77) the dK/dV kernel splits each
+    key block's queries over several programs and sums their fp32 partials: same gradients (GQA too)."""
+    from dlcv_fast.kernels import attention as A
+
+    used = []
+    real = A._query_splits
+    monkeypatch.setattr(A, "_query_splits", lambda *a: used.append(real(*a)) or 3)
+    q, k, v = make_inputs(2, 4, 2, 161, 40, 32, torch.float32, device)
+    check_parity(q, k, v, make_mask_args(kind, 2, 4, 161, 40, torch.float32, device))
+    assert used, "the backward launcher did not run"
+
+
+def test_query_split_choice(monkeypatch):
+    from dlcv_fast.kernels import attention as A
+
+    monkeypatch.setattr(A, "_sm_count", lambda: 132)
+    assert A._query_splits(2, 64, 4096, 64) == 3  # U-Net cross: 128 programs -> 3 splits of the 64 blocks
+    assert A._query_splits(2, 8, 4096, 64) == 16  # capped at 4 query blocks per split
+    assert A._query_splits(64, 64, 4096, 64) == 1  # enough programs already
+    assert A._query_splits(2, 8, 100, 64) == 1  # too few query blocks to split
+
+
 def test_deterministic(device):
     B, H, L, D = 2, 4, 97, 64
     q, k, v = make_inputs(B, H, 2, L, L, D, torch.float16, device)
