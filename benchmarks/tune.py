@@ -1,11 +1,12 @@
 """Config sweep for the attention kernels on a GPU: parity and time of each candidate tile.
 
-    python -m benchmarks.tune --out sweep.jsonl [--only table,bwd128,bwd64,rope64,rope128]
+    python -m benchmarks.tune --out sweep.jsonl [--only table,bwd128,bwd64,rope64,rope128,window]
 
 For each group (the backward tables' own entries, backward candidates at head dim 128 / 64, forward with
-``rope=`` at 64 / 128) every candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` is launched through
-the kernels' own launchers with ``config=``, its outputs are compared with torch's SDPA math backend in
-float32 (non-causal and causal, at a length that leaves a one-row last block), and it is timed with
+``rope=`` at 64 / 128, the window-attention backward's dK/dV tiles and window-group counts) every candidate
+``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` is launched through the kernels' own launchers, its outputs
+are compared with a float32 reference (torch's SDPA math backend, non-causal and causal at a length that
+leaves a one-row last block; dlcv_fast.reference for window attention), and it is timed with
 ``triton.testing.do_bench`` on the headline shape. One JSON line per candidate is appended to ``--out`` as
 soon as it is measured, so a run cut short keeps what it measured. The entries of ``kernels/attention.py``'s
 tables come from these lines (benchmarks/results/ keeps them); a candidate that fails parity is never chosen.
@@ -131,7 +132,56 @@ def sweep_rope(D, emit):
         emit(row)
 
 
+# Window attention backward (Swin-T stage 1 and 3, window 7 shift 3): dK/dV tiles (BLOCK_M, BLOCK_N, warps,
+# stages) and window-group counts (a multiple of the default, which aims at PROGRAMS_PER_SM programs per SM).
+WINDOW_SHAPES = {"stage1": (128, 56, 56, 3), "stage3": (128, 14, 14, 12)}  # B, H, W, heads (head dim 32)
+WINDOW_DKDV = [None, (32, 64, 4, 1), (64, 64, 4, 1), (64, 64, 8, 1), (64, 32, 4, 1), (64, 32, 8, 1)]
+WINDOW_GROUP_SCALE = [0.5, 2.0, 4.0]
+WINDOW_CHECK_B = 2
+
+
+def sweep_window(emit):
+    from dlcv_fast import reference
+    from dlcv_fast.kernels import window_attention as kern
+    from triton.testing import do_bench
+
+    window, shift = (7, 7), (3, 3)
+    for stage, (B, H, W, heads) in WINDOW_SHAPES.items():
+        C = 32 * heads
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        qkv = torch.randn(B, H, W, 3 * C, device=DEVICE, dtype=torch.float16, generator=g)
+        table = torch.randn(13 * 13, heads, device=DEVICE, generator=g)
+        bias = torch.randn(3 * C, device=DEVICE, generator=g)
+        dout = torch.randn(B, H, W, C, device=DEVICE, dtype=torch.float16, generator=g)
+        scale = 32 ** -0.5
+        b = WINDOW_CHECK_B
+        ref = reference.window_attention_backward(dout[:b].float(), qkv[:b].float(), num_heads=heads,
+                                                  window_size=window, shift_size=shift, rel_pos_bias_table=table,
+                                                  qkv_bias=bias, scale=scale)
+        out, lse = kern.forward(qkv, table, bias, heads, window, shift, scale)
+        out_c, lse_c = kern.forward(qkv[:b], table, bias, heads, window, shift, scale)
+        default_groups = kern._num_groups(B * (H // 7) * (W // 7), heads * 1)
+        jobs = [(cfg, None) for cfg in WINDOW_DKDV]
+        jobs += [(None, max(1, int(default_groups * f))) for f in WINDOW_GROUP_SCALE]
+        for cfg, groups in jobs:
+            row = dict(group=f"window_{stage}", kernel="window dkdv", config=cfg, groups=groups,
+                       default_groups_one_key_block=default_groups, shape=[B, H, W, heads, 32])
+            try:
+                got = kern.backward(dout[:b], qkv[:b], table, bias, out_c, lse_c, heads, window, shift, scale,
+                                    True, True, dkdv_cfg=cfg, groups=groups)
+                errs = [_rel_err(x, r) for x, r in zip(got, ref)]
+
+                def fn():
+                    kern.backward(dout, qkv, table, bias, out, lse, heads, window, shift, scale, True, True,
+                                  dkdv_cfg=cfg, groups=groups)
+                row.update(ms=do_bench(fn, warmup=10, rep=40), rel_err=errs, ok=all(e < 2e-2 for e in errs))
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+            emit(row)
+
+
 GROUPS = {"bwd128": lambda emit: sweep_bwd(128, emit), "bwd64": lambda emit: sweep_bwd(64, emit),
+          "window": sweep_window,
           "table": lambda emit: [sweep_bwd(d, emit, table_only=True) for d in (64, 128)],
           "rope64": lambda emit: sweep_rope(64, emit), "rope128": lambda emit: sweep_rope(128, emit)}
 
