@@ -33,9 +33,10 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, p
         scale: score scale, default ``D ** -0.5``.
         rope: ``(cos, sin)`` rotary tables applied to q and k before the scores, half-split pairs (see
             :func:`apply_rope`). Tables shared by all heads, ``(N, R)`` or ``(B, N, R)`` with Lq = Lk = N, are
-            fused: q is rotated inside the kernel as its tiles are loaded, k once by the standalone kernel
-            before it (the backward rotates q and k once with the standalone kernel); per-head
-            ``(B, H, N, R)`` or learnable tables take the standalone kernel first.
+            handled inside the attention op: one RoPE pass over q and one over k, then the attention kernel
+            (on an H200 faster than rotating q in the kernel's prologue), and the backward recomputes the
+            rotation instead of keeping rotated copies; per-head ``(B, H, N, R)`` or learnable tables go
+            through the differentiable standalone op first.
         backend: "auto" (default), "triton", "cuda" or "torch"; see :func:`use_backend`.
 
     Returns ``(B, Hq, Lq, D)`` in q's dtype (a view of a ``(B, Lq, Hq, D)`` buffer, so

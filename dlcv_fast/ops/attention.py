@@ -219,9 +219,9 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------------
 
 def fusable_rope(q, k, rope) -> bool:
-    """Whether ``rope=(cos, sin)`` can be applied inside the attention kernel: tables shared by all heads
-    ((N, R) or (B, N, R)), constant (no learnable frequencies), and Lq = Lk = N. Otherwise the caller
-    rotates q and k with the standalone RoPE op first."""
+    """Whether ``rope=(cos, sin)`` can be handled inside the attention op (rotation passes before the kernel,
+    recomputed in the backward): tables shared by all heads ((N, R) or (B, N, R)), constant (no learnable
+    frequencies), and Lq = Lk = N. Otherwise the caller rotates q and k with the standalone RoPE op first."""
     cos, sin = rope
     return (cos.dim() in (2, 3) and not (cos.requires_grad or sin.requires_grad)
             and q.shape[2] == k.shape[2] == cos.shape[-2])
