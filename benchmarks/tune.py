@@ -54,7 +54,7 @@ def _ref_grads(q, k, v, do, causal):
     ins = [t.float().requires_grad_() for t in (q, k, v)]
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         out = F.scaled_dot_product_attention(*ins, is_causal=causal)
-    return [out.detach()] + list(torch.autograd.grad(out, ins, do.float()))
+    return torch.autograd.grad(out, ins, do.float())  # dq, dk, dv
 
 
 def _rel_err(a, b):
@@ -64,8 +64,7 @@ def _rel_err(a, b):
 def _bwd(kern, q, k, v, do, causal, config):
     scale = q.shape[-1] ** -0.5
     o, lse = kern.forward(q, k, v, None, None, causal, 0, scale)
-    dq, dk, dv, _ = kern.backward(do, q, k, v, o, lse, None, None, causal, 0, scale, False, config=config)
-    return o, dq, dk, dv
+    return kern.backward(do, q, k, v, o, lse, None, None, causal, 0, scale, False, config=config)[:3]
 
 
 def sweep_bwd(D, emit, table_only=False):
@@ -73,10 +72,11 @@ def sweep_bwd(D, emit, table_only=False):
     from triton.testing import do_bench
 
     table = kern.bwd_configs(D, torch.float16, "plain")
-    checks = {c: (_inputs(*CHECK, D, seed=1), None) for c in (False, True)}
-    checks = {c: (ins, _ref_grads(*ins, c)) for c, (ins, _) in checks.items()}
+    check_ins = _inputs(*CHECK, D, seed=1)
+    checks = {causal: _ref_grads(*check_ins, causal) for causal in (False, True)}
     B, H, L = TIME_SHAPE[D]
     q, k, v, do = _inputs(B, H, L, D)
+    o, lse = kern.forward(q, k, v, None, None, False, 0, D ** -0.5)
     kv_cands, q_cands = BWD_CANDIDATES[D] if not table_only else ([], [])
     jobs = [("table", tuple(table))] + [("dkdv", (c, table[1])) for c in kv_cands]
     jobs += [("dq", (table[0], c)) for c in q_cands]
@@ -84,10 +84,9 @@ def sweep_bwd(D, emit, table_only=False):
         row = dict(group=f"bwd{D}", kernel=which, config=config, table=list(table), shape=[B, H, L, D])
         try:
             errs = {}
-            for causal, (ins, ref) in checks.items():
-                got = _bwd(kern, *ins, causal, config)
-                errs["causal" if causal else "full"] = [_rel_err(a, b) for a, b in zip(got[1:], ref[1:])]
-            o, lse = kern.forward(q, k, v, None, None, False, 0, D ** -0.5)
+            for causal, ref in checks.items():
+                got = _bwd(kern, *check_ins, causal, config)
+                errs["causal" if causal else "full"] = [_rel_err(a, b) for a, b in zip(got, ref)]
 
             def fn():
                 kern.backward(do, q, k, v, o, lse, None, None, False, 0, D ** -0.5, False, config=config)

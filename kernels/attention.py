@@ -40,11 +40,12 @@ LN2 = 0.6931471805599453
 
 # ------------------------------------------------------------------------------------------------
 # Configs as data: (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim and feature "kind", chosen
-# with the AOT compile check (python -m benchmarks.compile_report): every entry compiles for its arch with
-# no register spill and within its shared memory. Kinds: "plain" (any of causal / prefix / key padding),
-# "bias" (an additive bias too; its tile is one more (BLOCK_M, BLOCK_N) fp32 operand in the loop, so it gets
-# smaller tiles). fp32 inputs use IEEE fp32 dots,
-# several times the registers of a tensor-core dot, hence their own small tiles. Each forward entry is
+# with the AOT compile check (python -m benchmarks.compile_report): every entry compiles for its arch within
+# its shared memory and, except the backward tiles measured fastest on a GPU (see below; each listed in
+# tests/kernels/aot_known_problems.txt), with no register spill. Kinds: "plain" (any of causal / prefix /
+# key padding), "bias" (an additive bias too; its tile is one more (BLOCK_M, BLOCK_N) fp32 operand in the
+# loop, so it gets smaller tiles). fp32 inputs use IEEE fp32 dots, several times the registers of a
+# tensor-core dot, hence their own small tiles. Each forward entry is
 # (long, short): the short one (BLOCK_M = 64) is taken when the long one would give under two waves of
 # programs. Hopper (sm_90) and Ampere (sm_80, also used for other pre-Hopper GPUs) differ where a tile spills
 # on one of them. Under the interpreter one small config is used so tests are quick and cross several blocks.
@@ -86,8 +87,6 @@ BWD_TABLE = {
     90: {16: _BWD_90, 32: _BWD_90, 64: _BWD_90, 128: _BWD_90_128, 256: _BWD_256},
     80: {16: _BWD_80, 32: _BWD_80, 64: _BWD_80, 128: _BWD_80, 256: _BWD_256},
 }
-# Head dims below their bucket that need other backward tiles: none at present (kept for the AOT sweep).
-BWD_UNEVEN = {}
 BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 ARCHS = (90, 80)
@@ -117,13 +116,13 @@ def fwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=Non
 
 
 def bwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=None, uneven: bool = False):
-    """``(dK/dV config, dQ config)`` of the backward launcher."""
+    """``(dK/dV config, dQ config)`` of the backward launcher. ``uneven`` (the head dim is below ``block_d``)
+    is accepted for symmetry with :func:`fwd_configs`; no backward entry needs an override for it."""
     if _interpreting():
         return (INTERPRETER_CONFIG, INTERPRETER_CONFIG)
     if dtype == torch.float32:
         return BWD_FP32
-    entry = BWD_TABLE[table_arch(arch)][block_d][kind]
-    return BWD_UNEVEN.get(block_d, {}).get(kind, entry) if uneven else entry
+    return BWD_TABLE[table_arch(arch)][block_d][kind]
 
 
 def _interpreting():

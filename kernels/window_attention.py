@@ -492,10 +492,10 @@ def _offset_bins(win_h: int, win_w: int, device: torch.device):
 
 
 def _bin_by_offset(ds_sum, window):
-    """(heads, N, N) summed dS -> (T, heads) table gradient, by a gather and a sum (deterministic)."""
+    """(heads, N, N) summed dS -> contiguous (T, heads) table gradient, by a gather and a sum (deterministic)."""
     heads = ds_sum.shape[0]
     flat = torch.cat((ds_sum.reshape(heads, -1), ds_sum.new_zeros(heads, 1)), dim=1)
-    return flat[:, _offset_bins(window[0], window[1], ds_sum.device)].sum(-1).t()
+    return flat[:, _offset_bins(window[0], window[1], ds_sum.device)].sum(-1).t().contiguous()
 
 
 def aot_specs():

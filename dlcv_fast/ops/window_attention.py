@@ -148,14 +148,13 @@ def window_attention_bwd(dout: Tensor, qkv: Tensor, table: Optional[Tensor], qkv
 
         dqkv, dtable, dbias = kernels.backward(dout, qkv, table, qkv_bias, out, lse, num_heads, window, shift,
                                                scale, table_grad, bias_grad)
-    return (dqkv.contiguous(), dtable.contiguous() if table_grad else _empty(qkv),
-            dbias.contiguous() if bias_grad else _empty(qkv))
+    return dqkv, dtable if table_grad else _empty(qkv), dbias if bias_grad else _empty(qkv)
 
 
 @window_attention_bwd.register_fake
 def _fake_bwd_outputs(dout, qkv, table, qkv_bias, out, lse, num_heads, window_h, window_w, shift_h, shift_w, scale,
                       table_grad, bias_grad, backend):
-    """Every output contiguous, as the real op returns them (inductor asserts the strides)."""
+    """Every output contiguous, as both backends return them (inductor asserts the strides)."""
     return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
             torch.empty_like(table, memory_format=torch.contiguous_format) if table_grad and table is not None
             else _empty(qkv),
