@@ -18,8 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENV_COLUMNS = ("date", "commit", "gpu", "driver", "torch", "triton")
-ROW_COLUMNS = ("benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "tflops",
-               "gbps", "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol")
+ROW_COLUMNS = ("benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "ms_launch",
+               "tflops", "gbps", "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol")
 CSV_COLUMNS = ENV_COLUMNS + ROW_COLUMNS
 OURS = "dlcv_fast"
 LIBRARIES = ("timm", "transformers", "diffusers", "open_clip_torch", "flash_attn", "liger_kernel", "numpy")
@@ -74,14 +74,16 @@ def _num(v, fmt):
     return "" if v is None else format(v, fmt)
 
 
-def progress_line(i: int, total: int, row: dict) -> str:
+def progress_line(i: int, total: int, row: dict, elapsed_s: float) -> str:
     if row["status"] == "ok":
-        what = f"{row['ms']:9.4g} ms" + "".join(
+        launch = row.get("ms_launch")
+        what = f"{row['ms']:9.4g} ms" + (f" ({launch:.4g} ms host-launched)" if row.get("timer") == "cudagraph" else "")
+        what += "".join(
             f"  {row[key]:.4g} {unit}" for key, unit in (("tflops", "TFLOP/s"), ("gbps", "GB/s"),
                                                          ("items_per_s", "items/s")) if row[key] is not None)
     else:
         what = f"{row['status']}: {row['note']}"
-    return f"[{i:>3}/{total}] {row['benchmark']} | {row['case']} | {row['provider']:<22} {what}"
+    return f"[{i:>3}/{total} {elapsed_s:4.0f}s] {row['benchmark']} | {row['case']} | {row['provider']:<22} {what}"
 
 
 def roof_pct(row: dict) -> str:

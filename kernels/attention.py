@@ -89,6 +89,7 @@ BWD_TABLE = {
 }
 BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 INTERPRETER_CONFIG = (32, 32, 4, 1)
+TAIL_N = 16  # the forward's last key block when only a few keys are left (key_tail)
 ARCHS = (90, 80)
 
 
@@ -311,7 +312,7 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -347,9 +348,22 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
                               offs_n, lo, full_hi, Lq, Lk, prefix_len, qk_scale, mask_d,
                               HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N)
+    mid = hi
+    if TAIL_N > 0:
+        # Short sequences end in a mostly empty key block (197 keys = 3 x 64 + 5): when the keys after the
+        # last whole block fit in TAIL_N, they take one TAIL_N-key block instead of a BLOCK_N one.
+        last = tl.maximum(full_hi, ((hi - 1) // BLOCK_N) * BLOCK_N)
+        mid = tl.where((hi > full_hi) & (hi - last <= TAIL_N), last, hi)
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
-                              offs_n, full_hi, hi, Lq, Lk, prefix_len, qk_scale, mask_d,
+                              offs_n, full_hi, mid, Lq, Lk, prefix_len, qk_scale, mask_d,
                               HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N)
+    if TAIL_N > 0:  # at most one TAIL_N block, [mid, hi)
+        offs_t = tl.arange(0, TAIL_N)
+        acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q,
+                                  K + b * skb + hk * skh + offs_t.to(tl.int64)[:, None] * skn + offs_d[None, :],
+                                  V + b * svb + hk * svh + offs_t.to(tl.int64)[:, None] * svn + offs_d[None, :],
+                                  skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m, offs_t, mid, hi, Lq, Lk, prefix_len,
+                                  qk_scale, mask_d, HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, TAIL_N)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -559,11 +573,21 @@ def _kpm_args(kpm):
     return kpm, kpm.stride(0)
 
 
-def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None):
+def key_tail(Lk: int, block_n: int, block_d: int) -> int:
+    """The forward's ``TAIL_N``: 16 when the keys after the last whole ``block_n`` block are 1 to 16 (and
+    ``block_n`` is larger), so they take one 16-key block; else 0 (no tail block). ViT's 197 keys, CLIP's
+    and the U-Net cross-attention's 77 and the Q-Former's 257 all end so with 64-key blocks. Padded head dims
+    32 to 128 only (the vision models' 32-128): at 16 and 256 the tail block made some tiles spill."""
+    tail_ok = block_n > TAIL_N and 32 <= block_d <= 128
+    return TAIL_N if tail_ok and 0 < Lk % block_n <= TAIL_N else 0
+
+
+def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None, tail=None):
     """Launch the forward kernel. Returns ``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, stored as a
     ``(B, Lq, Hq, D)`` buffer so ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` is free; lse fp32 (B, Hq, Lq).
     ``rope=(cos, sin)``, tables ``(N, R)`` or ``(B, N, R)`` with N = Lq = Lk: q and k are rotated (half-split
-    pairs) by the standalone RoPE kernel, one pass each, before the launch."""
+    pairs) by the standalone RoPE kernel, one pass each, before the launch. ``tail``: the kernel's TAIL_N
+    (default :func:`key_tail`)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -578,6 +602,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         q, k = (rope_kernels.apply(t, *rope, interleaved=False) for t in (q, k))
     kind = "bias" if bias_t is not None else "plain"
     bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H)
+    tail = key_tail(Lk, bn, BLOCK_D) if tail is None else tail
     grid = (triton.cdiv(Lq, bm), B * H)
     _attn_fwd[grid](
         q, k, v, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
@@ -587,7 +612,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None, HAS_KPM=kpm_t is not None,
         DOT_PRECISION=_dot_precision(q.dtype), ALIGN8=_strides_align8(q, k, v, o),
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, TAIL_N=tail, num_warps=warps, num_stages=stages,
     )
     return o, lse
 
@@ -678,7 +703,10 @@ def aot_specs():
 
     For each arch's table, head-dim bucket and kind, each config is compiled with every feature flag its
     kind allows on (the most registers): "plain" as causal + key padding, "bias" adding the bias too; the
-    backward's dK/dV kernel also writes dS for "bias". The plain forward with no flag is compiled too, on
+    backward's dK/dV kernel also writes dS for "bias", and is compiled a second time with ``QUERY_SPLIT``
+    (short key sides: fp32 partial dK/dV per query split, summed afterwards); the forward is compiled with
+    and without its 16-key tail block (``TAIL_N``, taken when a few keys follow the last whole block). The
+    plain forward with no flag is compiled too, on
     sm_90 only, where it must use wgmma in fp16/bf16 (the hot path) when its tile has 64 rows or more (a
     warpgroup MMA is 64 rows; head dim 160 takes 32-row tiles, which do not spill). fp16 takes the
     power-of-two head dim of each bucket and bf16 a padded one where models have it (40 -> 64, 80 -> 128,
@@ -700,9 +728,9 @@ def aot_specs():
     cases = [("fp16", d) for d in (16, 32, 64, 128, 256)] + [("bf16", d) for d in (40, 80, 160)] + [("fp32", 64)]
     wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
 
-    def want(fn, dtype, d, flags, cfg, arch, wgmma=False):
+    def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0):
         flags = tuple(f for f in short if f in flags and f in arg_names(fn))
-        key = (fn, dtype, d, flags, cfg, wgmma)
+        key = (fn, dtype, d, flags, cfg, wgmma, split, tail)
         wanted.setdefault(key, []).append(arch)
 
     for dtype, d in cases:
@@ -712,17 +740,21 @@ def aot_specs():
             for kind in kinds:
                 fwd = shipped_configs(fwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
                 for cfg in fwd:
-                    want(_attn_fwd, dtype, d, kind_flags[kind], cfg, arch)
-                    if kind == "plain" and arch == 90:
-                        want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=True)
+                    for tail in sorted({0, key_tail(cfg[1] + 1, cfg[1], block_d)}):
+                        want(_attn_fwd, dtype, d, kind_flags[kind], cfg, arch, tail=tail)
+                        if kind == "plain" and arch == 90:
+                            want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=True, tail=tail)
                 kv_cfg, q_cfg = shipped_configs(bwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
                 want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch)
+                want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch, split=True)
                 want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch)
             want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it
 
     specs = []
-    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma), archs in wanted.items():
+    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail), archs in wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+        if split:
+            types.update(DK="*fp32", DV="*fp32")  # the split's partial sums
         types.update(LSE="*fp32", DELTA="*fp32", DS="*fp32", BIAS="*fp32", KPM="*u8", qk_scale="fp32",
                      sm_scale="fp32")
         constexprs = {f: f in flags for f in short if f in arg_names(fn)}
@@ -730,7 +762,9 @@ def aot_specs():
         if bn is not None:
             constexprs.update(BLOCK_N=bn, sbn=1, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", ALIGN8=True)
         if "QUERY_SPLIT" in arg_names(fn):
-            constexprs["QUERY_SPLIT"] = False  # the path timed on the H200; the short-Lk split is not checked
+            constexprs["QUERY_SPLIT"] = split
+        if "TAIL_N" in arg_names(fn):
+            constexprs["TAIL_N"] = tail
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the
@@ -738,7 +772,8 @@ def aot_specs():
         divisible += [a for a in sig if re.fullmatch(r"s(q|k|v|o|do|dq|dk|dv)[bmn]", a)]
         if d % 16 == 0:
             divisible += [a for a in sig if re.fullmatch(r"s(q|k|v|o|do|dq|dk|dv)h", a)]
-        variant = "+".join(short[f] for f in flags) or ("plain" if bn is not None else "")
+        tags = [short[f] for f in flags] + (["split"] if split else []) + ([f"tail{tail}"] if tail else [])
+        variant = "+".join(tags) or ("plain" if bn is not None else "")
         specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps, stages,
                              tuple(divisible), expect_wgmma=wgmma and dtype != "fp32" and bm >= 64, archs=tuple(archs)))
     return specs

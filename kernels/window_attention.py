@@ -25,7 +25,9 @@ Backward, deterministic (no atomics anywhere):
   ``delta = rowsum(dO * O)``, saves it per (token, head), and dq;
 - ``_window_attn_bwd_dkdv`` (one program per group of windows, head and key block; keys on the MMA's M
   side, queries in chunks) computes dk and dv, and the table gradient: dS summed over the program's
-  windows into its own ``(N, N)`` slice of a ``(groups, heads, N, N)`` fp32 buffer, which torch then sums
+  windows (in registers when one query chunk covers the window, as a 64-query chunk does a 7x7 or 8x8
+  window; else added chunk by chunk in memory) into its own ``(N, N)`` slice of a ``(groups, heads, N, N)``
+  fp32 buffer, which torch then sums
   over groups and bins by relative offset with a gather. That buffer costs ``groups * heads * N^2 * 4``
   bytes, independent of batch and resolution: ``groups * heads * key blocks`` is about
   ``PROGRAMS_PER_SM`` programs per SM, so on a 132-SM H100 it is 5 MB for 7x7 windows (N = 49), 8.6 MB for
@@ -315,6 +317,11 @@ def _window_attn_bwd_dkdv(QKV, TABLE, QKV_BIAS, DOUT, LSE, DELTA, DQKV, DTAB, DB
 
     dbias_k = tl.zeros([BLOCK_D], tl.float32)
     dbias_v = tl.zeros([BLOCK_D], tl.float32)
+    # When one query chunk holds the whole window (7x7 and 8x8 windows with 64-token chunks), the program's
+    # table-gradient slice is summed in registers over its windows and stored once at the end; otherwise each
+    # chunk adds into the slice in memory.
+    ONE_CHUNK: tl.constexpr = BLOCK_M >= N
+    ds_sum = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for pid_w in range(grp, total_windows, num_groups):
         b = (pid_w // n_win).to(tl.int64)
         win = pid_w % n_win
@@ -348,12 +355,15 @@ def _window_attn_bwd_dkdv(QKV, TABLE, QKV_BIAS, DOUT, LSE, DELTA, DQKV, DTAB, DB
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
             if TABLE_GRAD:
-                # This program's own slice: load-add-store through one pointer tensor, then a barrier before
-                # the next window touches the same elements.
-                t_ptrs = dtab_base + offs_m[None, :] * N + offs_n[:, None]
-                t_mask = k_ok[:, None] & q_ok[None, :]
-                tl.store(t_ptrs, tl.load(t_ptrs, mask=t_mask, other=0.0) + dst, mask=t_mask)
-                tl.debug_barrier()
+                if ONE_CHUNK:  # dst is 0 outside the window (p = 0 there)
+                    ds_sum += dst
+                else:
+                    # This program's own slice: load-add-store through one pointer tensor, then a barrier
+                    # before the next window touches the same elements.
+                    t_ptrs = dtab_base + offs_m[None, :] * N + offs_n[:, None]
+                    t_mask = k_ok[:, None] & q_ok[None, :]
+                    tl.store(t_ptrs, tl.load(t_ptrs, mask=t_mask, other=0.0) + dst, mask=t_mask)
+                    tl.debug_barrier()
         dk = dk * sm_scale
         kv_ptrs = DQKV + b * g_b + C + col + _rows(k_y, k_x, g_h, g_w)[:, None] + offs_d[None, :]
         kv_mask = k_in[:, None] & mask_d[None, :]
@@ -363,6 +373,10 @@ def _window_attn_bwd_dkdv(QKV, TABLE, QKV_BIAS, DOUT, LSE, DELTA, DQKV, DTAB, DB
             pad = (k_ok & ~k_in)[:, None]
             dbias_k += tl.sum(tl.where(pad, dk, 0.0), 0)
             dbias_v += tl.sum(tl.where(pad, dv, 0.0), 0)
+    if TABLE_GRAD and ONE_CHUNK:
+        offs_q = tl.arange(0, BLOCK_M)
+        tl.store(dtab_base + offs_q[None, :] * N + offs_n[:, None], ds_sum,
+                 mask=(offs_n < N)[:, None] & (offs_q < N)[None, :])
     if BIAS_GRAD:
         dbias_ptrs = DBIAS + (grp * tl.num_programs(2) + kb).to(tl.int64) * (2 * C) + col + offs_d
         tl.store(dbias_ptrs, dbias_k, mask=mask_d)
@@ -455,7 +469,8 @@ def backward(dout, qkv, table, qkv_bias, out, lse, num_heads: int, window, shift
     n_kb = triton.cdiv(N, bn)
     groups = groups or _num_groups(B * n_win, num_heads * n_kb)
     f32 = dict(device=qkv.device, dtype=torch.float32)
-    dtab = torch.zeros((groups, num_heads, N, N), **f32) if table_grad else None
+    # With one query chunk per window the kernel stores every element of its slice once (no zeroing needed).
+    dtab = (torch.empty if bm >= N else torch.zeros)((groups, num_heads, N, N), **f32) if table_grad else None
     dbias = torch.empty((groups * n_kb, 2, C), **f32) if pad_bias_grad else None
     _window_attn_bwd_dkdv[(groups, num_heads, n_kb)](
         qkv, table if table is not None else qkv, qkv_bias_c if qkv_bias_c is not None else qkv, dout, lse, delta,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"date", "commit", "gpu", "driver", "torch", "triton"}
-ROW_KEYS = {"benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "tflops", "gbps",
+ROW_KEYS = {"benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "ms_launch", "tflops", "gbps",
             "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol"}
 
 
@@ -27,7 +27,7 @@ def test_benchmark_command_without_gpu(tmp_path):
     assert doc["rows"] and all(set(r) == ROW_KEYS for r in doc["rows"])
     timed = [r for r in doc["rows"] if r["status"] == "ok"]
     assert any(r["benchmark"] == "attn_fwd" and r["provider"] == "sdpa.math" for r in timed)
-    assert all(r["ms"] > 0 and r["timer"] == "wallclock" for r in timed)
+    assert all(r["ms"] > 0 and r["timer"] == "wallclock" and r["ms_launch"] is None for r in timed)
 
     with (tmp_path / "results.csv").open() as f:
         reader = csv.DictReader(f)
@@ -77,11 +77,35 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
         fn()
         return (time.perf_counter() - t0) * 1e3
 
+    monkeypatch.setattr(tune, "FWD_SHAPES", {"tiny": (1, 2, 40, 33, 40)})
+    monkeypatch.setattr(tune, "FWD_CANDIDATES", {64: [(16, 32, 4, 1)]})
+    monkeypatch.setattr(tune, "SPLIT_SHAPES", {"tiny": (1, 2, 70, 20, 40)})
+    monkeypatch.setattr(tune, "SPLIT_COUNTS", [1, 2, None])
+    monkeypatch.setattr(tune, "SPLIT_TILES", [None])
     monkeypatch.setattr(triton.testing, "do_bench", host_clock)
+    monkeypatch.setattr(tune, "_time", host_clock)
     rows = []
     tune.sweep_bwd(64, rows.append, table_only=True)
     tune.sweep_rope(64, rows.append)
     tune.sweep_window(rows.append)
-    assert [r["group"] for r in rows] == ["bwd64", "rope64", "rope64", "rope64", "window_stage3", "window_stage3"]
+    tune.sweep_fwd(rows.append)
+    tune.sweep_split(rows.append)
+    assert [r["group"] for r in rows] == ["bwd64", "rope64", "rope64", "rope64", "window_stage3", "window_stage3",
+                                          "fwd", "fwd", "fwd", "split", "split", "split"]
     checked = [r for r in rows if "ok" in r]
-    assert len(checked) == 4 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+    assert [r["tail"] for r in rows if r["group"] == "fwd"] == [16, 0, 16]  # table, table without tail, candidate
+    assert len(checked) == 10 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+
+
+def test_roofline_copy_kernel_copies_every_element():
+    """The Triton streaming copy that the GPU roofline times (one of its copy-ceiling candidates), run under
+    the interpreter: every element copied, the ragged last block masked, nothing written past the end."""
+    import torch
+
+    from benchmarks import runner
+
+    for block, warps in runner.COPY_CONFIGS[:1]:
+        src = torch.randn(3 * block + 17)
+        dst = torch.full((src.numel() + 5,), float("nan"))
+        runner._triton_copy(src, dst, block, warps)
+        assert torch.equal(dst[:src.numel()], src) and dst[src.numel():].isnan().all()

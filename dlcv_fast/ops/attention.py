@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from dlcv_fast import backend as _backend
+from dlcv_fast.ops import _eager
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -124,8 +125,7 @@ def _empty_ds(q):
     return q.new_empty((0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("dlcv_fast::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], key_padding_mask: Optional[Tensor],
+def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], key_padding_mask: Optional[Tensor],
                   causal: bool, prefix_len: int, scale: float, cos: Optional[Tensor], sin: Optional[Tensor],
                   backend: str) -> tuple[Tensor, Tensor]:
     B, H, Lq, D = q.shape
@@ -142,13 +142,15 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], 
     return kernels.forward(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope=rope)
 
 
+attention_fwd = torch.library.custom_op("dlcv_fast::attention_fwd", _attention_fwd_impl, mutates_args=())
+
+
 @attention_fwd.register_fake
 def _(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, cos, sin, backend):
     return _like_kernel(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("dlcv_fast::attention_bwd", mutates_args=())
-def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, attn_bias: Optional[Tensor],
+def _attention_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, attn_bias: Optional[Tensor],
                   key_padding_mask: Optional[Tensor], causal: bool, prefix_len: int, scale: float, bias_grad: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, Lq, D = q.shape
@@ -165,6 +167,9 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
         dq, dk, dv, ds = kernels.backward(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal, prefix_len,
                                           scale, bias_grad)
     return dq, dk, dv, ds if ds is not None else _empty_ds(q)
+
+
+attention_bwd = torch.library.custom_op("dlcv_fast::attention_bwd", _attention_bwd_impl, mutates_args=())
 
 
 @attention_bwd.register_fake
@@ -195,23 +200,28 @@ def reduce_to_shape(grad: Tensor, shape: tuple) -> Tensor:
     return grad
 
 
-def _backward(ctx, do, dlse):
+def _grads(ctx, do, bwd):
+    """The gradients of attention_fwd's inputs, computed with ``bwd`` (the registered backward op, or its
+    implementation on the eager route)."""
     q, k, v, o, lse, attn_bias, key_padding_mask, cos, sin = ctx.saved_tensors
     if cos is not None:
         # Fused RoPE: the backward runs on the rotated q and k (one rotation pass each with the standalone
         # kernel), and the gradients are rotated back by the inverse (conjugate) rotation.
-        from dlcv_fast.ops.rope import rope
+        from dlcv_fast.ops.rope import rotate
 
-        q, k = (rope(t, cos, sin, False, False, ctx.backend) for t in (q, k))
-    dq, dk, dv, ds = attention_bwd(do, q, k, v, o, lse, attn_bias, key_padding_mask, ctx.causal, ctx.prefix_len,
-                                   ctx.scale, ctx.bias_grad, ctx.backend)
+        q, k = (rotate(t, cos, sin, False, False, ctx.backend) for t in (q, k))
+    dq, dk, dv, ds = bwd(do, q, k, v, o, lse, attn_bias, key_padding_mask, ctx.causal, ctx.prefix_len, ctx.scale,
+                         ctx.bias_grad, ctx.backend)
     if cos is not None:
-        dq, dk = (rope(t, cos, sin, False, True, ctx.backend) for t in (dq, dk))
+        dq, dk = (rotate(t, cos, sin, False, True, ctx.backend) for t in (dq, dk))
     dbias = reduce_to_shape(ds, ctx.bias_shape).to(attn_bias.dtype) if ctx.bias_grad else None
     return dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+attention_fwd.register_autograd(lambda ctx, do, dlse: _grads(ctx, do, attention_bwd), setup_context=_setup_context)
+_EagerAttention = _eager.autograd_function("EagerAttention", _attention_fwd_impl, _setup_context,
+                                           lambda ctx, do, dlse: _grads(ctx, do, _attention_bwd_impl),
+                                           non_differentiable=(1,))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,8 +249,11 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     masked = bool(causal) or prefix_len is not None
     cos, sin = rope if rope is not None else (None, None)
-    return attention_fwd(q, k, v, attn_bias, key_padding_mask, masked, int(prefix_len or 0), scale, cos, sin,
-                         backend if backend is not None else _backend.get_backend())
+    args = (q, k, v, attn_bias, key_padding_mask, masked, int(prefix_len or 0), scale, cos, sin,
+            backend if backend is not None else _backend.get_backend())
+    if _eager.direct_call_ok(q, k, v, attn_bias, key_padding_mask, cos, sin):
+        return _EagerAttention.apply(*args)
+    return attention_fwd(*args)
 
 
 def sdpa(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dlcv_fast import backend as _backend
+from dlcv_fast.ops import _eager
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -97,12 +98,14 @@ def _launch(x, cos, sin, interleaved, conjugate, backend, out):
     return kernels.apply(x, cos, sin, interleaved=interleaved, sin_sign=-1.0 if conjugate else 1.0, out=out)
 
 
-@torch.library.custom_op("dlcv_fast::rope", mutates_args=())
-def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, conjugate: bool, backend: str) -> Tensor:
+def _rope_impl(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, conjugate: bool, backend: str) -> Tensor:
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
     return _launch(x, cos, sin, interleaved, conjugate, backend, out)
+
+
+rope = torch.library.custom_op("dlcv_fast::rope", _rope_impl, mutates_args=())
 
 
 @rope.register_fake
@@ -158,19 +161,30 @@ def _setup_context(ctx, inputs, output):
     ctx.interleaved, ctx.conjugate, ctx.backend = interleaved, conjugate, backend
 
 
-def _backward(ctx, grad):
+def _grads(ctx, grad, rotate):
+    """The gradients of rope's inputs; ``rotate`` is the registered op, or its implementation on the eager route."""
     x, cos, sin = ctx.saved_tensors
     dx = dcos = dsin = None
     if grad.stride(-1) != 1:  # e.g. the all-zero-stride gradient of out.sum()
         grad = grad.contiguous()
     if ctx.needs_input_grad[0]:
-        dx = rope(grad, cos, sin, ctx.interleaved, not ctx.conjugate, ctx.backend)
+        dx = rotate(grad, cos, sin, ctx.interleaved, not ctx.conjugate, ctx.backend)
     if x is not None:
         dcos, dsin = table_grads(x, grad, cos, ctx.interleaved, ctx.conjugate)
     return dx, dcos, dsin, None, None, None
 
 
-rope.register_autograd(_backward, setup_context=_setup_context)
+rope.register_autograd(lambda ctx, grad: _grads(ctx, grad, rope), setup_context=_setup_context)
+_EagerRope = _eager.autograd_function("EagerRope", _rope_impl, _setup_context,
+                                      lambda ctx, grad: _grads(ctx, grad, _rope_impl))
+
+
+def rotate(x, cos, sin, interleaved: bool, conjugate: bool, backend: str) -> Tensor:
+    """The rope op on its fastest route: the eager one when plain eager autograd is all that watches, else the
+    registered op (inputs already checked)."""
+    if _eager.direct_call_ok(x, cos, sin):
+        return _EagerRope.apply(x, cos, sin, interleaved, conjugate, backend)
+    return rope(x, cos, sin, interleaved, conjugate, backend)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,4 +201,4 @@ def apply_rope(x, cos, sin, *, interleaved=False, inplace=False, backend=None):
         _check_inplace(x, cos, sin)
         rope_(x, cos, sin, bool(interleaved), False, backend)
         return x
-    return rope(x, cos, sin, bool(interleaved), False, backend)
+    return rotate(x, cos, sin, bool(interleaved), False, backend)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dlcv_fast import backend as _backend
+from dlcv_fast.ops import _eager
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -101,8 +102,7 @@ def _empty_outputs(qkv, num_heads):
             qkv.new_empty((B, H, W, num_heads), dtype=torch.float32))
 
 
-@torch.library.custom_op("dlcv_fast::window_attention_fwd", mutates_args=())
-def window_attention_fwd(qkv: Tensor, table: Optional[Tensor], qkv_bias: Optional[Tensor], num_heads: int,
+def _window_attention_fwd_impl(qkv: Tensor, table: Optional[Tensor], qkv_bias: Optional[Tensor], num_heads: int,
                          window_h: int, window_w: int, shift_h: int, shift_w: int, scale: float,
                          backend: str) -> tuple[Tensor, Tensor]:
     window, shift = (window_h, window_w), (shift_h, shift_w)
@@ -116,6 +116,10 @@ def window_attention_fwd(qkv: Tensor, table: Optional[Tensor], qkv_bias: Optiona
     return kernels.forward(qkv, table, qkv_bias, num_heads, window, shift, scale)
 
 
+window_attention_fwd = torch.library.custom_op("dlcv_fast::window_attention_fwd", _window_attention_fwd_impl,
+                                               mutates_args=())
+
+
 @window_attention_fwd.register_fake
 def _(qkv, table, qkv_bias, num_heads, window_h, window_w, shift_h, shift_w, scale, backend):
     return _empty_outputs(qkv, num_heads)
@@ -125,8 +129,7 @@ def _empty(like):
     return like.new_empty((0,))
 
 
-@torch.library.custom_op("dlcv_fast::window_attention_bwd", mutates_args=())
-def window_attention_bwd(dout: Tensor, qkv: Tensor, table: Optional[Tensor], qkv_bias: Optional[Tensor],
+def _window_attention_bwd_impl(dout: Tensor, qkv: Tensor, table: Optional[Tensor], qkv_bias: Optional[Tensor],
                          out: Tensor, lse: Tensor, num_heads: int, window_h: int, window_w: int, shift_h: int,
                          shift_w: int, scale: float, table_grad: bool, bias_grad: bool,
                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,6 +154,10 @@ def window_attention_bwd(dout: Tensor, qkv: Tensor, table: Optional[Tensor], qkv
     return dqkv, dtable if table_grad else _empty(qkv), dbias if bias_grad else _empty(qkv)
 
 
+window_attention_bwd = torch.library.custom_op("dlcv_fast::window_attention_bwd", _window_attention_bwd_impl,
+                                               mutates_args=())
+
+
 @window_attention_bwd.register_fake
 def _fake_bwd_outputs(dout, qkv, table, qkv_bias, out, lse, num_heads, window_h, window_w, shift_h, shift_w, scale,
                       table_grad, bias_grad, backend):
@@ -172,15 +179,21 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_grad = qkv_bias is not None and ctx.needs_input_grad[2]
 
 
-def _backward(ctx, dout, dlse):
+def _grads(ctx, dout, bwd):
+    """The gradients of window_attention_fwd's inputs, computed with ``bwd`` (the registered backward op, or its
+    implementation on the eager route)."""
     qkv, table, qkv_bias, out, lse = ctx.saved_tensors
-    dqkv, dtable, dbias = window_attention_bwd(dout, qkv, table, qkv_bias, out, lse, *ctx.args, ctx.table_grad,
+    dqkv, dtable, dbias = bwd(dout, qkv, table, qkv_bias, out, lse, *ctx.args, ctx.table_grad,
                                                ctx.bias_grad, ctx.backend)
     return (dqkv, dtable if ctx.table_grad else None, dbias if ctx.bias_grad else None,
             None, None, None, None, None, None, None)
 
 
-window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+window_attention_fwd.register_autograd(lambda ctx, dout, dlse: _grads(ctx, dout, window_attention_bwd),
+                                       setup_context=_setup_context)
+_EagerWindowAttention = _eager.autograd_function("EagerWindowAttention", _window_attention_fwd_impl, _setup_context,
+                                                 lambda ctx, dout, dlse: _grads(ctx, dout, _window_attention_bwd_impl),
+                                                 non_differentiable=(1,))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,5 +237,8 @@ def window_attention(qkv, *, num_heads, window_size, shift_size=0, rel_pos_bias_
         _backend.resolve(qkv.device, backend)  # validate early, with a clear message
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    return window_attention_fwd(qkv, rel_pos_bias_table, qkv_bias, num_heads, *window, *shift, scale,
-                                backend if backend is not None else _backend.get_backend())[0]
+    args = (qkv, rel_pos_bias_table, qkv_bias, num_heads, *window, *shift, scale,
+            backend if backend is not None else _backend.get_backend())
+    if _eager.direct_call_ok(qkv, rel_pos_bias_table, qkv_bias):
+        return _EagerWindowAttention.apply(*args)[0]
+    return window_attention_fwd(*args)[0]

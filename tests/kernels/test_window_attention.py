@@ -274,6 +274,27 @@ def test_window_groups_give_the_same_gradients(groups, device):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shift", [0, 3])
+def test_table_gradient_in_registers_or_in_memory(shift, device):
+    """The dk/dv kernel sums the table gradient in registers when one query chunk covers the window (64-query
+    chunks, 7x7 window) and chunk by chunk in memory otherwise (32-query chunks): same gradients, and both
+    match the reference."""
+    qkv, table, bias = (x.detach() for x in make_inputs(2, 14, 14, 2, 32, 7, torch.float32, device))
+    out, lse = kernels.forward(qkv, table, bias, 2, (7, 7), (shift, shift), 0.2)
+    dout = torch.randn_like(out)
+    kw = dict(groups=3)
+    one_chunk = kernels.backward(dout, qkv, table, bias, out, lse, 2, (7, 7), (shift, shift), 0.2, True, True,
+                                 dkdv_cfg=(64, 64, 4, 1), **kw)
+    chunked = kernels.backward(dout, qkv, table, bias, out, lse, 2, (7, 7), (shift, shift), 0.2, True, True,
+                               dkdv_cfg=(32, 64, 4, 1), **kw)
+    ref = reference.window_attention_backward(dout.double(), qkv.double(), num_heads=2, window_size=7,
+                                              shift_size=shift, rel_pos_bias_table=table.double(),
+                                              qkv_bias=bias.double(), scale=0.2)
+    for a, b, r in zip(one_chunk, chunked, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4)
+
+
 def test_strided_qkv_needs_no_copy(device):
     """qkv may be any view with a unit channel stride (here a crop of a larger map)."""
     big, table, bias = make_inputs(1, 10, 12, 2, 32, 7, torch.float32, device)

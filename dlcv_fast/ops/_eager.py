@@ -1,0 +1,56 @@
+"""The eager fast path of the custom ops: the same implementations and backward, without the dispatcher.
+
+Each op is a ``torch.library.custom_op`` with ``register_autograd``, which is what torch.compile, export,
+FakeTensor and opcheck see. Calling such an op from plain eager code costs a few hundred microseconds of
+Python per forward + backward on top of the kernels (argument normalisation, alias checks and the generic
+autograd wrapper; about 270 us of the 425 us host time of an attention fwd+bwd on the 2-core CI machine, with
+the kernels stubbed out). That is the whole GPU time of a small attention call, so the public functions take
+a shorter route when nothing but plain eager autograd is watching: an ``autograd.Function`` that runs the
+op's own implementation and the op's own backward. Anything else (compiling, a dispatch or torch-function
+mode such as FakeTensorMode or export's tracers, functorch transforms, tensor subclasses, meta tensors) goes
+through the registered op, so both routes give bitwise-equal results (tested).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_DEVICES = ("cpu", "cuda")
+
+
+def direct_call_ok(*tensors) -> bool:
+    """Whether a call on these tensors (None allowed) can skip the custom-op dispatcher."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or (type(t) in _PLAIN_TYPES and t.device.type in _DEVICES) for t in tensors)
+
+
+def autograd_function(name: str, impl: Callable, setup_context: Callable, backward: Callable,
+                      non_differentiable: Sequence[int] = ()) -> type:
+    """An ``autograd.Function`` whose forward is ``impl(*args)`` followed by ``setup_context(ctx, args, out)`` and
+    whose backward is ``backward(ctx, *grads)``: the pieces a custom op registers with ``register_autograd``.
+    Outputs at the ``non_differentiable`` positions get no gradient. Double backward raises (once_differentiable),
+    as it does through the registered op."""
+
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        if non_differentiable:
+            ctx.mark_non_differentiable(*(out[i] for i in non_differentiable))
+        return out
+
+    def bwd(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(once_differentiable(bwd)),
+        "__doc__": f"Eager route of {name}: the custom op's implementation and backward without the dispatcher.",
+    })
