@@ -1,14 +1,14 @@
 """The eager fast path of the custom ops: the same implementations and backward, without the dispatcher.
 
 Each op is a ``torch.library.custom_op`` with ``register_autograd``, which is what torch.compile, export,
-FakeTensor and opcheck see. Calling such an op from plain eager code costs a few hundred microseconds of
-Python per forward + backward on top of the kernels (argument normalisation, alias checks and the generic
-autograd wrapper; about 270 us of the 425 us host time of an attention fwd+bwd on the 2-core CI machine, with
-the kernels stubbed out). That is the whole GPU time of a small attention call, so the public functions take
+FakeTensor and opcheck see. Calling such an op from plain eager code costs extra Python per forward +
+backward on top of the kernels (argument normalisation, alias checks, the generic autograd wrapper): this
+route saves about 160 us of an attention fwd+bwd's 350-480 us of host time on the 2-core CI machine (kernels
+stubbed out). That is the GPU time of a small attention call, so the public functions take
 a shorter route when nothing but plain eager autograd is watching: an ``autograd.Function`` that runs the
 op's own implementation and the op's own backward. Anything else (compiling, a dispatch or torch-function
-mode such as FakeTensorMode or export's tracers, functorch transforms, tensor subclasses, meta tensors) goes
-through the registered op, so both routes give bitwise-equal results (tested).
+mode such as FakeTensorMode or export's tracers, functorch transforms, torch.jit.trace, tensor subclasses, meta
+tensors) goes through the registered op, so both routes give bitwise-equal results (tested).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def direct_call_ok(*tensors) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None:
+        return False  # functorch transforms; torch.jit.trace (which records the registered op, not a kernel)
     return all(t is None or (type(t) in _PLAIN_TYPES and t.device.type in _DEVICES) for t in tensors)
 
 

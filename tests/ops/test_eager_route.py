@@ -49,6 +49,14 @@ def test_direct_call_only_in_plain_eager():
     assert torch.compile(lambda t: t + _eager.direct_call_ok(t), fullgraph=True, backend="eager")(x).eq(x).all()
 
 
+@pytest.mark.filterwarnings("ignore")  # jit.trace's deprecation and shape-check TracerWarnings
+def test_jit_trace_records_the_registered_op():
+    q, k, v = (torch.randn(1, 2, 5, 16) for _ in range(3))
+    traced = torch.jit.trace(lambda q, k, v: dlcv_fast.attention(q, k, v, causal=True), (q, k, v))
+    assert "dlcv_fast::attention_fwd" in str(traced.graph)
+    assert torch.equal(traced(q, k, v), dlcv_fast.attention(q, k, v, causal=True))
+
+
 def _attention(q, k, v, bias, cos, sin):
     return dlcv_fast.attention(q, k, v, causal=True, attn_bias=bias) + dlcv_fast.attention(q, k, v, rope=(cos, sin))
 
