@@ -62,10 +62,11 @@ FWD_TABLE = {
          128: dict(plain=((64, 64, 8, 2),) * 2, bias=((64, 32, 8, 2),) * 2),
          256: dict(plain=((64, 32, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
 }
-# Head dims below their padded bucket (40, 80, 160: masked head-dim loads) where the bucket's entry spills;
-# the same on both archs.
+# Head dims below their padded bucket (40, 80, 160: masked head-dim loads) where the bucket's entry spills:
+# 160 on both archs; 80 on sm_90, whose short tile 64x64 w4 spills 24 B with causal + key padding once the
+# softmax scale is folded into the exponent's FMA (8 warps: none).
 _UNEVEN_256 = {256: dict(plain=((32, 64, 8, 2),) * 2)}
-FWD_UNEVEN = {90: _UNEVEN_256, 80: _UNEVEN_256}
+FWD_UNEVEN = {90: {**_UNEVEN_256, 128: dict(plain=(_W8, (64, 64, 8, 2)))}, 80: _UNEVEN_256}
 FWD_FP32 = (32, 32, 8, 1)
 # Backward: (dK/dV kernel config, dQ kernel config) per arch, padded head dim and kind ("plain" or "bias":
 # the dK/dV kernel then also writes dS). sm_90 from python -m benchmarks.tune on an H200 (triton 3.6;
@@ -277,12 +278,22 @@ def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_blk, sbm, sbn, k
     kp = cols < Lk
     if HAS_KPM:
         kp = kp & (tl.load(kpm_ptr + cols, mask=cols < Lk, other=0) != 0)
-    s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale,
-                HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if HAS_BIAS:
+        s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale,
+                    HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    else:
+        # Raw scores (masked at -inf): the row max is scaled once per row and the scale folds into the
+        # exponent's argument (one FMA per score instead of a multiply and a subtract); qk_scale > 0.
+        s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, 1.0,
+                    HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # A row with nothing visible yet keeps m = -inf; exponentiate against 0 there so no inf - inf.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
+    if HAS_BIAS:
+        p = tl.math.exp2(s - m_use[:, None])
+    else:
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
