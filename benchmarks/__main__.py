@@ -61,9 +61,10 @@ def _row(bench, case, provider, status, note=""):
     label = bench.label(case) if case else "-"
     group = ", ".join(f"{k}={case[k]}" for k in bench.group) if case else ""
     return {"benchmark": bench.name, "issue": bench.issue, "case": label,
-            "params": case or {}, "provider": provider, "status": status, "note": note, "ms": None, "timer": "", "ms_launch": None,
-            "tflops": None, "gbps": None, "items_per_s": None, "matmul_frac": None, "copy_frac": None,
-            "speedup": None, "parity_err": None, "parity_tol": None, "_key": f"{bench.name}|{label}", "_group": group}
+            "params": case or {}, "provider": provider, "status": status, "note": note, "ms": None, "timer": "",
+            "ms_launch": None, "tflops": None, "gbps": None, "items_per_s": None, "matmul_frac": None,
+            "copy_frac": None, "speedup": None, "parity_err": None, "parity_tol": None,
+            "_key": f"{bench.name}|{label}", "_group": group}
 
 
 def main(argv=None) -> int:
@@ -209,7 +210,8 @@ def measure(run, provider, quick, roof) -> dict:
         return {**out, "status": "failed", "note": "out of memory while timing"}
     except Exception as e:
         return {**out, "status": "failed", "note": f"while timing: {runner.short_error(e)}"}
-    return {**out, "ms": ms, "timer": timer, "ms_launch": ms_launch, **runner.metrics(run.bench, run.case, run.dtype, ms, roof)}
+    return {**out, "ms": ms, "timer": timer, "ms_launch": ms_launch,
+            **runner.metrics(run.bench, run.case, run.dtype, ms, roof)}
 
 
 if __name__ == "__main__":

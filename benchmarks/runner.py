@@ -1,13 +1,13 @@
 """What the command and the pytest-benchmark tests share: inputs of a case, parity check, timing, roofline.
 
-Timing on a GPU is ``triton.testing.do_bench`` (median of CUDA-event-timed runs, L2 flushed before each), which
-launches from the host as a user's eager code does: a call whose Python and launch overhead exceeds its GPU
-time is timed at host speed. Calls under ``CUDAGRAPH_BELOW_MS`` are timed again with ``do_bench_cudagraph``
+Timing on a GPU is ``triton.testing.do_bench`` (median of CUDA-event-timed runs, L2 flushed before each),
+which launches from the host as a user's eager code does: a call whose Python and launch overhead exceeds its
+GPU time is timed at host speed. Calls under ``CUDAGRAPH_BELOW_MS`` are timed again with ``do_bench_cudagraph``
 (the launches, backward included, captured in a CUDA graph, so host overhead does not count) where capture
-works; that is the row's ``ms``, and ``ms_launch`` keeps the host-launched time beside it. Each case keeps several fresh random
-input sets, together at least twice the L2 cache, and every timed call takes the next set in turn, so no
-provider is timed on inputs left in cache by its previous call. On the CPU a plain wall clock is used (CPU
-work is synchronous).
+works; that is the row's ``ms``, and ``ms_launch`` keeps the host-launched time beside it. Each case keeps
+several fresh random input sets, together at least twice the L2 cache, and every timed call takes the next set
+in turn, so no provider is timed on inputs left in cache by its previous call. On the CPU a plain wall clock is
+used (CPU work is synchronous).
 """
 from __future__ import annotations
 

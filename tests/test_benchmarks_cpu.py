@@ -10,8 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"date", "commit", "gpu", "driver", "torch", "triton"}
-ROW_KEYS = {"benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "ms_launch", "tflops", "gbps",
-            "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol"}
+ROW_KEYS = {"benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "ms_launch", "tflops",
+            "gbps", "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol"}
 
 
 def test_benchmark_command_without_gpu(tmp_path):

@@ -125,9 +125,9 @@ def _empty_ds(q):
     return q.new_empty((0,), dtype=torch.float32)
 
 
-def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                  causal: bool, prefix_len: int, scale: float, cos: Optional[Tensor], sin: Optional[Tensor],
-                  backend: str) -> tuple[Tensor, Tensor]:
+def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Tensor],
+                        key_padding_mask: Optional[Tensor], causal: bool, prefix_len: int, scale: float,
+                        cos: Optional[Tensor], sin: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if B * H * Lq == 0 or Lk == 0:
@@ -150,9 +150,9 @@ def _(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, cos, sin,
     return _like_kernel(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _attention_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, attn_bias: Optional[Tensor],
-                  key_padding_mask: Optional[Tensor], causal: bool, prefix_len: int, scale: float, bias_grad: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _attention_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                        attn_bias: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool, prefix_len: int,
+                        scale: float, bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if B * H * Lq == 0 or Lk == 0:

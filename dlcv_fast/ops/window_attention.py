@@ -103,8 +103,8 @@ def _empty_outputs(qkv, num_heads):
 
 
 def _window_attention_fwd_impl(qkv: Tensor, table: Optional[Tensor], qkv_bias: Optional[Tensor], num_heads: int,
-                         window_h: int, window_w: int, shift_h: int, shift_w: int, scale: float,
-                         backend: str) -> tuple[Tensor, Tensor]:
+                               window_h: int, window_w: int, shift_h: int, shift_w: int, scale: float,
+                               backend: str) -> tuple[Tensor, Tensor]:
     window, shift = (window_h, window_w), (shift_h, shift_w)
     if qkv.numel() == 0:
         return _empty_outputs(qkv, num_heads)
@@ -130,9 +130,9 @@ def _empty(like):
 
 
 def _window_attention_bwd_impl(dout: Tensor, qkv: Tensor, table: Optional[Tensor], qkv_bias: Optional[Tensor],
-                         out: Tensor, lse: Tensor, num_heads: int, window_h: int, window_w: int, shift_h: int,
-                         shift_w: int, scale: float, table_grad: bool, bias_grad: bool,
-                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                               out: Tensor, lse: Tensor, num_heads: int, window_h: int, window_w: int, shift_h: int,
+                               shift_w: int, scale: float, table_grad: bool, bias_grad: bool,
+                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     window, shift = (window_h, window_w), (shift_h, shift_w)
     table_grad = table_grad and table is not None
     bias_grad = bias_grad and qkv_bias is not None
