@@ -135,7 +135,9 @@ def sweep_rope(D, emit):
 # Window attention backward (Swin-T stage 1 and 3, window 7 shift 3): dK/dV tiles (BLOCK_M, BLOCK_N, warps,
 # stages) and window-group counts (a multiple of the default, which aims at PROGRAMS_PER_SM programs per SM).
 WINDOW_SHAPES = {"stage1": (128, 56, 56, 3), "stage3": (128, 14, 14, 12)}  # B, H, W, heads (head dim 32)
-WINDOW_DKDV = [None, (32, 64, 4, 1), (64, 64, 4, 1), (64, 64, 8, 1), (64, 32, 4, 1), (64, 32, 8, 1)]
+# None = the table's entry (sm_90: 64x64 w8, one query chunk per 7x7 window, table gradient in registers);
+# 32x64 w8 is the sm_80 entry and the sm_90 one before 2026-11-28 (two chunks, table gradient in memory).
+WINDOW_DKDV = [None, (32, 64, 8, 1), (32, 64, 4, 1), (64, 64, 4, 1), (64, 64, 8, 1), (64, 32, 4, 1), (64, 32, 8, 1)]
 WINDOW_GROUP_SCALE = [0.5, 2.0, 4.0]
 WINDOW_CHECK_B = 2
 

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlcv_fast.kernels.attention import table_arch
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 64
 
@@ -59,8 +61,14 @@ MAX_HEAD_DIM = 64
 MAX_TILE = 64
 FWD_CONFIGS = {16: (32, 4), 32: (32, 4), 64: (64, 8)}  # fp16/bf16: BLOCK_N, num_warps
 FWD_CONFIGS_FP32 = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8)}  # IEEE fp32: BLOCK_M, BLOCK_N, num_warps
-DKDV_CONFIGS = {16: (32, 64, 4), 32: (32, 64, 8), 64: (16, 64, 8)}  # BLOCK_M, BLOCK_N, num_warps
-DKDV_CONFIGS_FP32 = {16: (32, 64, 4), 32: (32, 64, 4), 64: (16, 64, 8)}  # IEEE fp32
+# dk/dv (BLOCK_M, BLOCK_N, num_warps) per arch (as kernels/attention.py's table_arch: 90 for Hopper and
+# later, 80 below). Head dim 32 (Swin's): sm_90 takes 64-query chunks, so a 7x7 or 8x8 window is one chunk
+# and the table gradient is summed in registers (no per-chunk load-add-store and barrier; 255 registers, no
+# spill, the same one 8-warp block per SM as the 32-query tile's 174 registers); on sm_80 that tile spills
+# (324 B), so it keeps 32-query chunks. Neither is timed on a GPU yet (benchmarks.tune --only window).
+_DKDV_80 = {16: (32, 64, 4), 32: (32, 64, 8), 64: (16, 64, 8)}
+DKDV_CONFIGS = {90: {**_DKDV_80, 32: (64, 64, 8)}, 80: _DKDV_80}
+DKDV_CONFIGS_FP32 = {16: (32, 64, 4), 32: (32, 64, 4), 64: (16, 64, 8)}  # IEEE fp32, both archs
 PROGRAMS_PER_SM = 4
 INTERPRETER_GROUPS = 3
 
@@ -85,10 +93,12 @@ def fwd_config(window, head_dim, dtype):
     return tile, min(tile, bn), warps, 1
 
 
-def dkdv_config(window, head_dim, dtype):
-    """(BLOCK_M: query chunk, BLOCK_N: key block, num_warps, num_stages) of the dk/dv kernel."""
+def dkdv_config(window, head_dim, dtype, arch=None):
+    """(BLOCK_M: query chunk, BLOCK_N: key block, num_warps, num_stages) of the dk/dv kernel on ``arch``
+    (compute capability ``major * 10 + minor``; the current device's by default)."""
     tile, block_d = block_sizes(window, head_dim)
-    bm, bn, warps = (DKDV_CONFIGS_FP32 if dtype == torch.float32 else DKDV_CONFIGS)[block_d]
+    table = DKDV_CONFIGS_FP32 if dtype == torch.float32 else DKDV_CONFIGS[table_arch(arch)]
+    bm, bn, warps = table[block_d]
     return min(tile, bm), min(tile, bn), warps, 1
 
 
@@ -539,9 +549,13 @@ def aot_specs():
                      HAS_TABLE=True, HAS_QKV_BIAS=True, SHIFTED=True,
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         grads = dict(TABLE_GRAD=True, BIAS_GRAD=True)
-        for fn, config_fn, extra in ((_window_attn_fwd, fwd_config, {}), (_window_attn_bwd_dq, fwd_config, {}),
-                                     (_window_attn_bwd_dkdv, dkdv_config, grads)):
-            bm, bn, warps, stages = shipped_configs(config_fn, window, d, torch_dtype)
+        launches = [(_window_attn_fwd, shipped_configs(fwd_config, window, d, torch_dtype), {}, None),
+                    (_window_attn_bwd_dq, shipped_configs(fwd_config, window, d, torch_dtype), {}, None)]
+        per_arch = {arch: shipped_configs(dkdv_config, window, d, torch_dtype, arch) for arch in (90, 80)}
+        for cfg in dict.fromkeys(per_arch.values()):
+            archs = tuple(a for a, c in per_arch.items() if c == cfg)
+            launches.append((_window_attn_bwd_dkdv, cfg, grads, None if len(archs) == 2 else archs))
+        for fn, (bm, bn, warps, stages), extra, archs in launches:
             constexprs = dict(feats, **extra, BLOCK_M=bm, BLOCK_N=bn)
             sig = signature_of(fn, constexprs, types)
             divisible = [a for a, t in sig.items() if t.startswith("*")]
@@ -550,5 +564,5 @@ def aot_specs():
             variant = f"{dtype} win{window[0]}x{window[1]} d{d}"
             wgmma = fn is _window_attn_fwd and dtype != "fp32" and bm == 64
             specs.append(AotSpec(fn.__name__, variant, fn, sig, constexprs, warps, stages, tuple(divisible),
-                                 expect_wgmma=wgmma))
+                                 expect_wgmma=wgmma, archs=archs))
     return specs
