@@ -91,6 +91,7 @@ BWD_TABLE = {
 BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 TAIL_N = 16  # the forward's last key block when only a few keys are left (key_tail)
+DQ_TAIL_MAX_BLOCK_D = 64  # the dQ kernel's sm_90 64x64 w4 tile spilled 16-64 B with a tail block at 128
 ARCHS = (90, 80)
 
 
@@ -511,6 +512,29 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
 
 
 @triton.jit
+def _dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_row, offs_m, offs_n,
+             start, end, Lq, Lk, prefix_len, qk_scale, mask_d,
+             HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """dQ's key blocks in [start, end) (``k_ptrs`` / ``v_ptrs``: BLOCK_N rows from key 0)."""
+    for start_n in range(start, end, BLOCK_N):
+        n64 = tl.cast(start_n, tl.int64)
+        cols = start_n + offs_n
+        kp = cols < Lk
+        if HAS_KPM:
+            kp = kp & (tl.load(kpm_row + cols, mask=cols < Lk, other=0) != 0)
+        kv_mask = (cols[:, None] < Lk) & mask_d
+        k = tl.load(k_ptrs + n64 * skn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + n64 * svn, mask=kv_mask, other=0.0)
+        p = _bwd_probs(q, k, bias_row + n64 * sbn, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len,
+                       kp, qk_scale, lse2, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, True)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                  sbb, sbh, sbm, sbn, skpb,
@@ -518,7 +542,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -542,20 +566,19 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
     bias_row = BIAS
     if HAS_BIAS:
         bias_row = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
-    for start_n in range(lo, hi, BLOCK_N):
-        n64 = tl.cast(start_n, tl.int64)
-        cols = start_n + offs_n
-        kp = cols < Lk
-        if HAS_KPM:
-            kp = kp & (tl.load(kpm_row + cols, mask=cols < Lk, other=0) != 0)
-        kv_mask = (cols[:, None] < Lk) & mask_d
-        k = tl.load(k_ptrs + n64 * skn, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + n64 * svn, mask=kv_mask, other=0.0)
-        p = _bwd_probs(q, k, bias_row + n64 * sbn, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len,
-                       kp, qk_scale, lse2, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, True)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    mid = hi
+    if TAIL_N > 0:  # the last few keys in one TAIL_N block, as in the forward
+        last = tl.maximum(lo, ((hi - 1) // BLOCK_N) * BLOCK_N)
+        mid = tl.where((hi > lo) & (hi - last <= TAIL_N), last, hi)
+    dq = _dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_row, offs_m, offs_n,
+                  lo, mid, Lq, Lk, prefix_len, qk_scale, mask_d, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, BLOCK_N)
+    if TAIL_N > 0:
+        offs_t = tl.arange(0, TAIL_N)
+        dq = _dq_loop(dq, q, do, lse2, delta,
+                      K + b * skb + hk * skh + offs_t.to(tl.int64)[:, None] * skn + offs_d[None, :],
+                      V + b * svb + hk * svh + offs_t.to(tl.int64)[:, None] * svn + offs_d[None, :],
+                      skn, svn, bias_row, sbm, sbn, kpm_row, offs_m, offs_t, mid, hi, Lq, Lk, prefix_len, qk_scale,
+                      mask_d, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, TAIL_N)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=qd_mask)
@@ -592,12 +615,13 @@ def _kpm_args(kpm):
     return kpm, kpm.stride(0)
 
 
-def key_tail(Lk: int, block_n: int, block_d: int) -> int:
-    """The forward's ``TAIL_N``: 16 when the keys after the last whole ``block_n`` block are 1 to 16 (and
-    ``block_n`` is larger), so they take one 16-key block; else 0 (no tail block). ViT's 197 keys, CLIP's
-    and the U-Net cross-attention's 77 and the Q-Former's 257 all end so with 64-key blocks. Padded head dims
-    32 to 128 only (the vision models' 32-128): at 16 and 256 the tail block made some tiles spill."""
-    tail_ok = block_n > TAIL_N and 32 <= block_d <= 128
+def key_tail(Lk: int, block_n: int, block_d: int, max_block_d: int = 128) -> int:
+    """The forward's (and the dQ kernel's) ``TAIL_N``: 16 when the keys after the last whole ``block_n`` block
+    are 1 to 16 (and ``block_n`` is larger), so they take one 16-key block; else 0 (no tail block). ViT's
+    197 keys, CLIP's and the U-Net cross-attention's 77 and the Q-Former's 257 all end so with 64-key blocks.
+    Padded head dims 32 to ``max_block_d`` only: the tail block made some tiles spill at 16 and 256 in the
+    forward, and at 128 in the dQ kernel (which passes ``DQ_TAIL_MAX_BLOCK_D``)."""
+    tail_ok = block_n > TAIL_N and 32 <= block_d <= max_block_d
     return TAIL_N if tail_ok and 0 < Lk % block_n <= TAIL_N else 0
 
 
@@ -709,7 +733,8 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         *sb, skp,
-        H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale, **common, **launch(q_cfg))
+        H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale, **common, **launch(q_cfg),
+        TAIL_N=key_tail(Lk, q_cfg[1], BLOCK_D, DQ_TAIL_MAX_BLOCK_D))
     return dq, dk, dv, ds
 
 
@@ -723,8 +748,9 @@ def aot_specs():
     For each arch's table, head-dim bucket and kind, each config is compiled with every feature flag its
     kind allows on (the most registers): "plain" as causal + key padding, "bias" adding the bias too; the
     backward's dK/dV kernel also writes dS for "bias", and is compiled a second time with ``QUERY_SPLIT``
-    (short key sides: fp32 partial dK/dV per query split, summed afterwards); the forward is compiled with
-    and without its 16-key tail block (``TAIL_N``, taken when a few keys follow the last whole block). The
+    (short key sides: fp32 partial dK/dV per query split, summed afterwards); the forward and the dQ kernel
+    are compiled with and without their 16-key tail block (``TAIL_N``, taken when a few keys follow the last
+    whole block). The
     plain forward with no flag is compiled too, on
     sm_90 only, where it must use wgmma in fp16/bf16 (the hot path) when its tile has 64 rows or more (a
     warpgroup MMA is 64 rows; head dim 160 takes 32-row tiles, which do not spill). fp16 takes the
@@ -766,7 +792,8 @@ def aot_specs():
                 kv_cfg, q_cfg = shipped_configs(bwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
                 want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch)
                 want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch, split=True)
-                want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch)
+                for tail in sorted({0, key_tail(q_cfg[1] + 1, q_cfg[1], block_d, DQ_TAIL_MAX_BLOCK_D)}):
+                    want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch, tail=tail)
             want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it
 
     specs = []

@@ -211,16 +211,17 @@ def test_query_split_choice(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["none", "causal+padding+bias", "leftpad", "prefix"])
 @pytest.mark.parametrize("Lq,Lk", [(40, 7), (77, 77), (33, 197)])
-def test_forward_key_tail(kind, Lq, Lk, device, monkeypatch):
-    """The forward's 16-key tail block (TAIL_N: taken when a few keys follow the last whole key block, as at
-    ViT's 197 and CLIP's 77) and the ordinary masked last block both match the reference."""
+def test_key_tail_block(kind, Lq, Lk, device, monkeypatch):
+    """The 16-key tail block of the forward and the dQ kernel (TAIL_N: taken when a few keys follow the last
+    whole key block, as at ViT's 197 and CLIP's 77) and the ordinary masked last block both match the
+    reference, outputs and gradients."""
     from dlcv_fast.kernels import attention as A
 
     q, k, v = make_inputs(2, 2, 2, Lq, Lk, 64, torch.float32, device)
     kw = make_mask_args(kind, 2, 2, Lq, Lk, torch.float32, device)
     for tail in (0, A.TAIL_N):
         monkeypatch.setattr(A, "key_tail", lambda *a, t=tail: t)
-        check_parity(q, k, v, kw, backward=False)
+        check_parity(q, k, v, kw)
 
 
 def test_key_tail_choice():
@@ -229,6 +230,7 @@ def test_key_tail_choice():
     assert [A.key_tail(L, 64, 64) for L in (197, 77, 257, 7)] == [16] * 4  # ViT, CLIP / U-Net cross, Q-Former
     assert [A.key_tail(L, 64, 64) for L in (4096, 49, 96, 64)] == [0] * 4  # whole blocks, or a long tail
     assert A.key_tail(197, 64, 256) == 0 and A.key_tail(197, 64, 16) == 0 and A.key_tail(197, 16, 64) == 0
+    assert A.key_tail(197, 64, 128) == 16 and A.key_tail(197, 64, 128, A.DQ_TAIL_MAX_BLOCK_D) == 0
 
 
 def test_deterministic(device):
