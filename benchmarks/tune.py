@@ -46,9 +46,15 @@ CHECK = (1, 4, 1025)
 DEVICE = "cuda"
 
 
-def _inputs(B, H, L, D, dtype=torch.float16, seed=0):
+def _inputs(B, H, L, D, seed=0):
+    return _rect_inputs(B, H, L, L, D, seed)  # q k v do
+
+
+def _rect_inputs(B, H, Lq, Lk, D, seed=0):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
-    return [torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, generator=g) for _ in range(4)]  # q k v do
+    q, do = (torch.randn(B, H, Lq, D, device=DEVICE, dtype=torch.float16, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, H, Lk, D, device=DEVICE, dtype=torch.float16, generator=g) for _ in range(2))
+    return q, k, v, do
 
 
 def _ref_grads(q, k, v, do, causal):
@@ -210,13 +216,6 @@ def _time(fn):
         return do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def _rect_inputs(B, H, Lq, Lk, D, seed=0):
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    q, do = (torch.randn(B, H, Lq, D, device=DEVICE, dtype=torch.float16, generator=g) for _ in range(2))
-    k, v = (torch.randn(B, H, Lk, D, device=DEVICE, dtype=torch.float16, generator=g) for _ in range(2))
-    return q, k, v, do
-
-
 def sweep_fwd(emit):
     from dlcv_fast.kernels import attention as kern
 
@@ -258,8 +257,7 @@ def sweep_split(emit):
         scale = D ** -0.5
         o, lse = kern.forward(q, k, v, None, None, False, 0, scale)
         cq, ck, cv, cdo = _rect_inputs(*CHECK, Lk, D, seed=1)
-        ins = [t.float().requires_grad_() for t in (cq, ck, cv)]
-        ref = torch.autograd.grad(F.scaled_dot_product_attention(*ins), ins, cdo.float())
+        ref = _ref_grads(cq, ck, cv, cdo, False)
         co, clse = kern.forward(cq, ck, cv, None, None, False, 0, scale)
         table = kern.bwd_configs(kern.padded_head_dim(D), torch.float16, "plain", uneven=D < kern.padded_head_dim(D))
         for tile in SPLIT_TILES:

@@ -216,6 +216,25 @@ def _scores(q, k, bias_blk, sbm, sbn, offs_m, offs_n, Lq, Lk, prefix_len, kp, qk
 
 
 @triton.jit
+def _scale_split(qk_scale, SCALE_SCORES: tl.constexpr):
+    """(score scale, exponent scale): the softmax scale applied to the scores themselves (needed before a bias
+    is added to them), or left for the exponent's argument, where it folds into an FMA."""
+    if SCALE_SCORES:
+        return qk_scale, 1.0
+    return 1.0, qk_scale
+
+
+@triton.jit
+def _tail_start(lo, hi, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
+    """Where the key loop over [lo, hi) (lo a multiple of BLOCK_N) hands over to one TAIL_N-key block: the
+    start of the last BLOCK_N block when at most TAIL_N keys are left in it, else hi (no tail block)."""
+    if TAIL_N == 0:
+        return hi
+    last = tl.maximum(lo, ((hi - 1) // BLOCK_N) * BLOCK_N)
+    return tl.where((hi > lo) & (hi - last <= TAIL_N), last, hi)
+
+
+@triton.jit
 def _causal_hi(start_m, Lk, prefix_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
     """End of the key range that query block start_m can see."""
     if CAUSAL:
@@ -279,22 +298,15 @@ def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_blk, sbm, sbn, k
     kp = cols < Lk
     if HAS_KPM:
         kp = kp & (tl.load(kpm_ptr + cols, mask=cols < Lk, other=0) != 0)
-    if HAS_BIAS:
-        s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale,
-                    HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-    else:
-        # Raw scores (masked at -inf): the row max is scaled once per row and the scale folds into the
-        # exponent's argument (one FMA per score instead of a multiply and a subtract); qk_scale > 0.
-        s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, 1.0,
-                    HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    # Without a bias the scores stay raw (masked at -inf): the row max is scaled once per row and the scale
+    # folds into the exponent's argument (one FMA per score instead of a multiply and a subtract; qk_scale > 0).
+    score_scale, exp_scale = _scale_split(qk_scale, HAS_BIAS)
+    s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, score_scale,
+                HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * exp_scale)
     # A row with nothing visible yet keeps m = -inf; exponentiate against 0 there so no inf - inf.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if HAS_BIAS:
-        p = tl.math.exp2(s - m_use[:, None])
-    else:
-        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    p = tl.math.exp2(s * exp_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -360,12 +372,9 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
                               offs_n, lo, full_hi, Lq, Lk, prefix_len, qk_scale, mask_d,
                               HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N)
-    mid = hi
-    if TAIL_N > 0:
-        # Short sequences end in a mostly empty key block (197 keys = 3 x 64 + 5): when the keys after the
-        # last whole block fit in TAIL_N, they take one TAIL_N-key block instead of a BLOCK_N one.
-        last = tl.maximum(full_hi, ((hi - 1) // BLOCK_N) * BLOCK_N)
-        mid = tl.where((hi > full_hi) & (hi - last <= TAIL_N), last, hi)
+    # Short sequences end in a mostly empty key block (197 keys = 3 x 64 + 5): when the keys after the last
+    # whole block fit in TAIL_N, they take one TAIL_N-key block instead of a BLOCK_N one.
+    mid = _tail_start(full_hi, hi, BLOCK_N, TAIL_N)
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
                               offs_n, full_hi, mid, Lq, Lk, prefix_len, qk_scale, mask_d,
                               HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N)
@@ -415,13 +424,10 @@ def _bwd_probs(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, q
     mask select between a multiply and the subtraction keeps them apart. The dQ kernel folds (sm_90 SASS at
     head dim 64: 32 fewer instructions, and two sm_80/sm_90 spills gone); the dK/dV kernel does not (no fewer
     instructions there, and its head-dim-128 tile spilled 16-80 B more)."""
-    if HAS_BIAS or not FOLD_SCALE:
-        s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale,
-                    HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION)
-        return tl.math.exp2(s - lse2[:, None])
-    s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, 1.0,
+    score_scale, exp_scale = _scale_split(qk_scale, HAS_BIAS or not FOLD_SCALE)
+    s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, score_scale,
                 HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION)
-    return tl.math.exp2(s * qk_scale - lse2[:, None])
+    return tl.math.exp2(s * exp_scale - lse2[:, None])
 
 
 @triton.jit
@@ -566,10 +572,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
     bias_row = BIAS
     if HAS_BIAS:
         bias_row = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
-    mid = hi
-    if TAIL_N > 0:  # the last few keys in one TAIL_N block, as in the forward
-        last = tl.maximum(lo, ((hi - 1) // BLOCK_N) * BLOCK_N)
-        mid = tl.where((hi > lo) & (hi - last <= TAIL_N), last, hi)
+    mid = _tail_start(lo, hi, BLOCK_N, TAIL_N)  # the last few keys in one TAIL_N block, as in the forward
     dq = _dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_row, offs_m, offs_n,
                   lo, mid, Lq, Lk, prefix_len, qk_scale, mask_d, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, BLOCK_N)
     if TAIL_N > 0:
@@ -621,8 +624,12 @@ def key_tail(Lk: int, block_n: int, block_d: int, max_block_d: int = 128) -> int
     197 keys, CLIP's and the U-Net cross-attention's 77 and the Q-Former's 257 all end so with 64-key blocks.
     Padded head dims 32 to ``max_block_d`` only: the tail block made some tiles spill at 16 and 256 in the
     forward, and at 128 in the dQ kernel (which passes ``DQ_TAIL_MAX_BLOCK_D``)."""
-    tail_ok = block_n > TAIL_N and 32 <= block_d <= max_block_d
-    return TAIL_N if tail_ok and 0 < Lk % block_n <= TAIL_N else 0
+    return TAIL_N if tail_possible(block_n, block_d, max_block_d) and 0 < Lk % block_n <= TAIL_N else 0
+
+
+def tail_possible(block_n: int, block_d: int, max_block_d: int = 128) -> bool:
+    """Whether a tile with ``block_n`` keys per block at padded head dim ``block_d`` ever takes the tail block."""
+    return block_n > TAIL_N and 32 <= block_d <= max_block_d
 
 
 def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None, tail=None):
@@ -750,10 +757,9 @@ def aot_specs():
     backward's dK/dV kernel also writes dS for "bias", and is compiled a second time with ``QUERY_SPLIT``
     (short key sides: fp32 partial dK/dV per query split, summed afterwards); the forward and the dQ kernel
     are compiled with and without their 16-key tail block (``TAIL_N``, taken when a few keys follow the last
-    whole block). The
-    plain forward with no flag is compiled too, on
-    sm_90 only, where it must use wgmma in fp16/bf16 (the hot path) when its tile has 64 rows or more (a
-    warpgroup MMA is 64 rows; head dim 160 takes 32-row tiles, which do not spill). fp16 takes the
+    whole block). The plain forward with no flag is compiled too, on sm_90 only, where it must use wgmma in
+    fp16/bf16 (the hot path) when its tile has 64 rows or more (a warpgroup MMA is 64 rows; head dim 160
+    takes 32-row tiles, which do not spill). fp16 takes the
     power-of-two head dim of each bucket and bf16 a padded one where models have it (40 -> 64, 80 -> 128,
     160 -> 256), so both the even and the masked head-dim paths compile; fp32 (IEEE dots) is checked for the
     64 bucket. Pointers are 16-byte aligned, the batch and row strides of q/k/v/o multiples of 16 (as for
@@ -785,14 +791,14 @@ def aot_specs():
             for kind in kinds:
                 fwd = shipped_configs(fwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
                 for cfg in fwd:
-                    for tail in sorted({0, key_tail(cfg[1] + 1, cfg[1], block_d)}):
+                    for tail in (0, TAIL_N) if tail_possible(cfg[1], block_d) else (0,):
                         want(_attn_fwd, dtype, d, kind_flags[kind], cfg, arch, tail=tail)
                         if kind == "plain" and arch == 90:
                             want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=True, tail=tail)
                 kv_cfg, q_cfg = shipped_configs(bwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
                 want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch)
                 want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch, split=True)
-                for tail in sorted({0, key_tail(q_cfg[1] + 1, q_cfg[1], block_d, DQ_TAIL_MAX_BLOCK_D)}):
+                for tail in (0, TAIL_N) if tail_possible(q_cfg[1], block_d, DQ_TAIL_MAX_BLOCK_D) else (0,):
                     want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch, tail=tail)
             want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it
 

@@ -54,3 +54,14 @@ def autograd_function(name: str, impl: Callable, setup_context: Callable, backwa
         "backward": staticmethod(once_differentiable(bwd)),
         "__doc__": f"Eager route of {name}: the custom op's implementation and backward without the dispatcher.",
     })
+
+
+def routed(op, function: type) -> Callable:
+    """A callable taking ``op``'s arguments: ``function.apply`` (an :func:`autograd_function` of the op's pieces)
+    when :func:`direct_call_ok` holds for its tensor arguments, else the registered ``op``."""
+
+    def call(*args):
+        if direct_call_ok(*(a for a in args if isinstance(a, torch.Tensor))):
+            return function.apply(*args)
+        return op(*args)
+    return call

@@ -219,9 +219,9 @@ def _grads(ctx, do, bwd):
 
 
 attention_fwd.register_autograd(lambda ctx, do, dlse: _grads(ctx, do, attention_bwd), setup_context=_setup_context)
-_EagerAttention = _eager.autograd_function("EagerAttention", _attention_fwd_impl, _setup_context,
-                                           lambda ctx, do, dlse: _grads(ctx, do, _attention_bwd_impl),
-                                           non_differentiable=(1,))
+_attention = _eager.routed(attention_fwd, _eager.autograd_function(
+    "EagerAttention", _attention_fwd_impl, _setup_context, lambda ctx, do, dlse: _grads(ctx, do, _attention_bwd_impl),
+    non_differentiable=(1,)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,11 +249,8 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     masked = bool(causal) or prefix_len is not None
     cos, sin = rope if rope is not None else (None, None)
-    args = (q, k, v, attn_bias, key_padding_mask, masked, int(prefix_len or 0), scale, cos, sin,
-            backend if backend is not None else _backend.get_backend())
-    if _eager.direct_call_ok(q, k, v, attn_bias, key_padding_mask, cos, sin):
-        return _EagerAttention.apply(*args)
-    return attention_fwd(*args)
+    return _attention(q, k, v, attn_bias, key_padding_mask, masked, int(prefix_len or 0), scale, cos, sin,
+                      backend if backend is not None else _backend.get_backend())
 
 
 def sdpa(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

@@ -175,16 +175,10 @@ def _grads(ctx, grad, rotate):
 
 
 rope.register_autograd(lambda ctx, grad: _grads(ctx, grad, rope), setup_context=_setup_context)
-_EagerRope = _eager.autograd_function("EagerRope", _rope_impl, _setup_context,
-                                      lambda ctx, grad: _grads(ctx, grad, _rope_impl))
-
-
-def rotate(x, cos, sin, interleaved: bool, conjugate: bool, backend: str) -> Tensor:
-    """The rope op on its fastest route: the eager one when plain eager autograd is all that watches, else the
-    registered op (inputs already checked)."""
-    if _eager.direct_call_ok(x, cos, sin):
-        return _EagerRope.apply(x, cos, sin, interleaved, conjugate, backend)
-    return rope(x, cos, sin, interleaved, conjugate, backend)
+# rotate(x, cos, sin, interleaved, conjugate, backend): the rope op on its fastest route, the eager one when
+# plain eager autograd is all that watches, else the registered op (inputs already checked).
+rotate = _eager.routed(rope, _eager.autograd_function("EagerRope", _rope_impl, _setup_context,
+                                                      lambda ctx, grad: _grads(ctx, grad, _rope_impl)))
 
 
 # ------------------------------------------------------------------------------------------------

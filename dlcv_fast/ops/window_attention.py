@@ -183,17 +183,17 @@ def _grads(ctx, dout, bwd):
     """The gradients of window_attention_fwd's inputs, computed with ``bwd`` (the registered backward op, or its
     implementation on the eager route)."""
     qkv, table, qkv_bias, out, lse = ctx.saved_tensors
-    dqkv, dtable, dbias = bwd(dout, qkv, table, qkv_bias, out, lse, *ctx.args, ctx.table_grad,
-                                               ctx.bias_grad, ctx.backend)
+    dqkv, dtable, dbias = bwd(dout, qkv, table, qkv_bias, out, lse, *ctx.args, ctx.table_grad, ctx.bias_grad,
+                              ctx.backend)
     return (dqkv, dtable if ctx.table_grad else None, dbias if ctx.bias_grad else None,
             None, None, None, None, None, None, None)
 
 
 window_attention_fwd.register_autograd(lambda ctx, dout, dlse: _grads(ctx, dout, window_attention_bwd),
                                        setup_context=_setup_context)
-_EagerWindowAttention = _eager.autograd_function("EagerWindowAttention", _window_attention_fwd_impl, _setup_context,
-                                                 lambda ctx, dout, dlse: _grads(ctx, dout, _window_attention_bwd_impl),
-                                                 non_differentiable=(1,))
+_window_attention = _eager.routed(window_attention_fwd, _eager.autograd_function(
+    "EagerWindowAttention", _window_attention_fwd_impl, _setup_context,
+    lambda ctx, dout, dlse: _grads(ctx, dout, _window_attention_bwd_impl), non_differentiable=(1,)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,8 +237,5 @@ def window_attention(qkv, *, num_heads, window_size, shift_size=0, rel_pos_bias_
         _backend.resolve(qkv.device, backend)  # validate early, with a clear message
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    args = (qkv, rel_pos_bias_table, qkv_bias, num_heads, *window, *shift, scale,
-            backend if backend is not None else _backend.get_backend())
-    if _eager.direct_call_ok(qkv, rel_pos_bias_table, qkv_bias):
-        return _EagerWindowAttention.apply(*args)[0]
-    return window_attention_fwd(*args)[0]
+    return _window_attention(qkv, rel_pos_bias_table, qkv_bias, num_heads, *window, *shift, scale,
+                             backend if backend is not None else _backend.get_backend())[0]
