@@ -4,13 +4,14 @@
 
 For each group (the backward tables' own entries, backward candidates at head dim 128 / 64, forward tiles at
 the suite's long and short shapes, the dK/dV query split at short key sides, forward with ``rope=`` at 64 /
-128, the window-attention backward's dK/dV tiles and window-group counts) every candidate
-``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` is launched through the kernels' own launchers, its outputs
-are compared with a float32 reference (torch's SDPA math backend, non-causal and causal at a length that
-leaves a one-row last block; dlcv_fast.reference for window attention), and it is timed with
-``triton.testing.do_bench`` on the headline shape. One JSON line per candidate is appended to ``--out`` as
-soon as it is measured, so a run cut short keeps what it measured. The entries of ``kernels/attention.py``'s
-tables come from these lines (benchmarks/results/ keeps them); a candidate that fails parity is never chosen.
+128, the window-attention forward and backward: one program per window or per group of windows, one
+backward kernel or two, their tiles, window-group counts) every candidate config is launched through the
+kernels' own launchers, its outputs are compared with a float32 reference (torch's SDPA math backend,
+non-causal and causal at a length that leaves a one-row last block; dlcv_fast.reference for window
+attention), and it is timed with ``triton.testing.do_bench`` on the headline shape. One JSON line per
+candidate is appended to ``--out`` as soon as it is measured, so a run cut short keeps what it measured. The
+entries of the kernels' config tables come from these lines (benchmarks/results/ keeps them); a candidate
+that fails parity is never chosen.
 """
 from __future__ import annotations
 
@@ -138,14 +139,46 @@ def sweep_rope(D, emit):
         emit(row)
 
 
-# Window attention backward (Swin-T stage 1 and 3, window 7 shift 3): dK/dV tiles (BLOCK_M, BLOCK_N, warps,
-# stages) and window-group counts (a multiple of the default, which aims at PROGRAMS_PER_SM programs per SM).
+# Window attention backward (Swin-T stage 1 and 3, window 7 shift 3): the one-kernel backward (default in
+# fp16/bf16 for windows of at most 64 tokens) against the dq + dk/dv kernels, the latter's dK/dV tiles
+# (BLOCK_M, BLOCK_N, warps, stages), and window-group counts (a multiple of the default, which aims at
+# PROGRAMS_PER_SM programs per SM).
 WINDOW_SHAPES = {"stage1": (128, 56, 56, 3), "stage3": (128, 14, 14, 12)}  # B, H, W, heads (head dim 32)
-# None = the table's entry (sm_90: 64x64 w8, one query chunk per 7x7 window, table gradient in registers);
-# 32x64 w8 is the sm_80 entry and the sm_90 one before 2026-11-28 (two chunks, table gradient in memory).
-WINDOW_DKDV = [None, (32, 64, 8, 1), (32, 64, 4, 1), (64, 64, 4, 1), (64, 64, 8, 1), (64, 32, 4, 1), (64, 32, 8, 1)]
+# Each job is backward()'s keyword arguments. None as a dK/dV tile = the table's entry (sm_90: 64x64 w8, one
+# query chunk per 7x7 window); 32x64 w8 is the sm_80 entry.
+WINDOW_FUSED = [None, (64, 4, 1), (64, 8, 2)]  # None: fused_config's entry (sm_90: 64-token tile, 8 warps)
+WINDOW_DKDV = [None, (32, 64, 8, 1), (32, 64, 4, 1), (64, 64, 4, 1), (64, 32, 4, 1), (64, 32, 8, 1)]
 WINDOW_GROUP_SCALE = [0.5, 2.0, 4.0]
 WINDOW_CHECK_B = 2
+# The forward: windows looped over per program (default for one-tile windows in fp16/bf16) against one program
+# per window (None: each path's default config).
+WINDOW_FWD_GROUPED = [None, (64, 8, 2), (64, 4, 1), (64, 4, 3)]
+
+
+def window_fwd_jobs(kern, window, head_dim, dtype, default_groups):
+    """forward() keyword arguments of each window-forward candidate, labelled."""
+    grouped_default = kern.fwd_grouped_config(window, head_dim, dtype)
+    jobs = [("grouped", dict(grouped_cfg=cfg or grouped_default)) for cfg in WINDOW_FWD_GROUPED
+            if cfg or grouped_default]
+    jobs.append(("per window", dict(config=kern.fwd_config(window, head_dim, dtype))))
+    if grouped_default:
+        jobs += [("grouped", dict(grouped_cfg=grouped_default, groups=max(1, int(default_groups * f))))
+                 for f in WINDOW_GROUP_SCALE]
+    return jobs
+
+
+def window_jobs(kern, window, head_dim, dtype, default_groups):
+    """backward() keyword arguments of each window-sweep candidate, labelled."""
+    fused_default = kern.fused_config(window, head_dim, dtype)
+    two = dict(fwd_cfg=kern.fwd_config(window, head_dim, dtype))
+    jobs = [("fused", dict(fused_cfg=cfg or fused_default)) for cfg in WINDOW_FUSED if cfg or fused_default]
+    jobs += [("two kernels", dict(two, dkdv_cfg=cfg)) for cfg in WINDOW_DKDV]
+    for f in WINDOW_GROUP_SCALE:
+        groups = max(1, int(default_groups * f))
+        if fused_default:
+            jobs.append(("fused", dict(fused_cfg=fused_default, groups=groups)))
+        jobs.append(("two kernels", dict(two, groups=groups)))
+    return jobs
 
 
 def sweep_window(emit):
@@ -163,25 +196,37 @@ def sweep_window(emit):
         dout = torch.randn(B, H, W, C, device=DEVICE, dtype=torch.float16, generator=g)
         scale = 32 ** -0.5
         b = WINDOW_CHECK_B
+        kw_ref = dict(num_heads=heads, window_size=window, shift_size=shift, rel_pos_bias_table=table, qkv_bias=bias,
+                      scale=scale)
+        ref_out = reference.window_attention(qkv[:b].float(), **kw_ref)
+        default_groups = kern._num_groups(B * (H // 7) * (W // 7), heads * 1)
+        for path, kw in window_fwd_jobs(kern, window, 32, qkv.dtype, default_groups):
+            row = dict(group=f"window_{stage}", kernel=f"window forward, {path}",
+                       config=kw.get("grouped_cfg") or kw.get("config"), groups=kw.get("groups"),
+                       default_groups=default_groups, shape=[B, H, W, heads, 32])
+            try:
+                err = _rel_err(kern.forward(qkv[:b], table, bias, heads, window, shift, scale, **kw)[0], ref_out)
+                row.update(ms=_time(lambda: kern.forward(qkv, table, bias, heads, window, shift, scale, **kw)),
+                           rel_err=err, ok=err < 2e-2)
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+            emit(row)
         ref = reference.window_attention_backward(dout[:b].float(), qkv[:b].float(), num_heads=heads,
                                                   window_size=window, shift_size=shift, rel_pos_bias_table=table,
                                                   qkv_bias=bias, scale=scale)
         out, lse = kern.forward(qkv, table, bias, heads, window, shift, scale)
         out_c, lse_c = kern.forward(qkv[:b], table, bias, heads, window, shift, scale)
-        default_groups = kern._num_groups(B * (H // 7) * (W // 7), heads * 1)
-        jobs = [(cfg, None) for cfg in WINDOW_DKDV]
-        jobs += [(None, max(1, int(default_groups * f))) for f in WINDOW_GROUP_SCALE]
-        for cfg, groups in jobs:
-            row = dict(group=f"window_{stage}", kernel="window dkdv", config=cfg, groups=groups,
+        for path, kw in window_jobs(kern, window, 32, qkv.dtype, default_groups):
+            row = dict(group=f"window_{stage}", kernel=f"window backward, {path}",
+                       config=kw.get("fused_cfg") or kw.get("dkdv_cfg"), groups=kw.get("groups"),
                        default_groups_one_key_block=default_groups, shape=[B, H, W, heads, 32])
             try:
                 got = kern.backward(dout[:b], qkv[:b], table, bias, out_c, lse_c, heads, window, shift, scale,
-                                    True, True, dkdv_cfg=cfg, groups=groups)
+                                    True, True, **kw)
                 errs = [_rel_err(x, r) for x, r in zip(got, ref)]
 
                 def fn():
-                    kern.backward(dout, qkv, table, bias, out, lse, heads, window, shift, scale, True, True,
-                                  dkdv_cfg=cfg, groups=groups)
+                    kern.backward(dout, qkv, table, bias, out, lse, heads, window, shift, scale, True, True, **kw)
                 row.update(ms=do_bench(fn, warmup=10, rep=40), rel_err=errs, ok=all(e < 2e-2 for e in errs))
             except Exception as e:
                 row.update(error=f"{type(e).__name__}: {str(e)[:200]}")

@@ -20,7 +20,12 @@ The kernels follow FlashAttention-2, with the window's tokens as the sequence: s
 window three), head dims up to 64 (any, padded to a power of two with masked loads). The forward saves the
 log-sum-exp per (token, head), ``(B, H, W, heads)`` fp32.
 
-Backward, deterministic (no atomics anywhere):
+Backward, deterministic (no atomics anywhere). In fp16/bf16, windows that fit one tile (7x7, 8x8: at most
+64 tokens) take one kernel, ``_window_attn_bwd_fused`` (one program per group of windows and head): a
+window's scores are computed once, dq, dk and dv all follow from them, and ``delta = rowsum(dO * O)`` is
+taken as ``rowsum(P * dP)`` from the tile (equal, as ``O = P V``; the output is not read); the table gradient
+is summed in registers over the program's windows. Larger windows, fp32, and padded maps whose qkv bias
+needs a gradient take two kernels:
 - ``_window_attn_bwd_dq`` (one program per window, head and query block) computes
   ``delta = rowsum(dO * O)``, saves it per (token, head), and dq;
 - ``_window_attn_bwd_dkdv`` (one program per group of windows, head and key block; keys on the MMA's M
@@ -68,7 +73,18 @@ FWD_CONFIGS_FP32 = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8)}  # IEEE f
 # (324 B), so it keeps 32-query chunks. Neither is timed on a GPU yet (benchmarks.tune --only window).
 _DKDV_80 = {16: (32, 64, 4), 32: (32, 64, 8), 64: (16, 64, 8)}
 DKDV_CONFIGS = {90: {**_DKDV_80, 32: (64, 64, 8)}, 80: _DKDV_80}
-DKDV_CONFIGS_FP32 = {16: (32, 64, 4), 32: (32, 64, 4), 64: (16, 64, 8)}  # IEEE fp32, both archs
+DKDV_CONFIGS_FP32 = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 32, 4)}  # IEEE fp32, both archs
+# The fp16/bf16 forward of windows that fit one tile (N <= MAX_TILE), looping over a group of windows per
+# program: (num_warps, num_stages) per arch and BLOCK_D; a BLOCK_D missing here, and fp32 (its IEEE dots
+# spilled 48-944 B), take the per-window forward. 128-251 registers, no spill; 2 stages (the next window's
+# q/k/v loads in flight). Untimed on a GPU (benchmarks.tune --only window_fwd).
+FWD_GROUPED_CONFIGS = {90: {16: (4, 2), 32: (4, 2), 64: (4, 2)}, 80: {16: (4, 2), 32: (4, 2), 64: (4, 2)}}
+# The one-kernel backward of windows that fit one tile (N <= MAX_TILE): (num_warps, num_stages) per arch
+# and BLOCK_D; a BLOCK_D missing here takes the dq + dk/dv kernels. sm_90 at 8 warps: 231-255 registers, no
+# spill; 4 warps spilled (up to 856 B at head dim 64). On sm_80 both spilled at head dims 32 and 64 (24-304 B),
+# and fp32 (IEEE dots) on sm_90 (364 B at head dim 32): those keep the two kernels. Untimed on a GPU
+# (benchmarks.tune --only window compares the two paths).
+FUSED_CONFIGS = {90: {16: (4, 1), 32: (8, 1), 64: (8, 1)}, 80: {16: (4, 1)}}
 PROGRAMS_PER_SM = 4
 INTERPRETER_GROUPS = 3
 
@@ -100,6 +116,27 @@ def dkdv_config(window, head_dim, dtype, arch=None):
     table = DKDV_CONFIGS_FP32 if dtype == torch.float32 else DKDV_CONFIGS[table_arch(arch)]
     bm, bn, warps = table[block_d]
     return min(tile, bm), min(tile, bn), warps, 1
+
+
+def fwd_grouped_config(window, head_dim, dtype, arch=None):
+    """(TILE, num_warps, num_stages) of the forward that loops over a group of windows per program on
+    ``arch``, or None where the per-window forward runs (windows larger than one tile, fp32, no entry)."""
+    if window[0] * window[1] > MAX_TILE or dtype == torch.float32:
+        return None
+    tile, block_d = block_sizes(window, head_dim)
+    table = FWD_GROUPED_CONFIGS[table_arch(arch)]
+    return (tile, *table[block_d]) if block_d in table else None
+
+
+def fused_config(window, head_dim, dtype, arch=None):
+    """(TILE, num_warps, num_stages) of the one-kernel backward on ``arch`` (as :func:`dkdv_config`), or None
+    where the dq and dk/dv kernels run instead: windows larger than one tile, fp32, head dims without an
+    entry."""
+    if window[0] * window[1] > MAX_TILE or dtype == torch.float32:
+        return None
+    tile, block_d = block_sizes(window, head_dim)
+    table = FUSED_CONFIGS[table_arch(arch)]
+    return (tile, *table[block_d]) if block_d in table else None
 
 
 _SM_COUNT = {}
@@ -181,6 +218,47 @@ def _bias_and_mask(s, TABLE, t_rows, t_cols, reg_rows, reg_cols, ok_rows, ok_col
     return tl.where(keys_ok, s, float("-inf"))
 
 
+@triton.jit
+def _window_bias(table_h, s_t, offs, TILE: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
+                 HAS_TABLE: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """The relative position bias of a window that fits one tile, in log2 units, -inf at keys past the
+    window: a (query, key) tile, or (key, query) with ``KEYS_FIRST``. The same for every window, so the
+    kernels that loop over windows gather it once (its 64-bit address tile is otherwise the largest
+    register cost in their loop, and its gather the most load instructions)."""
+    T0: tl.constexpr = (WIN_H - 1) * (2 * WIN_W - 1) + WIN_W - 1
+    ok = offs < WIN_H * WIN_W
+    f = (offs // WIN_W) * (2 * WIN_W - 1) + offs % WIN_W
+    zero = tl.zeros([TILE, TILE], tl.float32)
+    if KEYS_FIRST:
+        return _bias_and_mask(zero, table_h, -f * s_t, (f + T0) * s_t, f, f, ok, ok, ok[:, None], HAS_TABLE, False)
+    return _bias_and_mask(zero, table_h, (f + T0) * s_t, -f * s_t, f, f, ok, ok, ok[None, :], HAS_TABLE, False)
+
+
+@triton.jit
+def _window_qkv(QKV, QKV_BIAS, pid_w, col, s_b, s_h, s_w, offs, offs_d, mask_d, H, W, n_win, n_win_w, roll_h,
+                roll_w, cut_h0, cut_h1, cut_w0, cut_w1, C, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
+                HAS_QKV_BIAS: tl.constexpr):
+    """(b, inside, y, x, region, q, k, v) of window ``pid_w`` (image-major) when it fits one tile: every
+    token both a query and a key. Padding tokens get the qkv bias."""
+    b = (pid_w // n_win).to(tl.int64)
+    img = QKV + b * s_b + col
+    ok, inside, y, x, f, reg = _tokens(offs, pid_w % n_win, H, W, n_win_w, roll_h, roll_w, cut_h0, cut_h1, cut_w0,
+                                       cut_w1, WIN_H, WIN_W)
+    row = _rows(y, x, s_h, s_w)
+    q = _load_part(img, QKV_BIAS + col, row, inside, offs_d, mask_d, HAS_QKV_BIAS)
+    k = _load_part(img + C, QKV_BIAS + C + col, row, inside, offs_d, mask_d, HAS_QKV_BIAS)
+    v = _load_part(img + 2 * C, QKV_BIAS + 2 * C + col, row, inside, offs_d, mask_d, HAS_QKV_BIAS)
+    return b, inside, y, x, reg, q, k, v
+
+
+@triton.jit
+def _region_mask(s, reg, SHIFTED: tl.constexpr):
+    """The shifted-window mask (-100, in log2 units) on a tile whose queries and keys are the same tokens."""
+    if SHIFTED:
+        s = tl.where(reg[:, None] == reg[None, :], s, s + (-100.0 * 1.4426950408889634))
+    return s
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward: one program per (image * window, head, query block)
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +331,38 @@ def _window_attn_fwd(QKV, TABLE, QKV_BIAS, OUT, LSE,
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=q_in[:, None] & mask_d[None, :])
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + b * l_b + _rows(q_y, q_x, l_h, l_w) + h, lse, mask=q_in)
+
+
+@triton.jit
+def _window_attn_fwd_grouped(QKV, TABLE, QKV_BIAS, OUT, LSE,
+                             s_b, s_h, s_w, o_b, o_h, o_w, l_b, l_h, l_w, s_t, s_th,
+                             H, W, n_win, n_win_w, roll_h, roll_w, cut_h0, cut_h1, cut_w0, cut_w1, C,
+                             total_windows, num_groups, qk_scale,
+                             WIN_H: tl.constexpr, WIN_W: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+                             SHIFTED: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE: tl.constexpr):
+    """The forward of windows that fit one TILE-token tile, for windows grp, grp + num_groups, ... of one
+    head: the bias tile is gathered once per program instead of once per window, and the softmax of a
+    window's scores is a plain one (all keys in the tile). LSE as in :func:`_window_attn_fwd`."""
+    grp = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.arange(0, TILE)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    col = h * HEAD_DIM
+    bias = _window_bias(TABLE + h * s_th, s_t, offs, TILE, WIN_H, WIN_W, HAS_TABLE, False)
+    for pid_w in range(grp, total_windows, num_groups):
+        b, inside, y, x, reg, q, k, v = _window_qkv(QKV, QKV_BIAS, pid_w, col, s_b, s_h, s_w, offs, offs_d, mask_d,
+                                                    H, W, n_win, n_win_w, roll_h, roll_w, cut_h0, cut_h1, cut_w0,
+                                                    cut_w1, C, WIN_H, WIN_W, HAS_QKV_BIAS)
+        s = _region_mask(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias, reg, SHIFTED)
+        m = tl.max(s, 1)  # finite: token 0 is a key every query sees
+        p = tl.math.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION) / l[:, None]
+        tl.store(OUT + b * o_b + col + _rows(y, x, o_h, o_w)[:, None] + offs_d[None, :], o.to(OUT.dtype.element_ty),
+                 mask=inside[:, None] & mask_d[None, :])
+        tl.store(LSE + b * l_b + _rows(y, x, l_h, l_w) + h, (m + tl.math.log2(l)) * 0.6931471805599453, mask=inside)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,6 +503,69 @@ def _window_attn_bwd_dkdv(QKV, TABLE, QKV_BIAS, DOUT, LSE, DELTA, DQKV, DTAB, DB
         tl.store(dbias_ptrs + C, dbias_v, mask=mask_d)
 
 
+@triton.jit
+def _window_attn_bwd_fused(QKV, TABLE, QKV_BIAS, DOUT, LSE, DQKV, DTAB,
+                           s_b, s_h, s_w, d_b, d_h, d_w, l_b, l_h, l_w, g_b, g_h, g_w, s_t, s_th,
+                           H, W, n_win, n_win_w, roll_h, roll_w, cut_h0, cut_h1, cut_w0, cut_w1, C,
+                           num_heads, total_windows, num_groups, qk_scale, sm_scale,
+                           WIN_H: tl.constexpr, WIN_W: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
+                           TABLE_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           TILE: tl.constexpr):
+    """The whole backward of windows that fit one TILE-token tile (7x7, 8x8): dq, dk, dv and the table
+    gradient's partial sum, for windows grp, grp + num_groups, ... of one head. (Not the qkv bias gradient of
+    padding tokens: padded maps whose qkv bias needs a gradient take the two-kernel path.)
+
+    With every query and key of a window in one tile, the scores are computed once (the two-kernel path
+    computes them twice), and ``delta = rowsum(P * dP)`` comes from the tile itself: it equals
+    ``rowsum(dO * O)`` (as ``O = P V``) without reading the output, and is exact where the stored O is
+    rounded. DTAB (groups, heads, N, N) fp32: this program's dS summed over its windows, (query, key) order,
+    every element stored."""
+    N: tl.constexpr = WIN_H * WIN_W
+    grp = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.arange(0, TILE)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    col = h * HEAD_DIM
+    table_h = TABLE + h * s_th
+    ds_sum = tl.zeros([TILE, TILE], tl.float32)
+    # Tiles are transposed (keys x queries), as in the dk/dv kernel: P^T and dS^T are the left operands of dv
+    # and dk in registers; only dq takes a transposed operand.
+    bias_t = _window_bias(table_h, s_t, offs, TILE, WIN_H, WIN_W, HAS_TABLE, True)
+    for pid_w in range(grp, total_windows, num_groups):
+        b, inside, y, x, reg, q, k, v = _window_qkv(QKV, QKV_BIAS, pid_w, col, s_b, s_h, s_w, offs, offs_d, mask_d,
+                                                    H, W, n_win, n_win_w, roll_h, roll_w, cut_h0, cut_h1, cut_w0,
+                                                    cut_w1, C, WIN_H, WIN_W, HAS_QKV_BIAS)
+        # Padding queries are cropped: dO = 0 and lse = +inf (P = 0), so they add nothing.
+        inside_d = inside[:, None] & mask_d[None, :]
+        do = tl.load(DOUT + b * d_b + col + _rows(y, x, d_h, d_w)[:, None] + offs_d[None, :], mask=inside_d,
+                     other=0.0)
+        lse2 = tl.load(LSE + b * l_b + _rows(y, x, l_h, l_w) + h, mask=inside, other=float("inf"))
+        st = _region_mask(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale + bias_t, reg, SHIFTED)
+        pt = tl.math.exp2(st - lse2[None, :] * 1.4426950408889634)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        # delta normalised by P's column sums: they are 1 up to the rounding of the saved lse, which would
+        # otherwise scale delta and, as delta cancels against dP in dS, leave dS several times less accurate
+        # (padding queries' columns are 0: divided by 1).
+        col_sum = tl.sum(pt, 0)
+        delta = tl.sum(pt * dpt, 0) / tl.where(col_sum > 0.0, col_sum, 1.0)
+        dst = pt * (dpt - delta[None, :])
+        if TABLE_GRAD:
+            ds_sum += dst  # 0 outside the window (P = 0 there)
+        # Each gradient is stored as soon as it is computed (fewer tiles live at once).
+        g_ptrs = DQKV + b * g_b + col + _rows(y, x, g_h, g_w)[:, None] + offs_d[None, :]
+        dv = tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        tl.store(g_ptrs + 2 * C, dv.to(DQKV.dtype.element_ty), mask=inside_d)
+        dk = tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION) * sm_scale
+        tl.store(g_ptrs + C, dk.to(DQKV.dtype.element_ty), mask=inside_d)
+        dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+        tl.store(g_ptrs, dq.to(DQKV.dtype.element_ty), mask=inside_d)
+    if TABLE_GRAD:
+        dtab_base = DTAB + (grp * num_heads + h).to(tl.int64) * (N * N)
+        tl.store(dtab_base + offs[None, :] * N + offs[:, None], ds_sum, mask=(offs < N)[:, None] & (offs < N)[None, :])
+
+
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
@@ -428,15 +601,32 @@ def _flags(qkv, table, qkv_bias, window, shift, head_dim):
                 DOT_PRECISION=_dot_precision(qkv.dtype))
 
 
-def forward(qkv, table, qkv_bias, num_heads: int, window, shift, scale: float, config=None):
+def forward(qkv, table, qkv_bias, num_heads: int, window, shift, scale: float, config=None, grouped_cfg=None,
+            groups=None):
     """Launch the forward. Returns ``(out, lse)``: out contiguous ``(B, H, W, C)`` in qkv's dtype, lse
-    ``(B, H, W, heads)`` fp32 (natural log-sum-exp of each token's scores, for the backward)."""
+    ``(B, H, W, heads)`` fp32 (natural log-sum-exp of each token's scores, for the backward).
+
+    Windows that fit one tile take ``_window_attn_fwd_grouped`` (config :func:`fwd_grouped_config` or
+    ``grouped_cfg``; ``groups`` window groups, default about PROGRAMS_PER_SM programs per SM); others, or
+    any call given ``config`` (the per-window kernel's), the per-window ``_window_attn_fwd``."""
     B, H, W, C, D, n_win, scalars, (s_t, s_th) = _geometry(qkv, num_heads, window, shift, table)
     out = torch.empty((B, H, W, C), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B, H, W, num_heads), device=qkv.device, dtype=torch.float32)
     _check_limits(D, qkv, out)
-    bm, bn, warps, stages = config or fwd_config(window, D, qkv.dtype)
     qkv_bias = qkv_bias.contiguous() if qkv_bias is not None else None
+    if grouped_cfg is None and config is None:
+        grouped_cfg = fwd_grouped_config(window, D, qkv.dtype)
+    if grouped_cfg is not None:
+        tile, warps, stages = grouped_cfg
+        groups = groups or _num_groups(B * n_win, num_heads)
+        _window_attn_fwd_grouped[(groups, num_heads)](
+            qkv, table if table is not None else qkv, qkv_bias if qkv_bias is not None else qkv, out, lse,
+            *qkv.stride()[:3], *out.stride()[:3], *lse.stride()[:3], s_t, s_th,
+            **scalars, total_windows=B * n_win, num_groups=groups, qk_scale=scale * LOG2E,
+            **_flags(qkv, table, qkv_bias, window, shift, D), TILE=tile, num_warps=warps, num_stages=stages,
+        )
+        return out, lse
+    bm, bn, warps, stages = config or fwd_config(window, D, qkv.dtype)
     grid = (B * n_win, num_heads, triton.cdiv(window[0] * window[1], bm))
     _window_attn_fwd[grid](
         qkv, table if table is not None else qkv, qkv_bias if qkv_bias is not None else qkv, out, lse,
@@ -448,11 +638,16 @@ def forward(qkv, table, qkv_bias, num_heads: int, window, shift, scale: float, c
 
 
 def backward(dout, qkv, table, qkv_bias, out, lse, num_heads: int, window, shift, scale: float,
-             table_grad: bool, bias_grad: bool, fwd_cfg=None, dkdv_cfg=None, groups=None):
+             table_grad: bool, bias_grad: bool, fwd_cfg=None, dkdv_cfg=None, groups=None, fused_cfg=None):
     """Launch the backward. Returns ``(dqkv, dtable, dqkv_bias)``: dqkv contiguous ``(B, H, W, 3C)`` in
     qkv's dtype; dtable ``(T, heads)`` in the table's dtype when ``table_grad`` else None; dqkv_bias
     ``(3C,)`` in the bias's dtype when ``bias_grad`` else None (its q third is zero, as padding queries are
-    cropped; all of it is zero when nothing is padded)."""
+    cropped; all of it is zero when nothing is padded).
+
+    One kernel (``_window_attn_bwd_fused``, config :func:`fused_config` or ``fused_cfg``) where the window
+    fits one tile, else the dq and dk/dv kernels; giving ``fwd_cfg`` or ``dkdv_cfg`` (their configs) asks for
+    the latter. ``groups``: window groups of the fused or dk/dv kernel (default: about PROGRAMS_PER_SM
+    programs per SM)."""
     B, H, W, C, D, n_win, scalars, (s_t, s_th) = _geometry(qkv, num_heads, window, shift, table)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -464,8 +659,26 @@ def backward(dout, qkv, table, qkv_bias, out, lse, num_heads: int, window, shift
     pad_bias_grad = bias_grad and (H % window[0] != 0 or W % window[1] != 0)
     qkv_bias_c = qkv_bias.contiguous() if qkv_bias is not None else None
     flags = _flags(qkv, table, qkv_bias, window, shift, D)
-    delta = torch.empty_like(lse)
 
+    f32 = dict(device=qkv.device, dtype=torch.float32)
+    if fused_cfg is not None and pad_bias_grad:
+        raise ValueError("fused_cfg: the one-kernel backward does not compute the qkv bias gradient of padded maps")
+    if fused_cfg is None and fwd_cfg is None and dkdv_cfg is None and not pad_bias_grad:
+        fused_cfg = fused_config(window, D, qkv.dtype)
+    if fused_cfg is not None:
+        tile, warps, stages = fused_cfg
+        groups = groups or _num_groups(B * n_win, num_heads)
+        dtab = torch.empty((groups, num_heads, N, N), **f32) if table_grad else None
+        _window_attn_bwd_fused[(groups, num_heads)](
+            qkv, table if table is not None else qkv, qkv_bias_c if qkv_bias_c is not None else qkv, dout, lse,
+            dqkv, dtab if dtab is not None else dqkv,
+            *qkv.stride()[:3], *dout.stride()[:3], *lse.stride()[:3], *dqkv.stride()[:3], s_t, s_th,
+            **scalars, num_heads=num_heads, total_windows=B * n_win, num_groups=groups, qk_scale=scale * LOG2E,
+            sm_scale=scale, **flags, TABLE_GRAD=table_grad, TILE=tile, num_warps=warps, num_stages=stages,
+        )
+        return _finish_backward(dqkv, dtab, None, table, qkv_bias, window, C, f32, table_grad, bias_grad, False)
+
+    delta = torch.empty_like(lse)
     bm, bn, warps, stages = fwd_cfg or fwd_config(window, D, qkv.dtype)
     _window_attn_bwd_dq[(B * n_win, num_heads, triton.cdiv(N, bm))](
         qkv, table if table is not None else qkv, qkv_bias_c if qkv_bias_c is not None else qkv, out, dout, lse,
@@ -478,7 +691,6 @@ def backward(dout, qkv, table, qkv_bias, out, lse, num_heads: int, window, shift
     bm, bn, warps, stages = dkdv_cfg or dkdv_config(window, D, qkv.dtype)
     n_kb = triton.cdiv(N, bn)
     groups = groups or _num_groups(B * n_win, num_heads * n_kb)
-    f32 = dict(device=qkv.device, dtype=torch.float32)
     # With one query chunk per window the kernel stores every element of its slice once (no zeroing needed).
     dtab = (torch.empty if bm >= N else torch.zeros)((groups, num_heads, N, N), **f32) if table_grad else None
     dbias = torch.empty((groups * n_kb, 2, C), **f32) if pad_bias_grad else None
@@ -491,6 +703,13 @@ def backward(dout, qkv, table, qkv_bias, out, lse, num_heads: int, window, shift
         TABLE_GRAD=table_grad, BIAS_GRAD=pad_bias_grad,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
+    return _finish_backward(dqkv, dtab, dbias, table, qkv_bias, window, C, f32, table_grad, bias_grad,
+                            pad_bias_grad)
+
+
+def _finish_backward(dqkv, dtab, dbias, table, qkv_bias, window, C, f32, table_grad, bias_grad, pad_bias_grad):
+    """Reduce the kernels' per-program partial sums: the table gradient binned by relative offset, the qkv
+    bias's (its q third zero)."""
     dtable = _bin_by_offset(dtab.sum(0), window).to(table.dtype) if table_grad else None
     dqkv_bias = None
     if bias_grad:
@@ -527,17 +746,20 @@ def aot_specs():
     """Every shipped config of this file's kernels, for the compile check without a GPU.
 
     Per tiling (windows 7 and 8: one 64-token tile; 8x12 and 12x12: several) and head-dim bucket (32, Swin's;
-    64), the three kernels as a GPU launch configures them, with every feature on (table, qkv bias,
-    shifted-window mask, table and bias gradients); bf16 for Swin's windows 7 and 12 at head dim 32 (and a
-    masked head dim, 48), fp32 (IEEE dots) for each head-dim bucket, and a small window (4x4: 16-token
-    tiles). Pointers are 16-byte aligned, and so are the strides and the channel count when the channels are
-    multiples of 16 (contiguous torch tensors). The fp16/bf16 forward with a 64-token tile must use wgmma.
+    64), each kernel a GPU launch may take there, per arch, with every feature on (table, qkv bias,
+    shifted-window mask, table and bias gradients): the grouped forward and the one-kernel backward where
+    they have a config, the per-window forward where not, and the dq + dk/dv kernels always (padded maps
+    with a qkv bias gradient take them at any window); bf16 for Swin's windows 7 and 12 at head dim 32 (and
+    a masked head dim, 48), fp32 (IEEE dots) for each head-dim bucket, and small windows (4x4: 16-token
+    tiles; head dim 16). Pointers are 16-byte aligned, and so are the strides and the channel count when the
+    channels are multiples of 16 (contiguous torch tensors). The fp16/bf16 forwards with a 64-token tile must
+    use wgmma.
     """
     from dlcv_fast.aot import AotSpec, shipped_configs, signature_of
 
     cases = [("fp16", w, d) for w in ((7, 7), (8, 8), (8, 12), (12, 12)) for d in (32, 64)]
     cases += [("bf16", (7, 7), 32), ("bf16", (12, 12), 32), ("bf16", (7, 7), 48), ("fp32", (7, 7), 32),
-              ("fp32", (12, 12), 64), ("fp16", (4, 4), 32)]
+              ("fp32", (12, 12), 64), ("fp32", (8, 8), 64), ("fp16", (4, 4), 32), ("fp16", (7, 7), 16)]
     aligned = ("C", "s_b", "s_h", "s_w", "o_b", "o_h", "o_w", "d_b", "d_h", "d_w", "g_b", "g_h", "g_w")
     specs = []
     for dtype, window, d in cases:
@@ -549,20 +771,38 @@ def aot_specs():
                      HAS_TABLE=True, HAS_QKV_BIAS=True, SHIFTED=True,
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         grads = dict(TABLE_GRAD=True, BIAS_GRAD=True)
-        launches = [(_window_attn_fwd, shipped_configs(fwd_config, window, d, torch_dtype), {}, None),
-                    (_window_attn_bwd_dq, shipped_configs(fwd_config, window, d, torch_dtype), {}, None)]
+        launches = []
+        grouped = {arch: shipped_configs(fwd_grouped_config, window, d, torch_dtype, arch) for arch in (90, 80)}
+        for cfg in dict.fromkeys(c for c in grouped.values() if c is not None):
+            tile, warps, stages = cfg
+            launches.append((_window_attn_fwd_grouped, (None, None, warps, stages), dict(TILE=tile),
+                             tuple(a for a, c in grouped.items() if c == cfg)))
+        if None in grouped.values():
+            launches.append((_window_attn_fwd, shipped_configs(fwd_config, window, d, torch_dtype), {},
+                             tuple(a for a, c in grouped.items() if c is None)))
+        fused = {arch: shipped_configs(fused_config, window, d, torch_dtype, arch) for arch in (90, 80)}
+        for cfg in dict.fromkeys(c for c in fused.values() if c is not None):
+            tile, warps, stages = cfg
+            launches.append((_window_attn_bwd_fused, (None, None, warps, stages), dict(TABLE_GRAD=True, TILE=tile),
+                             tuple(a for a, c in fused.items() if c == cfg)))
+        # the dq + dk/dv kernels: where no fused config is shipped, and for padded maps whose qkv bias needs
+        # a gradient (any window)
+        launches.append((_window_attn_bwd_dq, shipped_configs(fwd_config, window, d, torch_dtype), {}, None))
         per_arch = {arch: shipped_configs(dkdv_config, window, d, torch_dtype, arch) for arch in (90, 80)}
         for cfg in dict.fromkeys(per_arch.values()):
             archs = tuple(a for a, c in per_arch.items() if c == cfg)
-            launches.append((_window_attn_bwd_dkdv, cfg, grads, None if len(archs) == 2 else archs))
+            launches.append((_window_attn_bwd_dkdv, cfg, grads, archs))
         for fn, (bm, bn, warps, stages), extra, archs in launches:
-            constexprs = dict(feats, **extra, BLOCK_M=bm, BLOCK_N=bn)
+            constexprs = dict(feats, **extra)
+            if bm is not None:
+                constexprs.update(BLOCK_M=bm, BLOCK_N=bn)
             sig = signature_of(fn, constexprs, types)
             divisible = [a for a, t in sig.items() if t.startswith("*")]
             if d % 16 == 0:
                 divisible += [a for a in sig if a in aligned]
             variant = f"{dtype} win{window[0]}x{window[1]} d{d}"
-            wgmma = fn is _window_attn_fwd and dtype != "fp32" and bm == 64
+            wgmma = dtype != "fp32" and (fn is _window_attn_fwd_grouped and constexprs["TILE"] == 64
+                                         or fn is _window_attn_fwd and bm == 64)
             specs.append(AotSpec(fn.__name__, variant, fn, sig, constexprs, warps, stages, tuple(divisible),
-                                 expect_wgmma=wgmma, archs=archs))
+                                 expect_wgmma=wgmma, archs=None if archs is None or len(archs) == 2 else archs))
     return specs

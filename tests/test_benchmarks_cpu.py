@@ -69,6 +69,8 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(tune, "ROPE_CANDIDATES", {64: [None]})
     monkeypatch.setattr(tune, "WINDOW_SHAPES", {"stage3": (1, 14, 14, 2)})
     monkeypatch.setattr(tune, "WINDOW_DKDV", [None])
+    monkeypatch.setattr(tune, "WINDOW_FUSED", [None])
+    monkeypatch.setattr(tune, "WINDOW_FWD_GROUPED", [None])
     monkeypatch.setattr(tune, "WINDOW_GROUP_SCALE", [2.0])
     monkeypatch.setattr(tune, "WINDOW_CHECK_B", 1)
 
@@ -90,11 +92,16 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     tune.sweep_window(rows.append)
     tune.sweep_fwd(rows.append)
     tune.sweep_split(rows.append)
-    assert [r["group"] for r in rows] == ["bwd64", "rope64", "rope64", "rope64", "window_stage3", "window_stage3",
+    assert [r["group"] for r in rows] == ["bwd64", "rope64", "rope64", "rope64", *["window_stage3"] * 7,
                                           "fwd", "fwd", "fwd", "split", "split", "split"]
+    # the window forward grouped and per window, the backward in one kernel and two, each at the default
+    # window-group count and at twice it
+    assert [r["kernel"] for r in rows if r["group"] == "window_stage3"] == [
+        "window forward, grouped", "window forward, per window", "window forward, grouped",
+        *["window backward, fused", "window backward, two kernels"] * 2]
     checked = [r for r in rows if "ok" in r]
     assert [r["tail"] for r in rows if r["group"] == "fwd"] == [16, 0, 16]  # table, table without tail, candidate
-    assert len(checked) == 10 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+    assert len(checked) == 15 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
 
 
 def test_roofline_copy_kernel_copies_every_element():

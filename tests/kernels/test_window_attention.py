@@ -295,6 +295,101 @@ def test_table_gradient_in_registers_or_in_memory(shift, device):
         torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4)
 
 
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel in its module and counts the launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("H,W,window,shift", [(14, 14, 7, 3), (9, 11, 4, 2), (10, 13, (4, 6), (2, 3))], ids=_id)
+def test_grouped_forward_equals_per_window_forward(H, W, window, shift, device, monkeypatch):
+    """fp16 windows of at most 64 tokens take the forward that loops over a group of windows per program
+    (the bias tile gathered once per program); it matches the one-program-per-window forward and the
+    reference, and the number of window groups does not change a bit of it."""
+    window, shift = pair(window), pair(shift)
+    qkv, table, bias = (x.detach() for x in make_inputs(2, H, W, 2, 32, window, torch.float16, device))
+    spy = _LaunchSpy(kernels._window_attn_fwd_grouped)
+    monkeypatch.setattr(kernels, "_window_attn_fwd_grouped", spy)
+    out, lse = kernels.forward(qkv, table, bias, 2, window, shift, 0.2)
+    assert spy.launches == 1
+    per_window = kernels.forward(qkv, table, bias, 2, window, shift, 0.2, config=kernels.fwd_config(window, 32,
+                                                                                                    torch.float16))
+    assert spy.launches == 1
+    for groups in (1, 3):
+        again = kernels.forward(qkv, table, bias, 2, window, shift, 0.2, groups=groups)
+        assert torch.equal(again[0], out) and torch.equal(again[1], lse)
+    kw = dict(num_heads=2, window_size=window, shift_size=shift, scale=0.2)
+    golden, golden_lse = reference.window_attention_with_lse(qkv.cpu().double(), rel_pos_bias_table=table.cpu().double(),
+                                                             qkv_bias=bias.cpu().double(), **kw)
+    lp = reference.window_attention(qkv.cpu(), rel_pos_bias_table=table.cpu().half(), qkv_bias=bias.cpu().half(), **kw)
+    for got, got_lse in ((out, lse), per_window):
+        assert_parity(got.cpu().double(), golden, lp.double(), name="out")
+        torch.testing.assert_close(got_lse.cpu().double(), golden_lse, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out, per_window[0], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("H,W,window,shift", [(14, 14, 7, 3), (14, 14, 7, 0), (12, 12, (4, 6), (2, 3))], ids=_id)
+def test_one_kernel_backward_equals_two_kernels(H, W, window, shift, device, monkeypatch):
+    """fp16 windows of at most 64 tokens take the one-kernel backward (delta from P * dP in the tile, no read
+    of the output); the dq + dk/dv kernels give the same gradients, and both pass parity with the reference.
+    Maps divisible by the window: a padded map whose qkv bias needs a gradient takes the two kernels."""
+    window, shift = pair(window), pair(shift)
+    qkv, table, bias = (x.detach() for x in make_inputs(2, H, W, 2, 32, window, torch.float16, device))
+    out, lse = kernels.forward(qkv, table, bias, 2, window, shift, 0.2)
+    dout = torch.randn_like(out)
+    spy = _LaunchSpy(kernels._window_attn_bwd_fused)
+    monkeypatch.setattr(kernels, "_window_attn_bwd_fused", spy)
+    one = kernels.backward(dout, qkv, table, bias, out, lse, 2, window, shift, 0.2, True, True)
+    assert spy.launches == 1
+    two = kernels.backward(dout, qkv, table, bias, out, lse, 2, window, shift, 0.2, True, True,
+                           fwd_cfg=kernels.fwd_config(window, 32, torch.float16))
+    assert spy.launches == 1
+    kw = dict(num_heads=2, window_size=window, shift_size=shift, scale=0.2)
+    golden = reference.window_attention_backward(dout.cpu().double(), qkv.cpu().double(),
+                                                 rel_pos_bias_table=table.cpu().double(),
+                                                 qkv_bias=bias.cpu().double(), **kw)
+    lp = reference.window_attention_backward(dout.cpu(), qkv.cpu(), rel_pos_bias_table=table.cpu().half(),
+                                             qkv_bias=bias.cpu().half(), **kw)
+    for name, a, b, g, r in zip(["dqkv", "dtable", "dqkv_bias"], one, two, golden, lp):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+        for got in (a, b):
+            assert_parity(got.cpu().double(), g, r.double(), factor=3.0, name=name)
+
+
+def test_path_choice(device, monkeypatch):
+    """Which windows take the one-kernel backward: fp16/bf16 windows of at most 64 tokens (sm_90 at head dims
+    16-64; sm_80 at 16 only, its larger tiles spill), never fp32; not padded maps whose qkv bias needs a
+    gradient (the one kernel does not compute it), which take the two kernels and still get it. The grouped
+    forward: fp16/bf16 windows of at most 64 tokens."""
+    assert kernels.fused_config((7, 7), 32, torch.bfloat16, arch=90) == (64, 8, 1)
+    assert kernels.fused_config((8, 8), 64, torch.float16, arch=90) == (64, 8, 1)
+    assert kernels.fused_config((4, 4), 32, torch.float16, arch=90)[0] == 16
+    assert kernels.fused_config((7, 7), 32, torch.bfloat16, arch=80) is None
+    assert kernels.fused_config((7, 7), 16, torch.float16, arch=80) == (64, 4, 1)
+    assert kernels.fused_config((7, 7), 32, torch.float32, arch=90) is None
+    assert kernels.fused_config((12, 12), 32, torch.bfloat16, arch=90) is None
+    for arch in (90, 80):  # the forward: one-tile windows loop over groups in fp16/bf16 on both archs
+        assert kernels.fwd_grouped_config((7, 7), 32, torch.bfloat16, arch=arch) == (64, 4, 2)
+        assert kernels.fwd_grouped_config((7, 7), 32, torch.float32, arch=arch) is None
+        assert kernels.fwd_grouped_config((12, 12), 32, torch.bfloat16, arch=arch) is None
+    qkv, table, bias = (x.detach() for x in make_inputs(1, 9, 11, 2, 32, 4, torch.float16, device))
+    out, lse = kernels.forward(qkv, table, bias, 2, (4, 4), (2, 2), 0.2)
+    dout = torch.randn_like(out)
+    spy = _LaunchSpy(kernels._window_attn_bwd_fused)
+    monkeypatch.setattr(kernels, "_window_attn_bwd_fused", spy)
+    _, _, dbias = kernels.backward(dout, qkv, table, bias, out, lse, 2, (4, 4), (2, 2), 0.2, True, True)
+    assert spy.launches == 0 and dbias[2 * 64:].abs().sum() > 0  # padding keys' v gradient reached the bias
+    kernels.backward(dout, qkv, table, bias, out, lse, 2, (4, 4), (2, 2), 0.2, True, False)
+    assert spy.launches == 1
+    with pytest.raises(ValueError, match="fused_cfg"):
+        kernels.backward(dout, qkv, table, bias, out, lse, 2, (4, 4), (2, 2), 0.2, True, True, fused_cfg=(16, 4, 1))
+
+
 def test_strided_qkv_needs_no_copy(device):
     """qkv may be any view with a unit channel stride (here a crop of a larger map)."""
     big, table, bias = make_inputs(1, 10, 12, 2, 32, 7, torch.float32, device)
