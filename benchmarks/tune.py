@@ -199,7 +199,8 @@ def sweep_window(emit):
         kw_ref = dict(num_heads=heads, window_size=window, shift_size=shift, rel_pos_bias_table=table, qkv_bias=bias,
                       scale=scale)
         ref_out = reference.window_attention(qkv[:b].float(), **kw_ref)
-        default_groups = kern._num_groups(B * (H // 7) * (W // 7), heads * 1)
+        n_windows = B * (H // 7) * (W // 7)
+        default_groups = kern._num_groups(n_windows, heads, kern.FWD_PROGRAMS_PER_SM)
         for path, kw in window_fwd_jobs(kern, window, 32, qkv.dtype, default_groups):
             row = dict(group=f"window_{stage}", kernel=f"window forward, {path}",
                        config=kw.get("grouped_cfg") or kw.get("config"), groups=kw.get("groups"),
@@ -216,6 +217,7 @@ def sweep_window(emit):
                                                   qkv_bias=bias, scale=scale)
         out, lse = kern.forward(qkv, table, bias, heads, window, shift, scale)
         out_c, lse_c = kern.forward(qkv[:b], table, bias, heads, window, shift, scale)
+        default_groups = kern._num_groups(n_windows, heads)
         for path, kw in window_jobs(kern, window, 32, qkv.dtype, default_groups):
             row = dict(group=f"window_{stage}", kernel=f"window backward, {path}",
                        config=kw.get("fused_cfg") or kw.get("dkdv_cfg"), groups=kw.get("groups"),

@@ -86,6 +86,9 @@ FWD_GROUPED_CONFIGS = {90: {16: (4, 2), 32: (4, 2), 64: (4, 2)}, 80: {16: (4, 2)
 # (benchmarks.tune --only window compares the two paths).
 FUSED_CONFIGS = {90: {16: (4, 1), 32: (8, 1), 64: (8, 1)}, 80: {16: (4, 1)}}
 PROGRAMS_PER_SM = 4
+# The grouped forward's programs are lighter (4 warps, 128-251 registers: 2-3 resident per SM): 12 per SM
+# are whole waves of 2, 3 or 4 resident programs, each still looping over several windows at Swin sizes.
+FWD_PROGRAMS_PER_SM = 12
 INTERPRETER_GROUPS = 3
 
 
@@ -142,14 +145,15 @@ def fused_config(window, head_dim, dtype, arch=None):
 _SM_COUNT = {}
 
 
-def _num_groups(num_windows: int, programs_per_group: int) -> int:
-    """Window groups of the dk/dv kernel: enough programs to fill the GPU, never more groups than windows."""
+def _num_groups(num_windows: int, programs_per_group: int, per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Window groups of a kernel that loops over windows: about ``per_sm`` programs per SM in all, never more
+    groups than windows."""
     if _interpreting() or not torch.cuda.is_available():
         return max(1, min(num_windows, INTERPRETER_GROUPS))
     dev = torch.cuda.current_device()
     if dev not in _SM_COUNT:
         _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return max(1, min(num_windows, triton.cdiv(PROGRAMS_PER_SM * _SM_COUNT[dev], programs_per_group)))
+    return max(1, min(num_windows, triton.cdiv(per_sm * _SM_COUNT[dev], programs_per_group)))
 
 
 def _dot_precision(dtype):
@@ -607,7 +611,7 @@ def forward(qkv, table, qkv_bias, num_heads: int, window, shift, scale: float, c
     ``(B, H, W, heads)`` fp32 (natural log-sum-exp of each token's scores, for the backward).
 
     Windows that fit one tile take ``_window_attn_fwd_grouped`` (config :func:`fwd_grouped_config` or
-    ``grouped_cfg``; ``groups`` window groups, default about PROGRAMS_PER_SM programs per SM); others, or
+    ``grouped_cfg``; ``groups`` window groups, default about FWD_PROGRAMS_PER_SM programs per SM); others, or
     any call given ``config`` (the per-window kernel's), the per-window ``_window_attn_fwd``."""
     B, H, W, C, D, n_win, scalars, (s_t, s_th) = _geometry(qkv, num_heads, window, shift, table)
     out = torch.empty((B, H, W, C), device=qkv.device, dtype=qkv.dtype)
@@ -618,7 +622,7 @@ def forward(qkv, table, qkv_bias, num_heads: int, window, shift, scale: float, c
         grouped_cfg = fwd_grouped_config(window, D, qkv.dtype)
     if grouped_cfg is not None:
         tile, warps, stages = grouped_cfg
-        groups = groups or _num_groups(B * n_win, num_heads)
+        groups = groups or _num_groups(B * n_win, num_heads, FWD_PROGRAMS_PER_SM)
         _window_attn_fwd_grouped[(groups, num_heads)](
             qkv, table if table is not None else qkv, qkv_bias if qkv_bias is not None else qkv, out, lse,
             *qkv.stride()[:3], *out.stride()[:3], *lse.stride()[:3], s_t, s_th,
