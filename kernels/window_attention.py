@@ -80,11 +80,12 @@ DKDV_CONFIGS_FP32 = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 32, 4)}  # IEEE 
 # q/k/v loads in flight). Untimed on a GPU (benchmarks.tune --only window_fwd).
 FWD_GROUPED_CONFIGS = {90: {16: (4, 2), 32: (4, 2), 64: (4, 2)}, 80: {16: (4, 2), 32: (4, 2), 64: (4, 2)}}
 # The one-kernel backward of windows that fit one tile (N <= MAX_TILE): (num_warps, num_stages) per arch
-# and BLOCK_D; a BLOCK_D missing here takes the dq + dk/dv kernels. sm_90 at 8 warps: 231-255 registers, no
-# spill; 4 warps spilled (up to 856 B at head dim 64). On sm_80 both spilled at head dims 32 and 64 (24-304 B),
-# and fp32 (IEEE dots) on sm_90 (364 B at head dim 32): those keep the two kernels. Untimed on a GPU
-# (benchmarks.tune --only window compares the two paths).
-FUSED_CONFIGS = {90: {16: (4, 1), 32: (8, 1), 64: (8, 1)}, 80: {16: (4, 1)}}
+# and BLOCK_D; a BLOCK_D missing here takes the dq + dk/dv kernels. sm_90 at head dims up to 32 (Swin's), 8
+# warps: 231-255 registers, no spill with triton 3.6 and 3.8; 4 warps spilled. At 64 it compiled clean with
+# triton 3.8 but spilled 56-192 B with 3.6; on sm_80 it spilled at 32 and 64 (24-304 B, either warp count),
+# and fp32 (IEEE dots) on sm_90 (364 B at 32): those keep the two kernels. Untimed on a GPU (benchmarks.tune
+# --only window compares the two paths).
+FUSED_CONFIGS = {90: {16: (4, 1), 32: (8, 1)}, 80: {16: (4, 1)}}
 PROGRAMS_PER_SM = 4
 # The grouped forward's programs are lighter (4 warps, 128-251 registers: 2-3 resident per SM): 12 per SM
 # are whole waves of 2, 3 or 4 resident programs, each still looping over several windows at Swin sizes.
