@@ -391,14 +391,43 @@ def test_path_choice(device, monkeypatch):
         kernels.backward(dout, qkv, table, bias, out, lse, 2, (4, 4), (2, 2), 0.2, True, True, fused_cfg=(16, 4, 1))
 
 
-def test_strided_qkv_needs_no_copy(device):
-    """qkv may be any view with a unit channel stride (here a crop of a larger map)."""
-    big, table, bias = make_inputs(1, 10, 12, 2, 32, 7, torch.float32, device)
+@pytest.mark.parametrize("dtype", FP, ids=str)
+def test_strided_qkv_needs_no_copy(dtype, device):
+    """qkv may be any view with a unit channel stride (here a crop of a larger map); fp16 takes the grouped
+    forward, fp32 the per-window one."""
+    big, table, bias = make_inputs(1, 10, 12, 2, 32, 7, dtype, device)
     view = big[:, 1:9, 2:11]
     assert not view.is_contiguous()
     kw = dict(num_heads=2, window_size=7, shift_size=3, rel_pos_bias_table=table, qkv_bias=bias)
     out = dlcv_fast.window_attention(view, **kw)
     torch.testing.assert_close(out, dlcv_fast.window_attention(view.contiguous(), **kw), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", FP, ids=str)
+@pytest.mark.parametrize("H,W,window,shift", [(14, 14, 7, 3), (9, 11, 4, 2)], ids=_id)
+def test_no_reads_outside_the_inputs(H, W, window, shift, dtype, device):
+    """qkv and dout placed inside larger NaN-filled buffers (extra rows, columns and channels): no NaN reaches
+    the output or a gradient, and every result equals the one from contiguous copies. A 14x14 map with 7x7
+    windows takes the one-kernel backward in fp16; the padded 9x11 map with a qkv bias gradient takes two."""
+    qkv, table, bias = make_inputs(2, H, W, 2, 32, window, dtype, device)
+    C = 64
+    big = torch.full((2, H + 2, W + 3, 3 * C + 16), float("nan"), device=device, dtype=dtype)
+    big[:, 1:H + 1, 2:W + 2, 8:8 + 3 * C] = qkv.detach()
+    big.requires_grad_()
+    big_do = torch.full((2, H + 1, W + 1, C + 8), float("nan"), device=device, dtype=dtype)
+    dout = big_do[:, :H, :W, 4:4 + C]
+    dout.copy_(torch.randn(2, H, W, C, generator=torch.Generator().manual_seed(1)).to(dtype))
+    kw = dict(num_heads=2, window_size=window, shift_size=shift, rel_pos_bias_table=table, qkv_bias=bias)
+    out = dlcv_fast.window_attention(big[:, 1:H + 1, 2:W + 2, 8:8 + 3 * C], **kw)
+    g_big, g_table, g_bias = torch.autograd.grad(out, [big, table, bias], dout)
+    ref_out = dlcv_fast.window_attention(qkv, **kw)
+    ref_grads = torch.autograd.grad(ref_out, [qkv, table, bias], dout.contiguous())
+    assert not out.isnan().any() and not g_big.isnan().any()
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(g_big[:, 1:H + 1, 2:W + 2, 8:8 + 3 * C], ref_grads[0], atol=0, rtol=0)
+    assert g_big.abs().sum() == g_big[:, 1:H + 1, 2:W + 2, 8:8 + 3 * C].abs().sum()
+    torch.testing.assert_close(g_table, ref_grads[1], atol=0, rtol=0)
+    torch.testing.assert_close(g_bias, ref_grads[2], atol=0, rtol=0)
 
 
 def test_torch_backend_is_the_reference(device):
