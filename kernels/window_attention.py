@@ -257,6 +257,15 @@ def _window_qkv(QKV, QKV_BIAS, pid_w, col, s_b, s_h, s_w, offs, offs_d, mask_d, 
 
 
 @triton.jit
+def _group_program(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
+    """(window group, head, token offsets, head-dim offsets and mask, head column) of a program of a kernel
+    that loops over a group of one-tile windows: group program_id(0), head program_id(1)."""
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.program_id(0), h, tl.arange(0, TILE), offs_d, offs_d < HEAD_DIM, h * HEAD_DIM
+
+
+@triton.jit
 def _region_mask(s, reg, SHIFTED: tl.constexpr):
     """The shifted-window mask (-100, in log2 units) on a tile whose queries and keys are the same tokens."""
     if SHIFTED:
@@ -349,12 +358,7 @@ def _window_attn_fwd_grouped(QKV, TABLE, QKV_BIAS, OUT, LSE,
     """The forward of windows that fit one TILE-token tile, for windows grp, grp + num_groups, ... of one
     head: the bias tile is gathered once per program instead of once per window, and the softmax of a
     window's scores is a plain one (all keys in the tile). LSE as in :func:`_window_attn_fwd`."""
-    grp = tl.program_id(0)
-    h = tl.program_id(1)
-    offs = tl.arange(0, TILE)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    col = h * HEAD_DIM
+    grp, h, offs, offs_d, mask_d, col = _group_program(HEAD_DIM, BLOCK_D, TILE)
     bias = _window_bias(TABLE + h * s_th, s_t, offs, TILE, WIN_H, WIN_W, HAS_TABLE, False)
     for pid_w in range(grp, total_windows, num_groups):
         b, inside, y, x, reg, q, k, v = _window_qkv(QKV, QKV_BIAS, pid_w, col, s_b, s_h, s_w, offs, offs_d, mask_d,
@@ -523,16 +527,10 @@ def _window_attn_bwd_fused(QKV, TABLE, QKV_BIAS, DOUT, LSE, DQKV, DTAB,
 
     With every query and key of a window in one tile, the scores are computed once (the two-kernel path
     computes them twice), and ``delta = rowsum(P * dP)`` comes from the tile itself: it equals
-    ``rowsum(dO * O)`` (as ``O = P V``) without reading the output, and is exact where the stored O is
-    rounded. DTAB (groups, heads, N, N) fp32: this program's dS summed over its windows, (query, key) order,
+    ``rowsum(dO * O)`` (as ``O = P V``) without reading the output (nor its rounding). DTAB (groups, heads, N, N) fp32: this program's dS summed over its windows, (query, key) order,
     every element stored."""
     N: tl.constexpr = WIN_H * WIN_W
-    grp = tl.program_id(0)
-    h = tl.program_id(1)
-    offs = tl.arange(0, TILE)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    col = h * HEAD_DIM
+    grp, h, offs, offs_d, mask_d, col = _group_program(HEAD_DIM, BLOCK_D, TILE)
     table_h = TABLE + h * s_th
     ds_sum = tl.zeros([TILE, TILE], tl.float32)
     # Tiles are transposed (keys x queries), as in the dk/dv kernel: P^T and dS^T are the left operands of dv
