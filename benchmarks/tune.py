@@ -243,6 +243,7 @@ FWD_CANDIDATES = {
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
           (64, 128, 8, 2), (64, 64, 8, 2)],
 }
+FWD_EXP_EMU = [4, 8]  # one exponential in 4 / in 8 by the FP32-pipe polynomial (kernels/attention.py _exp2)
 FWD_SHAPES = {"long_d64": (4, 32, 4096, 4096, 64), "long_d128": (4, 16, 4096, 4096, 128),
               "vit_b16": (256, 12, 197, 197, 64), "qformer_cross": (256, 12, 32, 257, 64),
               "unet_self": (8, 8, 4096, 4096, 40), "unet_cross": (8, 8, 4096, 77, 40)}
@@ -271,26 +272,29 @@ def sweep_fwd(emit):
         q, k, v, _ = _rect_inputs(B, H, Lq, Lk, D)
         block_d = kern.padded_head_dim(D)
         table = kern._pick(kern.fwd_configs(block_d, torch.float16, "plain", uneven=D < block_d), Lq, B * H)
-        jobs = [(None, None)] + [(c, None) for c in FWD_CANDIDATES[64 if block_d <= 64 else 128]]
+        jobs = [(None, None, None)] + [(c, None, None) for c in FWD_CANDIDATES[64 if block_d <= 64 else 128]]
         if kern.key_tail(Lk, table[1], block_d):
-            jobs.insert(1, (None, 0))  # the table's tile without the 16-key tail block
-        for config, tail in jobs:
+            jobs.insert(1, (None, 0, None))  # the table's tile without the 16-key tail block
+        jobs += [(None, None, n) for n in FWD_EXP_EMU]  # the table's tile with exp2 split over two pipes
+        for config, tail, emu in jobs:
             cfg = tuple(config or table)
             tail = kern.key_tail(Lk, cfg[1], block_d) if tail is None else tail
+            emu = kern.EXP_EMU if emu is None else emu
             row = dict(group="fwd", kernel="forward" if config else "forward (table)", config=cfg, tail=tail,
-                       case=name, shape=[B, H, Lq, Lk, D])
+                       exp_emu=emu, case=name, shape=[B, H, Lq, Lk, D])
+            kw = dict(config=cfg, tail=tail, exp_emu=emu)
             try:
-                if (D, cfg, tail) not in checked:  # parity at a length ending in a one-key block
+                if (D, cfg, tail, emu) not in checked:  # parity at a length ending in a one-key block
                     errs = {}
                     for causal in (False, True):
                         cq, ck, cv, _ = _inputs(*CHECK, D, seed=1)
                         ref = F.scaled_dot_product_attention(cq.float(), ck.float(), cv.float(), is_causal=causal)
-                        got = kern.forward(cq, ck, cv, None, None, causal, 0, D ** -0.5, config=cfg, tail=tail)[0]
+                        got = kern.forward(cq, ck, cv, None, None, causal, 0, D ** -0.5, **kw)[0]
                         errs["causal" if causal else "full"] = _rel_err(got, ref)
-                    checked[D, cfg, tail] = (errs, all(e < 2e-2 for e in errs.values()))
-                errs, ok = checked[D, cfg, tail]
-                row.update(ms=_time(lambda: kern.forward(q, k, v, None, None, False, 0, D ** -0.5, config=cfg,
-                                                         tail=tail)), rel_err=errs, ok=ok)
+                    checked[D, cfg, tail, emu] = (errs, all(e < 2e-2 for e in errs.values()))
+                errs, ok = checked[D, cfg, tail, emu]
+                row.update(ms=_time(lambda: kern.forward(q, k, v, None, None, False, 0, D ** -0.5, **kw)),
+                           rel_err=errs, ok=ok)
             except Exception as e:
                 row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
             emit(row)

@@ -91,6 +91,7 @@ BWD_TABLE = {
 BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 TAIL_N = 16  # the forward's last key block when only a few keys are left (key_tail)
+EXP_EMU = 0  # the forward's exp2 split between MUFU and the FP32 pipes (see _exp2); off until timed on a GPU
 DQ_TAIL_MAX_BLOCK_D = 64  # the dQ kernel's sm_90 64x64 w4 tile spilled 16-64 B with a tail block at 128
 ARCHS = (90, 80)
 
@@ -153,6 +154,90 @@ def _sm_count():
     if dev not in _SM_COUNT:
         _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     return _SM_COUNT[dev]
+
+
+# ------------------------------------------------------------------------------------------------
+# exp2 on two pipes (the forward's ``EXP_EMU``, off by default until timed on a GPU)
+# ------------------------------------------------------------------------------------------------
+# At head dims up to 64 the forward's softmax needs about as many exponentials per clock as the tensor cores
+# give score tiles, and MUFU.EX2 runs at 16 per clock per SM. With EXP_EMU = n, one element in n is computed
+# on the FP32/integer pipes instead: 2^x = 2^j * p(f) with j = round(x) (a magic-number add, no conversion
+# instruction), f = x - j in [-0.5, 0.5], p a minimax polynomial (degree 3 for bf16 P, relative error
+# 1.0e-4; degree 4 otherwise, 2.9e-6: both below the rounding of P to the MMA's input type), and 2^j added
+# into the exponent bits. x < -125 gives 0 (as MUFU's flush-to-zero does below -126) and NaN stays NaN.
+# tests/kernels/test_attention.py replays these instructions in numpy; benchmarks.tune times n = 4 and 8.
+EXP2_POLY = {3: (0.6932829022407532, 0.2422092854976654, 0.05500788241624832),
+             4: (0.6931242346763611, 0.24024099111557007, 0.05590623617172241, 0.009582738392055035)}
+EXP2_MAGIC = 12582912.0  # 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+EXP2_MIN = -125.0
+
+
+def _ptx_f32(x: float) -> str:
+    import struct
+
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def exp2_asm(pack: int, degree: int) -> tuple[str, str]:
+    """(PTX, constraints) of ``tl.inline_asm_elementwise`` computing 2^x for ``pack`` elements at a time: the
+    first ``pack - 1`` with ex2.approx, the last with the polynomial."""
+    n = pack
+    lines = [f"ex2.approx.ftz.f32 ${i}, ${n + i};" for i in range(n - 1)]
+    x, out = f"${2 * n - 1}", f"${n - 1}"
+    lo, magic = _ptx_f32(EXP2_MIN), _ptx_f32(EXP2_MAGIC)
+    coef = EXP2_POLY[degree]
+    lines += [
+        f"setp.lt.f32 %e2lo, {x}, {lo};",
+        f"setp.nan.f32 %e2isnan, {x}, {x};",
+        f"max.f32 %e2xc, {x}, {lo};",
+        f"add.rn.f32 %e2t, %e2xc, {magic};",
+        f"sub.rn.f32 %e2j, %e2t, {magic};",
+        f"sub.rn.f32 %e2f, %e2xc, %e2j;",
+        f"mov.f32 %e2p, {_ptx_f32(coef[-1])};",
+    ]
+    lines += [f"fma.rn.f32 %e2p, %e2p, %e2f, {_ptx_f32(c)};" for c in reversed((1.0,) + coef[:-1])]
+    lines += [
+        "mov.b32 %e2tb, %e2t;",
+        "shl.b32 %e2tb, %e2tb, 23;",  # j (two's complement, in t's low bits) moved into the exponent field
+        "mov.b32 %e2pb, %e2p;",
+        "add.s32 %e2pb, %e2pb, %e2tb;",
+        "mov.b32 %e2p, %e2pb;",
+        f"selp.f32 %e2p, 0f00000000, %e2p, %e2lo;",
+        f"selp.f32 {out}, {x}, %e2p, %e2isnan;",
+    ]
+    body = "\n".join(lines)
+    asm = ("{\n.reg .pred %e2lo, %e2isnan;\n.reg .f32 %e2xc, %e2t, %e2j, %e2f, %e2p;\n.reg .b32 %e2tb, %e2pb;\n" + body + "\n}")
+    constraints = ",".join(["=f"] * n + ["f"] * n)
+    return asm, constraints
+
+
+_EXP2_ASM = {(n, d): exp2_asm(n, d) for n in (2, 4, 8) for d in (3, 4)}
+EXP2_4_BF16: tl.constexpr = tl.constexpr(_EXP2_ASM[4, 3][0])
+EXP2_4: tl.constexpr = tl.constexpr(_EXP2_ASM[4, 4][0])
+EXP2_8_BF16: tl.constexpr = tl.constexpr(_EXP2_ASM[8, 3][0])
+EXP2_8: tl.constexpr = tl.constexpr(_EXP2_ASM[8, 4][0])
+EXP2_2_BF16: tl.constexpr = tl.constexpr(_EXP2_ASM[2, 3][0])
+EXP2_2: tl.constexpr = tl.constexpr(_EXP2_ASM[2, 4][0])
+EXP2_CONSTRAINTS_2: tl.constexpr = tl.constexpr(_EXP2_ASM[2, 3][1])
+EXP2_CONSTRAINTS_4: tl.constexpr = tl.constexpr(_EXP2_ASM[4, 3][1])
+EXP2_CONSTRAINTS_8: tl.constexpr = tl.constexpr(_EXP2_ASM[8, 3][1])
+
+
+@triton.jit
+def _exp2(x, EXP_EMU: tl.constexpr, BF16: tl.constexpr):
+    """2^x of the forward's probabilities: ``exp2`` (MUFU) when EXP_EMU is 0, else one element in EXP_EMU
+    (2, 4 or 8) by the polynomial above."""
+    if EXP_EMU == 0:
+        return tl.math.exp2(x)
+    elif EXP_EMU == 2:
+        return tl.inline_asm_elementwise(EXP2_2_BF16 if BF16 else EXP2_2, EXP2_CONSTRAINTS_2, [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    elif EXP_EMU == 4:
+        return tl.inline_asm_elementwise(EXP2_4_BF16 if BF16 else EXP2_4, EXP2_CONSTRAINTS_4, [x],
+                                         dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(EXP2_8_BF16 if BF16 else EXP2_8, EXP2_CONSTRAINTS_8, [x],
+                                         dtype=tl.float32, is_pure=True, pack=8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +367,7 @@ def _kpm_range(kpm_row, Lk, BLOCK: tl.constexpr):
 def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_blk, sbm, sbn, kpm_ptr, offs_m, cols,
                Lq, Lk, prefix_len, qk_scale, mask_d,
                HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, EXP_EMU: tl.constexpr):
     """One key block of the online softmax: load K/V, score, rescale, accumulate."""
     if MASKED:
         # Keys past Lk read the last key instead (finite: they get p = 0), so only the head dim is masked.
@@ -306,7 +391,7 @@ def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_blk, sbm, sbn, k
     m_new = tl.maximum(m_i, tl.max(s, 1) * exp_scale)
     # A row with nothing visible yet keeps m = -inf; exponentiate against 0 there so no inf - inf.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s * exp_scale - m_use[:, None])
+    p = _exp2(s * exp_scale - m_use[:, None], EXP_EMU, v.dtype == tl.bfloat16)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -317,14 +402,14 @@ def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_blk, sbm, sbn, k
 def _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m, offs_n,
               start, end, Lq, Lk, prefix_len, qk_scale, mask_d,
               HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, EXP_EMU: tl.constexpr):
     """The key blocks in [start, end), all with or all without the index masks (``MASKED``)."""
     for start_n in range(start, end, BLOCK_N):
         n64 = tl.cast(start_n, tl.int64)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs + n64 * skn, v_ptrs + n64 * svn, skn, svn,
                                    bias_row + n64 * sbn, sbm, sbn, kpm_ptr, offs_m, start_n + offs_n,
                                    Lq, Lk, prefix_len, qk_scale, mask_d,
-                                   HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D)
+                                   HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D, EXP_EMU)
     return acc, m_i, l_i
 
 
@@ -336,7 +421,7 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, EXP_EMU: tl.constexpr):
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -371,20 +456,21 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
                                                                 (prefix_len // BLOCK_N) * BLOCK_N)))
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
                               offs_n, lo, full_hi, Lq, Lk, prefix_len, qk_scale, mask_d,
-                              HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N)
+                              HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU)
     # Short sequences end in a mostly empty key block (197 keys = 3 x 64 + 5): when the keys after the last
     # whole block fit in TAIL_N, they take one TAIL_N-key block instead of a BLOCK_N one.
     mid = _tail_start(full_hi, hi, BLOCK_N, TAIL_N)
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
                               offs_n, full_hi, mid, Lq, Lk, prefix_len, qk_scale, mask_d,
-                              HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N)
+                              HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU)
     if TAIL_N > 0:  # at most one TAIL_N block, [mid, hi)
         offs_t = tl.arange(0, TAIL_N)
         acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q,
                                   K + b * skb + hk * skh + offs_t.to(tl.int64)[:, None] * skn + offs_d[None, :],
                                   V + b * svb + hk * svh + offs_t.to(tl.int64)[:, None] * svn + offs_d[None, :],
                                   skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m, offs_t, mid, hi, Lq, Lk, prefix_len,
-                                  qk_scale, mask_d, HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, TAIL_N)
+                                  qk_scale, mask_d, HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, TAIL_N,
+                                  EXP_EMU)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -632,12 +718,14 @@ def tail_possible(block_n: int, block_d: int, max_block_d: int = 128) -> bool:
     return block_n > TAIL_N and 32 <= block_d <= max_block_d
 
 
-def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None, tail=None):
+def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None, tail=None,
+            exp_emu=None):
     """Launch the forward kernel. Returns ``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, stored as a
     ``(B, Lq, Hq, D)`` buffer so ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` is free; lse fp32 (B, Hq, Lq).
     ``rope=(cos, sin)``, tables ``(N, R)`` or ``(B, N, R)`` with N = Lq = Lk: q and k are rotated (half-split
     pairs) by the standalone RoPE kernel, one pass each, before the launch. ``tail``: the kernel's TAIL_N
-    (default :func:`key_tail`)."""
+    (default :func:`key_tail`). ``exp_emu``: the kernel's EXP_EMU (default :data:`EXP_EMU`; 0 in fp32 and
+    under the interpreter, which runs no inline PTX)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -662,9 +750,21 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None, HAS_KPM=kpm_t is not None,
         DOT_PRECISION=_dot_precision(q.dtype), ALIGN8=_strides_align8(q, k, v, o),
-        BLOCK_M=bm, BLOCK_N=bn, TAIL_N=tail, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, TAIL_N=tail, EXP_EMU=_exp_emu(exp_emu, q.dtype), num_warps=warps,
+        num_stages=stages,
     )
     return o, lse
+
+
+def _exp_emu(requested, dtype) -> int:
+    n = EXP_EMU if requested is None else requested
+    if n not in (0, 2, 4, 8):
+        raise ValueError(f"exp_emu must be 0, 2, 4 or 8, got {n!r}")
+    if n and _interpreting():
+        if requested:
+            raise ValueError("exp_emu > 0 needs a GPU: Triton's interpreter runs no inline PTX")
+        return 0
+    return 0 if dtype == torch.float32 else n
 
 
 def _query_splits(n_key_blocks, BH_kv, Lq, block_m):
@@ -817,6 +917,8 @@ def aot_specs():
             constexprs["QUERY_SPLIT"] = split
         if "TAIL_N" in arg_names(fn):
             constexprs["TAIL_N"] = tail
+        if "EXP_EMU" in arg_names(fn):
+            constexprs["EXP_EMU"] = EXP_EMU
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the

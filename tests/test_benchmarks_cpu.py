@@ -81,6 +81,7 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
 
     monkeypatch.setattr(tune, "FWD_SHAPES", {"tiny": (1, 2, 40, 33, 40)})
     monkeypatch.setattr(tune, "FWD_CANDIDATES", {64: [(16, 32, 4, 1)]})
+    monkeypatch.setattr(tune, "FWD_EXP_EMU", [])  # inline PTX: GPU only
     monkeypatch.setattr(tune, "SPLIT_SHAPES", {"tiny": (1, 2, 70, 20, 40)})
     monkeypatch.setattr(tune, "SPLIT_COUNTS", [1, 2, None])
     monkeypatch.setattr(tune, "SPLIT_TILES", [None])
