@@ -1,4 +1,4 @@
-"""The forward's exp2 split between MUFU and the FP32 pipes (kernels/attention.py, ``EXP_EMU``).
+"""The forward's exp2 split between MUFU and the FP32 pipes (kernels/exp2.py; kernels/attention.py's ``EXP_EMU``).
 
 Triton's interpreter runs no inline PTX, so the instructions ``exp2_asm`` emits are replayed here by a small
 PTX interpreter in numpy (float32 and uint32 arithmetic, as the GPU does it), over every kind of argument the
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dlcv_fast.kernels import attention as A
+from dlcv_fast.kernels import exp2 as E
 
 F32 = np.float32
 
@@ -77,7 +78,7 @@ ARGS = np.concatenate([
 @pytest.mark.parametrize("pack", [2, 4, 8])
 @pytest.mark.parametrize("degree,max_rel", [(3, 1.1e-4), (4, 3.5e-6)])
 def test_replayed_exp2(pack, degree, max_rel):
-    asm, constraints = A.exp2_asm(pack, degree)
+    asm, constraints = E.exp2_asm(pack, degree)
     assert constraints.split(",") == ["=f"] * pack + ["f"] * pack
     assert re.findall(r"\$(\d+)", asm) and max(int(i) for i in re.findall(r"\$(\d+)", asm)) == 2 * pack - 1
     x = ARGS[: len(ARGS) // pack * pack].reshape(-1, pack)
@@ -86,10 +87,10 @@ def test_replayed_exp2(pack, degree, max_rel):
     assert sum(line.startswith("ex2.approx") for line in asm.splitlines()) == pack - 1
     poly_x, poly = x[:, -1], outs[-1]
     exact = np.exp2(poly_x.astype(np.float64))
-    kept = poly_x >= A.EXP2_MIN
+    kept = poly_x >= E.EXP2_MIN
     rel = np.abs(poly[kept] - exact[kept]) / exact[kept]
     assert rel.max() <= max_rel, rel.max()
-    assert np.all(poly[(poly_x < A.EXP2_MIN) & ~np.isnan(poly_x)] == 0)  # -inf (masked) and the far tail: 0
+    assert np.all(poly[(poly_x < E.EXP2_MIN) & ~np.isnan(poly_x)] == 0)  # -inf (masked) and the far tail: 0
     assert np.isnan(poly[np.isnan(poly_x)]).all()
     assert np.all(np.isfinite(poly[~np.isnan(poly_x)])) and np.all(poly[kept] > 0)
     for i in range(pack - 1):  # the MUFU lanes
@@ -100,8 +101,8 @@ def test_replayed_exp2(pack, degree, max_rel):
 
 def test_the_polynomial_lane_alone_is_checked():
     """The replay fails on a wrong coefficient (the test above can fail)."""
-    asm, _ = A.exp2_asm(2, 3)
-    wrong = asm.replace(A._ptx_f32(A.EXP2_POLY[3][0]), A._ptx_f32(0.70))
+    asm, _ = E.exp2_asm(2, 3)
+    wrong = asm.replace(E._ptx_f32(E.EXP2_POLY[3][0]), E._ptx_f32(0.70))
     out = run_ptx(wrong, [np.zeros(3, F32), np.array([-0.25, -0.3, -10.2], F32)])[1]
     assert np.abs(out / np.exp2(np.array([-0.25, -0.3, -10.2])) - 1).max() > 1e-3
 
