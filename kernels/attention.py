@@ -776,7 +776,8 @@ def aot_specs():
     are compiled with and without their 16-key tail block (``TAIL_N``, taken when a few keys follow the last
     whole block). The plain forward with no flag is compiled too, on sm_90 only, where it must use wgmma in
     fp16/bf16 (the hot path) when its tile has 64 rows or more (a warpgroup MMA is 64 rows; head dim 160
-    takes 32-row tiles, which do not spill). fp16 takes the
+    takes 32-row tiles, which do not spill); so is the hot fp16 d64 / bf16 d128 one with the exp2 split
+    (EXP_EMU 4 and 8, inline PTX; off by default). fp16 takes the
     power-of-two head dim of each bucket and bf16 a padded one where models have it (40 -> 64, 80 -> 128,
     160 -> 256), so both the even and the masked head-dim paths compile; fp32 (IEEE dots) is checked for the
     64 bucket. Pointers are 16-byte aligned, the batch and row strides of q/k/v/o multiples of 16 (as for
@@ -796,9 +797,9 @@ def aot_specs():
     cases = [("fp16", d) for d in (16, 32, 64, 128, 256)] + [("bf16", d) for d in (40, 80, 160)] + [("fp32", 64)]
     wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
 
-    def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0):
+    def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU):
         flags = tuple(f for f in short if f in flags and f in arg_names(fn))
-        key = (fn, dtype, d, flags, cfg, wgmma, split, tail)
+        key = (fn, dtype, d, flags, cfg, wgmma, split, tail, emu)
         wanted.setdefault(key, []).append(arch)
 
     for dtype, d in cases:
@@ -818,9 +819,16 @@ def aot_specs():
                 for tail in (0, TAIL_N) if tail_possible(q_cfg[1], block_d, DQ_TAIL_MAX_BLOCK_D) else (0,):
                     want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch, tail=tail)
             want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it
+    # The split exp2 (EXP_EMU, off by default; benchmarks.tune times it): its inline PTX compiles into the hot
+    # Hopper forward without spills.
+    for dtype, d in (("fp16", 64), ("bf16", 128)):
+        cfg = shipped_configs(fwd_configs, d, torch_dtype[dtype], "plain", 90)[0]
+        for emu in (4, 8):
+            if emu != EXP_EMU:
+                want(_attn_fwd, dtype, d, (), cfg, 90, wgmma=True, emu=emu)
 
     specs = []
-    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail), archs in wanted.items():
+    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu), archs in wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         if split:
             types.update(DK="*fp32", DV="*fp32")  # the split's partial sums
@@ -835,7 +843,7 @@ def aot_specs():
         if "TAIL_N" in arg_names(fn):
             constexprs["TAIL_N"] = tail
         if "EXP_EMU" in arg_names(fn):
-            constexprs["EXP_EMU"] = EXP_EMU
+            constexprs["EXP_EMU"] = emu
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the
@@ -844,6 +852,7 @@ def aot_specs():
         if d % 16 == 0:
             divisible += [a for a in sig if re.fullmatch(r"s(q|k|v|o|do|dq|dk|dv)h", a)]
         tags = [short[f] for f in flags] + (["split"] if split else []) + ([f"tail{tail}"] if tail else [])
+        tags += [f"exp{emu}"] if emu and "EXP_EMU" in arg_names(fn) else []
         variant = "+".join(tags) or ("plain" if bn is not None else "")
         specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps, stages,
                              tuple(divisible), expect_wgmma=wgmma and dtype != "fp32" and bm >= 64, archs=tuple(archs)))
