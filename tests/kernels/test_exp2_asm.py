@@ -118,12 +118,11 @@ def test_exp_emu_is_refused_under_the_interpreter(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("exp_emu,dtype,Lq,Lk,D,kind", [
-    (4, "bfloat16", 197, 197, 64, "none"), (4, "bfloat16", 77, 77, 64, "causal+padding"),
-    (4, "bfloat16", 1025, 1025, 128, "causal"), (8, "float16", 300, 300, 40, "bias"),
-    (2, "float16", 197, 197, 64, "none")])
+    (4, "bfloat16", 197, 197, 64, "none"), (8, "float16", 77, 77, 64, "causal+padding"),
+    (4, "bfloat16", 1025, 1025, 128, "causal+padding")])
 def test_gpu_forward_with_exp_emu(exp_emu, dtype, Lq, Lk, D, kind, monkeypatch):
-    """The forward with the split exp2 passes the same parity rule as without it (masked scores included),
-    gives zeros for fully masked rows and propagates NaN."""
+    """The forward with the split exp2 passes the same parity rule as without it (masked scores included);
+    with causal + padding also: fully masked rows give zeros and a NaN in q stays in its row."""
     import torch
 
     import dlcv_fast
@@ -133,9 +132,11 @@ def test_gpu_forward_with_exp_emu(exp_emu, dtype, Lq, Lk, D, kind, monkeypatch):
     dt = getattr(torch, dtype)
     q, k, v = make_inputs(2, 4, 4, Lq, Lk, D, dt, "cuda")
     check_parity(q, k, v, make_mask_args(kind, 2, 4, Lq, Lk, dt, "cuda"), backward=False)
+    if kind != "causal+padding":
+        return
     kpm = torch.ones(2, Lk, dtype=torch.bool, device="cuda")
     kpm[1] = False
     q[0, 0, 3, 0] = float("nan")
-    out = dlcv_fast.attention(q, k, v, key_padding_mask=kpm)
+    out = dlcv_fast.attention(q, k, v, causal=True, key_padding_mask=kpm)
     assert (out[1] == 0).all()
     assert out[0, 0, 3].isnan().all() and not out[0, 1:].isnan().any()
