@@ -272,10 +272,12 @@ def sweep_fwd(emit):
         q, k, v, _ = _rect_inputs(B, H, Lq, Lk, D)
         block_d = kern.padded_head_dim(D)
         table = kern._pick(kern.fwd_configs(block_d, torch.float16, "plain", uneven=D < block_d), Lq, B * H)
-        jobs = [(None, None, None)] + [(c, None, None) for c in FWD_CANDIDATES[64 if block_d <= 64 else 128]]
+        # the table's tile, with the exp2 split over two pipes, without the 16-key tail block, then other
+        # tiles (in that order, so a run cut short still has the first ones of every shape it reached)
+        jobs = [(None, None, None)] + [(None, None, n) for n in FWD_EXP_EMU]
         if kern.key_tail(Lk, table[1], block_d):
-            jobs.insert(1, (None, 0, None))  # the table's tile without the 16-key tail block
-        jobs += [(None, None, n) for n in FWD_EXP_EMU]  # the table's tile with exp2 split over two pipes
+            jobs.append((None, 0, None))
+        jobs += [(c, None, None) for c in FWD_CANDIDATES[64 if block_d <= 64 else 128]]
         for config, tail, emu in jobs:
             cfg = tuple(config or table)
             tail = kern.key_tail(Lk, cfg[1], block_d) if tail is None else tail
