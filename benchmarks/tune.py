@@ -1,6 +1,7 @@
 """Config sweep for the attention kernels on a GPU: parity and time of each candidate tile.
 
     python -m benchmarks.tune --out sweep.jsonl [--only table,bwd128,bwd64,fwd,split,rope64,rope128,window]
+    python -m benchmarks.tune --summarize sweep.jsonl   # default vs fastest per comparison, no GPU needed
 
 For each group (the backward tables' own entries, backward candidates at head dim 128 / 64, forward tiles at
 the suite's long and short shapes, the dK/dV query split at short key sides, forward with ``rope=`` at 64 /
@@ -89,7 +90,8 @@ def sweep_bwd(D, emit, table_only=False):
     jobs = [("table", tuple(table))] + [("dkdv", (c, table[1])) for c in kv_cands]
     jobs += [("dq", (table[0], c)) for c in q_cands]
     for which, config in jobs:
-        row = dict(group=f"bwd{D}", kernel=which, config=config, table=list(table), shape=[B, H, L, D])
+        row = dict(group=f"bwd{D}", kernel=which, config=config, table=list(table), shape=[B, H, L, D],
+                   default=which == "table")
         try:
             errs = {}
             for causal, ref in checks.items():
@@ -120,9 +122,9 @@ def sweep_rope(D, emit):
     qr, kr = (rope_kernels.apply(t, cos, sin, interleaved=False) for t in (q, k))
     ref = kern.forward(qr, kr, v, None, None, False, 0, scale)[0]
     base = dict(group=f"rope{D}", shape=[B, H, L, D])
-    emit(dict(base, kernel="plain (no rope)", ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale),
+    emit(dict(base, kernel="plain (no rope)", reference=True, ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale),
                                                          warmup=10, rep=40)))
-    emit(dict(base, kernel="apply_rope(q,k)+plain", ms=do_bench(
+    emit(dict(base, kernel="apply_rope(q,k)+plain", default=True, ms=do_bench(
         lambda: kern.forward(rope_kernels.apply(q, cos, sin, interleaved=False),
                              rope_kernels.apply(k, cos, sin, interleaved=False), v, None, None, False, 0, scale),
         warmup=10, rep=40)))
@@ -204,7 +206,8 @@ def sweep_window(emit):
         for path, kw in window_fwd_jobs(kern, window, 32, qkv.dtype, default_groups):
             row = dict(group=f"window_{stage}", kernel=f"window forward, {path}",
                        config=kw.get("grouped_cfg") or kw.get("config"), groups=kw.get("groups"),
-                       default_groups=default_groups, shape=[B, H, W, heads, 32])
+                       default_groups=default_groups, shape=[B, H, W, heads, 32],
+                       default=kw == dict(grouped_cfg=kern.fwd_grouped_config(window, 32, qkv.dtype)))
             try:
                 err = _rel_err(kern.forward(qkv[:b], table, bias, heads, window, shift, scale, **kw)[0], ref_out)
                 row.update(ms=_time(lambda: kern.forward(qkv, table, bias, heads, window, shift, scale, **kw)),
@@ -221,7 +224,8 @@ def sweep_window(emit):
         for path, kw in window_jobs(kern, window, 32, qkv.dtype, default_groups):
             row = dict(group=f"window_{stage}", kernel=f"window backward, {path}",
                        config=kw.get("fused_cfg") or kw.get("dkdv_cfg"), groups=kw.get("groups"),
-                       default_groups_one_key_block=default_groups, shape=[B, H, W, heads, 32])
+                       default_groups_one_key_block=default_groups, shape=[B, H, W, heads, 32],
+                       default=kw == dict(fused_cfg=kern.fused_config(window, 32, qkv.dtype)))
             try:
                 got = kern.backward(dout[:b], qkv[:b], table, bias, out_c, lse_c, heads, window, shift, scale,
                                     True, True, **kw)
@@ -281,12 +285,13 @@ def sweep_fwd(emit):
         if kern.key_tail(Lk, table[1], block_d):
             jobs.append((None, 0, None))
         jobs += [(c, None, None) for c in FWD_CANDIDATES[64 if block_d <= 64 else 128]]
-        for config, tail, emu in jobs:
+        for config, job_tail, job_emu in jobs:
             cfg = tuple(config or table)
-            tail = kern.key_tail(Lk, cfg[1], block_d) if tail is None else tail
-            emu = kern.EXP_EMU if emu is None else emu
+            tail = kern.key_tail(Lk, cfg[1], block_d) if job_tail is None else job_tail
+            emu = kern.EXP_EMU if job_emu is None else job_emu
             row = dict(group="fwd", kernel="forward" if config else "forward (table)", config=cfg, tail=tail,
-                       exp_emu=emu, case=name, shape=[B, H, Lq, Lk, D])
+                       exp_emu=emu, case=name, shape=[B, H, Lq, Lk, D],
+                       default=(config, job_tail, job_emu) == (None,) * 3)
             kw = dict(config=cfg, tail=tail, exp_emu=emu)
             try:
                 if (D, cfg, tail, emu) not in checked:  # parity at a length ending in a one-key block
@@ -321,7 +326,8 @@ def sweep_split(emit):
             n_kb = -(-Lk // config[0][1])
             for splits in SPLIT_COUNTS:
                 row = dict(group="split", kernel="backward", config=config, splits=splits, case=name,
-                           default_splits=kern._query_splits(n_kb, B * H, Lq, config[0][0]), shape=[B, H, Lq, Lk, D])
+                           default_splits=kern._query_splits(n_kb, B * H, Lq, config[0][0]), shape=[B, H, Lq, Lk, D],
+                           default=tile is None and splits is None)
                 try:
                     got = kern.backward(cdo, cq, ck, cv, co, clse, None, None, False, 0, scale, False, config=config,
                                         splits=splits)[:3]
@@ -340,11 +346,53 @@ GROUPS = {"bwd128": lambda emit: sweep_bwd(128, emit), "bwd64": lambda emit: swe
           "rope64": lambda emit: sweep_rope(64, emit), "rope128": lambda emit: sweep_rope(128, emit)}
 
 
+def summarize(rows):
+    """One line per measured comparison: the shipped default's time against the fastest candidate that passed
+    parity, in the same group, case and kernel (window forward and backward apart), and a reference row's
+    time where the group has one (RoPE: the same attention without rope). Rows without a ``default`` flag
+    (files from before it) only give their fastest."""
+    sets = {}
+    for r in rows:
+        if "group" not in r or r.get("ms") is None:
+            continue
+        family = r["kernel"].split(",")[0] if r["group"].startswith("window") else ""
+        key = (r["group"], r.get("case") or json.dumps(r.get("shape")), family)
+        sets.setdefault(key, []).append(r)
+    lines = []
+    for (group, case, family), rs in sets.items():
+        refs = [r for r in rs if r.get("reference") or r["kernel"] == "plain (no rope)"]
+        ok = [r for r in rs if r.get("ok", True) and r not in refs]
+        base = next((r for r in rs if r.get("default")), None)
+        best = min(ok, key=lambda r: r["ms"]) if ok else None
+        what = " ".join(x for x in (group, case, family) if x)
+        if best is None:
+            lines.append(f"{what}: no candidate passed parity")
+            continue
+        detail = {k: best[k] for k in ("kernel", "config", "tail", "exp_emu", "splits", "groups") if best.get(k) is not None}
+        line = f"{what}: fastest {best['ms']:.4f} ms {detail}"
+        if base is not None:
+            flag = "" if base.get("ok", True) else " (default FAILED parity)"
+            line = (f"{what}: default {base['ms']:.4f} ms{flag}, fastest {best['ms']:.4f} ms "
+                    f"({base['ms'] / best['ms']:.2f}x) {detail}")
+        if refs:
+            line += f"; reference ({refs[0]['kernel']}) {refs[0]['ms']:.4f} ms"
+        lines.append(line)
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="JSON-lines file the rows are appended to")
     ap.add_argument("--only", default=",".join(GROUPS))
+    ap.add_argument("--summarize", metavar="FILE", help="print the default-vs-fastest summary of a sweep file "
+                    "(no GPU needed) and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            print("\n".join(summarize([json.loads(line) for line in f if line.strip()])))
+        return
+    if not args.out:
+        ap.error("--out is required to run a sweep")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.tune needs a CUDA GPU")
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,

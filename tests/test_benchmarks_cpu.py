@@ -103,6 +103,25 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     checked = [r for r in rows if "ok" in r]
     assert [r["tail"] for r in rows if r["group"] == "fwd"] == [16, 0, 16]  # table, table without tail, candidate
     assert len(checked) == 15 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+    # every comparison has its shipped default flagged, so the summary can compare against it
+    lines = tune.summarize(rows)
+    assert len(lines) == 6 and all(": default " in line for line in lines), lines
+
+
+def test_tune_summary_compares_the_default_with_the_fastest_passing_candidate():
+    from benchmarks import tune
+
+    rows = [{"gpu": "x"},
+            dict(group="fwd", case="a", kernel="forward (table)", config=[1], ms=2.0, ok=True, default=True),
+            dict(group="fwd", case="a", kernel="forward", config=[2], ms=1.0, ok=True),
+            dict(group="fwd", case="a", kernel="forward", config=[3], ms=0.5, ok=False),  # wrong: never chosen
+            dict(group="fwd", case="a", kernel="forward", config=[4], error="OutOfResources"),
+            dict(group="rope64", shape=[1], kernel="plain (no rope)", ms=0.9, reference=True),
+            dict(group="rope64", shape=[1], kernel="apply_rope(q,k)+plain", ms=1.0, default=True)]
+    assert tune.summarize(rows) == [
+        "fwd a: default 2.0000 ms, fastest 1.0000 ms (2.00x) {'kernel': 'forward', 'config': [2]}",
+        "rope64 [1]: default 1.0000 ms, fastest 1.0000 ms (1.00x) {'kernel': 'apply_rope(q,k)+plain'}; "
+        "reference (plain (no rope)) 0.9000 ms"]
 
 
 def test_roofline_copy_kernel_copies_every_element():
