@@ -647,9 +647,10 @@ def backward(dout, qkv, table, qkv_bias, out, lse, num_heads: int, window, shift
     ``(3C,)`` in the bias's dtype when ``bias_grad`` else None (its q third is zero, as padding queries are
     cropped; all of it is zero when nothing is padded).
 
-    One kernel (``_window_attn_bwd_fused``, config :func:`fused_config` or ``fused_cfg``) where the window
-    fits one tile, else the dq and dk/dv kernels; giving ``fwd_cfg`` or ``dkdv_cfg`` (their configs) asks for
-    the latter. ``groups``: window groups of the fused or dk/dv kernel (default: about PROGRAMS_PER_SM
+    One kernel (``_window_attn_bwd_fused``, config :func:`fused_config` or ``fused_cfg``) where
+    :func:`fused_config` has an entry (fp16/bf16 windows of at most 64 tokens) and no padded map needs a
+    qkv bias gradient, else the dq and dk/dv kernels; giving ``fwd_cfg`` or ``dkdv_cfg`` (their configs)
+    asks for the latter. ``groups``: window groups of the fused or dk/dv kernel (default: about PROGRAMS_PER_SM
     programs per SM)."""
     B, H, W, C, D, n_win, scalars, (s_t, s_th) = _geometry(qkv, num_heads, window, shift, table)
     if dout.stride(-1) != 1:
