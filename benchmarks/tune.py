@@ -148,7 +148,7 @@ def sweep_rope(D, emit):
 WINDOW_SHAPES = {"stage1": (128, 56, 56, 3), "stage3": (128, 14, 14, 12)}  # B, H, W, heads (head dim 32)
 # Each job is backward()'s keyword arguments. None as a dK/dV tile = the table's entry (sm_90: 64x64 w8, one
 # query chunk per 7x7 window); 32x64 w8 is the sm_80 entry.
-WINDOW_FUSED = [None, (64, 4, 1), (64, 8, 2)]  # None: fused_config's entry (sm_90: 64-token tile, 8 warps)
+WINDOW_FUSED = [None, (64, 8, 1), (64, 4, 1)]  # None: fused_config's entry (sm_90: 64-token tile, 8 warps, 2 stages)
 WINDOW_DKDV = [None, (32, 64, 8, 1), (32, 64, 4, 1), (64, 64, 4, 1), (64, 32, 4, 1), (64, 32, 8, 1)]
 WINDOW_GROUP_SCALE = [0.5, 2.0, 4.0]
 WINDOW_CHECK_B = 2

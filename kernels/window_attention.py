@@ -81,11 +81,13 @@ DKDV_CONFIGS_FP32 = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 32, 4)}  # IEEE 
 FWD_GROUPED_CONFIGS = {90: {16: (4, 2), 32: (4, 2), 64: (4, 2)}, 80: {16: (4, 2), 32: (4, 2), 64: (4, 2)}}
 # The one-kernel backward of windows that fit one tile (N <= MAX_TILE): (num_warps, num_stages) per arch
 # and BLOCK_D; a BLOCK_D missing here takes the dq + dk/dv kernels. sm_90 at head dims up to 32 (Swin's), 8
-# warps: 231-255 registers, no spill with triton 3.6 and 3.8; 4 warps spilled. At 64 it compiled clean with
-# triton 3.8 but spilled 56-192 B with 3.6; on sm_80 it spilled at 32 and 64 (24-304 B, either warp count),
-# and fp32 (IEEE dots) on sm_90 (364 B at 32): those keep the two kernels. Untimed on a GPU (benchmarks.tune
-# --only window compares the two paths).
-FUSED_CONFIGS = {90: {16: (4, 1), 32: (8, 1)}, 80: {16: (4, 1)}}
+# warps: 233-255 registers, no spill with triton 3.6 and 3.8; 4 warps spilled. One program per SM at that
+# size, so at head dim 32 two stages keep the next window's loads in flight (37.5 KB of shared memory, still
+# no spill; at 16 two stages spilled 16 B with triton 3.6). At 64 it compiled clean with triton 3.8 but
+# spilled 56-192 B with 3.6; on sm_80 it spilled at 32 and 64 (24-304 B, either warp count), and fp32 (IEEE
+# dots) on sm_90 (364 B at 32): those keep the two kernels. Untimed on a GPU (benchmarks.tune --only window
+# compares the two paths and one stage against two).
+FUSED_CONFIGS = {90: {16: (4, 1), 32: (8, 2)}, 80: {16: (4, 1)}}
 PROGRAMS_PER_SM = 4
 # The grouped forward's programs are lighter (4 warps, 128-251 registers: 2-3 resident per SM): 12 per SM
 # are whole waves of 2, 3 or 4 resident programs, each still looping over several windows at Swin sizes.
