@@ -122,8 +122,8 @@ def sweep_rope(D, emit):
     qr, kr = (rope_kernels.apply(t, cos, sin, interleaved=False) for t in (q, k))
     ref = kern.forward(qr, kr, v, None, None, False, 0, scale)[0]
     base = dict(group=f"rope{D}", shape=[B, H, L, D])
-    emit(dict(base, kernel="plain (no rope)", reference=True, ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale),
-                                                         warmup=10, rep=40)))
+    emit(dict(base, kernel="plain (no rope)", reference=True,
+              ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale), warmup=10, rep=40)))
     emit(dict(base, kernel="apply_rope(q,k)+plain", default=True, ms=do_bench(
         lambda: kern.forward(rope_kernels.apply(q, cos, sin, interleaved=False),
                              rope_kernels.apply(k, cos, sin, interleaved=False), v, None, None, False, 0, scale),
@@ -202,12 +202,17 @@ def sweep_window(emit):
                       scale=scale)
         ref_out = reference.window_attention(qkv[:b].float(), **kw_ref)
         n_windows = B * (H // 7) * (W // 7)
+
+        def window_row(direction, path, kw, default_kw, default_groups):
+            config = next((kw[k] for k in ("fused_cfg", "dkdv_cfg", "grouped_cfg", "config") if kw.get(k)), None)
+            return dict(group=f"window_{stage}", kernel=f"window {direction}, {path}", config=config,
+                        groups=kw.get("groups"), default_groups=default_groups, shape=[B, H, W, heads, 32],
+                        default=kw == default_kw)
+
         default_groups = kern._num_groups(n_windows, heads, kern.FWD_PROGRAMS_PER_SM)
+        default_kw = dict(grouped_cfg=kern.fwd_grouped_config(window, 32, qkv.dtype))
         for path, kw in window_fwd_jobs(kern, window, 32, qkv.dtype, default_groups):
-            row = dict(group=f"window_{stage}", kernel=f"window forward, {path}",
-                       config=kw.get("grouped_cfg") or kw.get("config"), groups=kw.get("groups"),
-                       default_groups=default_groups, shape=[B, H, W, heads, 32],
-                       default=kw == dict(grouped_cfg=kern.fwd_grouped_config(window, 32, qkv.dtype)))
+            row = window_row("forward", path, kw, default_kw, default_groups)
             try:
                 err = _rel_err(kern.forward(qkv[:b], table, bias, heads, window, shift, scale, **kw)[0], ref_out)
                 row.update(ms=_time(lambda: kern.forward(qkv, table, bias, heads, window, shift, scale, **kw)),
@@ -221,11 +226,9 @@ def sweep_window(emit):
         out, lse = kern.forward(qkv, table, bias, heads, window, shift, scale)
         out_c, lse_c = kern.forward(qkv[:b], table, bias, heads, window, shift, scale)
         default_groups = kern._num_groups(n_windows, heads)
+        default_kw = dict(fused_cfg=kern.fused_config(window, 32, qkv.dtype))
         for path, kw in window_jobs(kern, window, 32, qkv.dtype, default_groups):
-            row = dict(group=f"window_{stage}", kernel=f"window backward, {path}",
-                       config=kw.get("fused_cfg") or kw.get("dkdv_cfg"), groups=kw.get("groups"),
-                       default_groups_one_key_block=default_groups, shape=[B, H, W, heads, 32],
-                       default=kw == dict(fused_cfg=kern.fused_config(window, 32, qkv.dtype)))
+            row = window_row("backward", path, kw, default_kw, default_groups)
             try:
                 got = kern.backward(dout[:b], qkv[:b], table, bias, out_c, lse_c, heads, window, shift, scale,
                                     True, True, **kw)
@@ -368,7 +371,8 @@ def summarize(rows):
         if best is None:
             lines.append(f"{what}: no candidate passed parity")
             continue
-        detail = {k: best[k] for k in ("kernel", "config", "tail", "exp_emu", "splits", "groups") if best.get(k) is not None}
+        detail = {k: best[k] for k in ("kernel", "config", "tail", "exp_emu", "splits", "groups")
+                  if best.get(k) is not None}
         line = f"{what}: fastest {best['ms']:.4f} ms {detail}"
         if base is not None:
             flag = "" if base.get("ok", True) else " (default FAILED parity)"

@@ -57,7 +57,8 @@ def exp2_asm(pack: int, degree: int) -> tuple[str, str]:
         f"selp.f32 {out}, {x}, %e2p, %e2isnan;",
     ]
     body = "\n".join(lines)
-    asm = ("{\n.reg .pred %e2lo, %e2isnan;\n.reg .f32 %e2xc, %e2t, %e2j, %e2f, %e2p;\n.reg .b32 %e2tb, %e2pb;\n" + body + "\n}")
+    regs = ".reg .pred %e2lo, %e2isnan;\n.reg .f32 %e2xc, %e2t, %e2j, %e2f, %e2p;\n.reg .b32 %e2tb, %e2pb;"
+    asm = "{\n" + regs + "\n" + body + "\n}"
     constraints = ",".join(["=f"] * n + ["f"] * n)
     return asm, constraints
 

@@ -529,8 +529,8 @@ def _window_attn_bwd_fused(QKV, TABLE, QKV_BIAS, DOUT, LSE, DQKV, DTAB,
 
     With every query and key of a window in one tile, the scores are computed once (the two-kernel path
     computes them twice), and ``delta = rowsum(P * dP)`` comes from the tile itself: it equals
-    ``rowsum(dO * O)`` (as ``O = P V``) without reading the output (nor its rounding). DTAB (groups, heads, N, N) fp32: this program's dS summed over its windows, (query, key) order,
-    every element stored."""
+    ``rowsum(dO * O)`` (as ``O = P V``) without reading the output (nor its rounding). DTAB (groups, heads,
+    N, N) fp32: this program's dS summed over its windows, (query, key) order, every element stored."""
     N: tl.constexpr = WIN_H * WIN_W
     grp, h, offs, offs_d, mask_d, col = _group_program(HEAD_DIM, BLOCK_D, TILE)
     table_h = TABLE + h * s_th

@@ -324,7 +324,8 @@ def test_grouped_forward_equals_per_window_forward(H, W, window, shift, device, 
         again = kernels.forward(qkv, table, bias, 2, window, shift, 0.2, groups=groups)
         assert torch.equal(again[0], out) and torch.equal(again[1], lse)
     kw = dict(num_heads=2, window_size=window, shift_size=shift, scale=0.2)
-    golden, golden_lse = reference.window_attention_with_lse(qkv.cpu().double(), rel_pos_bias_table=table.cpu().double(),
+    golden, golden_lse = reference.window_attention_with_lse(qkv.cpu().double(),
+                                                             rel_pos_bias_table=table.cpu().double(),
                                                              qkv_bias=bias.cpu().double(), **kw)
     lp = reference.window_attention(qkv.cpu(), rel_pos_bias_table=table.cpu().half(), qkv_bias=bias.cpu().half(), **kw)
     for got, got_lse in ((out, lse), per_window):
