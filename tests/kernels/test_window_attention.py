@@ -44,6 +44,12 @@ def make_inputs(B, H, W, heads, D, window, dtype, device, *, table=True, qkv_bia
     return qkv, t, b
 
 
+def seeded_like(t, seed=1):
+    """Random values shaped like ``t`` from their own generator: a test's inputs do not depend on which tests
+    ran before it in the same process (pytest-xdist deals tests to workers in varying order)."""
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)).to(t.device, t.dtype)
+
+
 def grads_of(out, inputs, dout):
     wrt = [x for x in inputs if x is not None]
     grads = iter(torch.autograd.grad(out, wrt, dout))
@@ -64,7 +70,7 @@ def check_parity(inputs, kw):
     out = dlcv_fast.window_attention(qkv, rel_pos_bias_table=inputs[1], qkv_bias=inputs[2], **kw)
     B, H, W, C3 = qkv.shape
     assert out.shape == (B, H, W, C3 // 3) and out.dtype == qkv.dtype and out.is_contiguous()
-    dout = torch.randn_like(out)
+    dout = seeded_like(out)
     grads = grads_of(out, inputs, dout)
     g_out, g_grads = reference_results(inputs, dout, kw, torch.float64)
     lp_out, lp_grads = reference_results(inputs, dout, kw, qkv.dtype)
@@ -241,7 +247,7 @@ def test_equals_dense_attention_on_explicit_windows(device):
                                      qkv_bias=bias)
     expected = explicit_windows(qkv, table, bias, 2, 4, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    dout = torch.randn_like(out)
+    dout = seeded_like(out)
     for g, e in zip(grads_of(out, [qkv, table, bias], dout), grads_of(expected, [qkv, table, bias], dout)):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
@@ -267,7 +273,7 @@ def test_window_groups_give_the_same_gradients(groups, device):
     """The dk/dv kernel's split of windows into groups changes only the order of the table-gradient sum."""
     qkv, table, bias = (x.detach() for x in make_inputs(1, 12, 12, 1, 32, 4, torch.float32, device))
     out, lse = kernels.forward(qkv, table, bias, 1, (4, 4), (2, 2), 0.2)
-    dout = torch.randn_like(out)
+    dout = seeded_like(out)
     got = kernels.backward(dout, qkv, table, bias, out, lse, 1, (4, 4), (2, 2), 0.2, True, True, groups=groups)
     ref = kernels.backward(dout, qkv, table, bias, out, lse, 1, (4, 4), (2, 2), 0.2, True, True, groups=9)
     for g, r in zip(got, ref):
@@ -281,7 +287,7 @@ def test_table_gradient_in_registers_or_in_memory(shift, device):
     match the reference."""
     qkv, table, bias = (x.detach() for x in make_inputs(2, 14, 14, 2, 32, 7, torch.float32, device))
     out, lse = kernels.forward(qkv, table, bias, 2, (7, 7), (shift, shift), 0.2)
-    dout = torch.randn_like(out)
+    dout = seeded_like(out)
     kw = dict(groups=3)
     one_chunk = kernels.backward(dout, qkv, table, bias, out, lse, 2, (7, 7), (shift, shift), 0.2, True, True,
                                  dkdv_cfg=(64, 64, 4, 1), **kw)
@@ -342,7 +348,7 @@ def test_one_kernel_backward_equals_two_kernels(H, W, window, shift, device, mon
     window, shift = pair(window), pair(shift)
     qkv, table, bias = (x.detach() for x in make_inputs(2, H, W, 2, 32, window, torch.float16, device))
     out, lse = kernels.forward(qkv, table, bias, 2, window, shift, 0.2)
-    dout = torch.randn_like(out)
+    dout = seeded_like(out)
     spy = _LaunchSpy(kernels._window_attn_bwd_fused)
     monkeypatch.setattr(kernels, "_window_attn_bwd_fused", spy)
     one = kernels.backward(dout, qkv, table, bias, out, lse, 2, window, shift, 0.2, True, True)
@@ -381,7 +387,7 @@ def test_path_choice(device, monkeypatch):
         assert kernels.fwd_grouped_config((12, 12), 32, torch.bfloat16, arch=arch) is None
     qkv, table, bias = (x.detach() for x in make_inputs(1, 9, 11, 2, 32, 4, torch.float16, device))
     out, lse = kernels.forward(qkv, table, bias, 2, (4, 4), (2, 2), 0.2)
-    dout = torch.randn_like(out)
+    dout = seeded_like(out)
     spy = _LaunchSpy(kernels._window_attn_bwd_fused)
     monkeypatch.setattr(kernels, "_window_attn_bwd_fused", spy)
     _, _, dbias = kernels.backward(dout, qkv, table, bias, out, lse, 2, (4, 4), (2, 2), 0.2, True, True)
