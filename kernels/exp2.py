@@ -43,7 +43,7 @@ def exp2_asm(pack: int, degree: int) -> tuple[str, str]:
         f"max.f32 %e2xc, {x}, {lo};",
         f"add.rn.f32 %e2t, %e2xc, {magic};",
         f"sub.rn.f32 %e2j, %e2t, {magic};",
-        f"sub.rn.f32 %e2f, %e2xc, %e2j;",
+        "sub.rn.f32 %e2f, %e2xc, %e2j;",
         f"mov.f32 %e2p, {_ptx_f32(coef[-1])};",
     ]
     lines += [f"fma.rn.f32 %e2p, %e2p, %e2f, {_ptx_f32(c)};" for c in reversed((1.0,) + coef[:-1])]
@@ -53,7 +53,7 @@ def exp2_asm(pack: int, degree: int) -> tuple[str, str]:
         "mov.b32 %e2pb, %e2p;",
         "add.s32 %e2pb, %e2pb, %e2tb;",
         "mov.b32 %e2p, %e2pb;",
-        f"selp.f32 %e2p, 0f00000000, %e2p, %e2lo;",
+        "selp.f32 %e2p, 0f00000000, %e2p, %e2lo;",
         f"selp.f32 {out}, {x}, %e2p, %e2isnan;",
     ]
     body = "\n".join(lines)
@@ -90,5 +90,3 @@ def _exp2(x, EXP_EMU: tl.constexpr, BF16: tl.constexpr):
     else:
         return tl.inline_asm_elementwise(EXP2_8_BF16 if BF16 else EXP2_8, EXP2_CONSTRAINTS_8, [x],
                                          dtype=tl.float32, is_pure=True, pack=8)
-
-

@@ -70,14 +70,16 @@ FWD_CONFIGS_FP32 = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8)}  # IEEE f
 # later, 80 below). Head dim 32 (Swin's): sm_90 takes 64-query chunks, so a 7x7 or 8x8 window is one chunk
 # and the table gradient is summed in registers (no per-chunk load-add-store and barrier; 255 registers, no
 # spill, the same one 8-warp block per SM as the 32-query tile's 174 registers); on sm_80 that tile spills
-# (324 B), so it keeps 32-query chunks. Neither is timed on a GPU yet (benchmarks.tune --only window).
+# (324 B), so it keeps 32-query chunks. Neither is timed on a GPU yet (benchmarks.tune --only window). Since
+# the one-kernel backward (FUSED_CONFIGS), 7x7 and 8x8 windows reach this kernel on sm_90 only for padded maps
+# whose qkv bias needs a gradient.
 _DKDV_80 = {16: (32, 64, 4), 32: (32, 64, 8), 64: (16, 64, 8)}
 DKDV_CONFIGS = {90: {**_DKDV_80, 32: (64, 64, 8)}, 80: _DKDV_80}
 DKDV_CONFIGS_FP32 = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 32, 4)}  # IEEE fp32, both archs
 # The fp16/bf16 forward of windows that fit one tile (N <= MAX_TILE), looping over a group of windows per
 # program: (num_warps, num_stages) per arch and BLOCK_D; a BLOCK_D missing here, and fp32 (its IEEE dots
 # spilled 48-944 B), take the per-window forward. 128-251 registers, no spill; 2 stages (the next window's
-# q/k/v loads in flight). Untimed on a GPU (benchmarks.tune --only window_fwd).
+# q/k/v loads in flight). Untimed on a GPU (benchmarks.tune --only window).
 FWD_GROUPED_CONFIGS = {90: {16: (4, 2), 32: (4, 2), 64: (4, 2)}, 80: {16: (4, 2), 32: (4, 2), 64: (4, 2)}}
 # The one-kernel backward of windows that fit one tile (N <= MAX_TILE): (num_warps, num_stages) per arch
 # and BLOCK_D; a BLOCK_D missing here takes the dq + dk/dv kernels. sm_90 at head dims up to 32 (Swin's), 8
@@ -124,25 +126,28 @@ def dkdv_config(window, head_dim, dtype, arch=None):
     return min(tile, bm), min(tile, bn), warps, 1
 
 
-def fwd_grouped_config(window, head_dim, dtype, arch=None):
-    """(TILE, num_warps, num_stages) of the forward that loops over a group of windows per program on
-    ``arch``, or None where the per-window forward runs (windows larger than one tile, fp32, no entry)."""
+def _one_tile_config(configs, window, head_dim, dtype, arch):
+    """(TILE, num_warps, num_stages) from ``configs[arch][BLOCK_D]`` for a kernel that loops over one-tile
+    windows, or None: windows larger than one tile, fp32, no entry."""
     if window[0] * window[1] > MAX_TILE or dtype == torch.float32:
         return None
     tile, block_d = block_sizes(window, head_dim)
-    table = FWD_GROUPED_CONFIGS[table_arch(arch)]
+    table = configs[table_arch(arch)]
     return (tile, *table[block_d]) if block_d in table else None
+
+
+def fwd_grouped_config(window, head_dim, dtype, arch=None):
+    """(TILE, num_warps, num_stages) of the forward that loops over a group of windows per program on
+    ``arch`` (as :func:`dkdv_config`), or None where the per-window forward runs (windows larger than one
+    tile, fp32, no entry)."""
+    return _one_tile_config(FWD_GROUPED_CONFIGS, window, head_dim, dtype, arch)
 
 
 def fused_config(window, head_dim, dtype, arch=None):
     """(TILE, num_warps, num_stages) of the one-kernel backward on ``arch`` (as :func:`dkdv_config`), or None
     where the dq and dk/dv kernels run instead: windows larger than one tile, fp32, head dims without an
     entry."""
-    if window[0] * window[1] > MAX_TILE or dtype == torch.float32:
-        return None
-    tile, block_d = block_sizes(window, head_dim)
-    table = FUSED_CONFIGS[table_arch(arch)]
-    return (tile, *table[block_d]) if block_d in table else None
+    return _one_tile_config(FUSED_CONFIGS, window, head_dim, dtype, arch)
 
 
 _SM_COUNT = {}
