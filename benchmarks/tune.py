@@ -172,7 +172,7 @@ def window_fwd_jobs(kern, window, head_dim, dtype, default_groups):
 def window_jobs(kern, window, head_dim, dtype, default_groups):
     """backward() keyword arguments of each window-sweep candidate, labelled."""
     fused_default = kern.fused_config(window, head_dim, dtype)
-    two = dict(fwd_cfg=kern.fwd_config(window, head_dim, dtype))
+    two = dict(dq_cfg=kern.dq_config(window, head_dim, dtype))
     jobs = [("fused", dict(fused_cfg=cfg or fused_default)) for cfg in WINDOW_FUSED if cfg or fused_default]
     jobs += [("two kernels", dict(two, dkdv_cfg=cfg)) for cfg in WINDOW_DKDV]
     for f in WINDOW_GROUP_SCALE:
@@ -223,19 +223,19 @@ def sweep_window(emit):
         ref = reference.window_attention_backward(dout[:b].float(), qkv[:b].float(), num_heads=heads,
                                                   window_size=window, shift_size=shift, rel_pos_bias_table=table,
                                                   qkv_bias=bias, scale=scale)
-        out, lse = kern.forward(qkv, table, bias, heads, window, shift, scale)
-        out_c, lse_c = kern.forward(qkv[:b], table, bias, heads, window, shift, scale)
+        lse = kern.forward(qkv, table, bias, heads, window, shift, scale)[1]
+        lse_c = kern.forward(qkv[:b], table, bias, heads, window, shift, scale)[1]
         default_groups = kern._num_groups(n_windows, heads)
         default_kw = dict(fused_cfg=kern.fused_config(window, 32, qkv.dtype))
         for path, kw in window_jobs(kern, window, 32, qkv.dtype, default_groups):
             row = window_row("backward", path, kw, default_kw, default_groups)
             try:
-                got = kern.backward(dout[:b], qkv[:b], table, bias, out_c, lse_c, heads, window, shift, scale,
+                got = kern.backward(dout[:b], qkv[:b], table, bias, lse_c, heads, window, shift, scale,
                                     True, True, **kw)
                 errs = [_rel_err(x, r) for x, r in zip(got, ref)]
 
                 def fn():
-                    kern.backward(dout, qkv, table, bias, out, lse, heads, window, shift, scale, True, True, **kw)
+                    kern.backward(dout, qkv, table, bias, lse, heads, window, shift, scale, True, True, **kw)
                 row.update(ms=do_bench(fn, warmup=10, rep=40), rel_err=errs, ok=all(e < 2e-2 for e in errs))
             except Exception as e:
                 row.update(error=f"{type(e).__name__}: {str(e)[:200]}")

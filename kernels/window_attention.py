@@ -22,12 +22,11 @@ log-sum-exp per (token, head), ``(B, H, W, heads)`` fp32.
 
 Backward, deterministic (no atomics anywhere). In fp16/bf16, windows that fit one tile (7x7, 8x8: at most
 64 tokens) take one kernel, ``_window_attn_bwd_fused`` (one program per group of windows and head): a
-window's scores are computed once, dq, dk and dv all follow from them, and ``delta = rowsum(dO * O)`` is
-taken as ``rowsum(P * dP)`` from the tile (equal, as ``O = P V``; the output is not read); the table gradient
-is summed in registers over the program's windows. Larger windows, fp32, and padded maps whose qkv bias
-needs a gradient take two kernels:
-- ``_window_attn_bwd_dq`` (one program per window, head and query block) computes
-  ``delta = rowsum(dO * O)``, saves it per (token, head), and dq;
+window's scores are computed once, dq, dk and dv all follow from them; the table gradient is summed in
+registers over the program's windows. Larger windows, fp32, and padded maps whose qkv bias needs a gradient
+take two kernels:
+- ``_window_attn_bwd_dq`` (one program per window, head and query block) computes dq and
+  ``delta = rowsum(dO * O)``, which it saves per (token, head) for the second kernel;
 - ``_window_attn_bwd_dkdv`` (one program per group of windows, head and key block; keys on the MMA's M
   side, queries in chunks) computes dk and dv, and the table gradient: dS summed over the program's
   windows (in registers when one query chunk covers the window, as a 64-query chunk does a 7x7 or 8x8
@@ -38,6 +37,9 @@ needs a gradient take two kernels:
   ``PROGRAMS_PER_SM`` programs per SM, so on a 132-SM H100 it is 5 MB for 7x7 windows (N = 49), 8.6 MB for
   8x8 and 14.6 MB for 12x12 (3 key blocks). The qkv bias receives the dk/dv of padding tokens, summed per
   program into a ``(groups * key blocks, 2, C)`` buffer the same way.
+Neither path reads the forward's output: ``delta = rowsum(dO * O)`` is computed as ``rowsum(P * dP) /
+rowsum(P)`` (``_delta``), free of the output's fp16/bf16 rounding, which left dk up to 3x the fp16
+reference's error (about 1.5x this way).
 """
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ MAX_HEAD_DIM = 64
 MAX_TILE = 64
 FWD_CONFIGS = {16: (32, 4), 32: (32, 4), 64: (64, 8)}  # fp16/bf16: BLOCK_N, num_warps
 FWD_CONFIGS_FP32 = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8)}  # IEEE fp32: BLOCK_M, BLOCK_N, num_warps
+# dq kernel num_warps (per BLOCK_D) for windows of one tile, whose keys it takes in one block (dq_config);
+# no spill on sm_90 or sm_80 with triton 3.6 or 3.8 (96-168 registers at head dims 16-32). Untimed on a GPU.
+DQ_ONE_BLOCK_WARPS = {16: 4, 32: 4, 64: 8}  # all dtypes
 # dk/dv (BLOCK_M, BLOCK_N, num_warps) per arch (as kernels/attention.py's table_arch: 90 for Hopper and
 # later, 80 below). Head dim 32 (Swin's): sm_90 takes 64-query chunks, so a 7x7 or 8x8 window is one chunk
 # and the table gradient is summed in registers (no per-chunk load-add-store and barrier; 255 registers, no
@@ -108,13 +113,24 @@ def block_sizes(window, head_dim):
 
 
 def fwd_config(window, head_dim, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward and of the dq kernel."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the per-window forward (and the start of dq_config)."""
     tile, block_d = block_sizes(window, head_dim)
     if dtype == torch.float32:
         bm, bn, warps = FWD_CONFIGS_FP32[block_d]
         return min(tile, bm), min(tile, bn), warps, 1
     bn, warps = FWD_CONFIGS[block_d]
     return tile, min(tile, bn), warps, 1
+
+
+def dq_config(window, head_dim, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dq kernel: the forward's, except that a window of at
+    most MAX_TILE tokens is one key block (warps from DQ_ONE_BLOCK_WARPS), so its delta comes from that
+    block instead of a first pass over the keys."""
+    bm, bn, warps, stages = fwd_config(window, head_dim, dtype)
+    tile, block_d = block_sizes(window, head_dim)
+    if window[0] * window[1] <= MAX_TILE and bn < tile:
+        bn, warps = tile, DQ_ONE_BLOCK_WARPS[block_d]
+    return bm, bn, warps, stages
 
 
 def dkdv_config(window, head_dim, dtype, arch=None):
@@ -386,15 +402,29 @@ def _window_attn_fwd_grouped(QKV, TABLE, QKV_BIAS, OUT, LSE,
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _window_attn_bwd_dq(QKV, TABLE, QKV_BIAS, OUT, DOUT, LSE, DELTA, DQKV,
-                        s_b, s_h, s_w, o_b, o_h, o_w, d_b, d_h, d_w, l_b, l_h, l_w, g_b, g_h, g_w, s_t, s_th,
+def _delta(pdp, p_sum):
+    """delta = rowsum(dO * O) of the backward's dS = P * (dP - delta), computed as rowsum(P * dP) / rowsum(P)
+    (pdp, p_sum): equal, as O = P V, but without the rounding of the stored output. The division by P's
+    row sums (1 up to the rounding of the saved lse) matters too: that rounding would otherwise scale delta,
+    and as delta cancels against dP, leave dS several times less accurate. Padding queries' rows are 0:
+    divided by 1."""
+    return pdp / tl.where(p_sum > 0.0, p_sum, 1.0)
+
+
+@triton.jit
+def _window_attn_bwd_dq(QKV, TABLE, QKV_BIAS, DOUT, LSE, DELTA, DQKV,
+                        s_b, s_h, s_w, d_b, d_h, d_w, l_b, l_h, l_w, g_b, g_h, g_w, s_t, s_th,
                         H, W, n_win, n_win_w, roll_h, roll_w, cut_h0, cut_h1, cut_w0, cut_w1, C, qk_scale,
                         sm_scale,
                         WIN_H: tl.constexpr, WIN_W: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, SHIFTED: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq, and delta = rowsum(dO * O) saved per (token, head) for the dk/dv kernel. Strides: s_* qkv,
-    o_* out, d_* dout, l_* the lse/delta buffers, g_* dqkv. Padding queries (cropped: dO = 0) are skipped."""
+    d_* dout, l_* the lse/delta buffers, g_* dqkv. Padding queries (cropped: dO = 0) are skipped.
+
+    delta is taken as rowsum(P * dP) (see _delta), not from the stored output, whose rounding to
+    fp16/bf16 would leave dS and so dq/dk up to twice as far off: from the one key block when the window fits
+    it, else in a first pass over the key blocks (two more dots per block, for windows over 64 tokens)."""
     N: tl.constexpr = WIN_H * WIN_W
     b, h, win, offs_m, offs_d, mask_d, col, img, table_h = _query_block(QKV, TABLE, s_b, s_th, n_win, HEAD_DIM,
                                                                        BLOCK_M, BLOCK_D)
@@ -404,23 +434,42 @@ def _window_attn_bwd_dq(QKV, TABLE, QKV_BIAS, OUT, DOUT, LSE, DELTA, DQKV,
     q = _load_part(img, QKV_BIAS + col, _rows(q_y, q_x, s_h, s_w), q_in, offs_d, mask_d, HAS_QKV_BIAS)
     do = tl.load(DOUT + b * d_b + col + _rows(q_y, q_x, d_h, d_w)[:, None] + offs_d[None, :], mask=qd_mask,
                  other=0.0)
-    o = tl.load(OUT + b * o_b + col + _rows(q_y, q_x, o_h, o_w)[:, None] + offs_d[None, :], mask=qd_mask,
-                other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     stat_off = b * l_b + _rows(q_y, q_x, l_h, l_w) + h
-    tl.store(DELTA + stat_off, delta, mask=q_in)
     # lse in log2 units; +inf for padding queries so their P is exactly 0.
     lse2 = tl.load(LSE + stat_off, mask=q_in, other=float("inf")) * 1.4426950408889634
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        k, v, s = _key_block(q, q_f, q_reg, q_ok, start_n, win, img, QKV_BIAS, col, C, table_h, H, W, n_win_w,
+    if N <= BLOCK_N:
+        k, v, s = _key_block(q, q_f, q_reg, q_ok, 0, win, img, QKV_BIAS, col, C, table_h, H, W, n_win_w,
                              roll_h, roll_w, cut_h0, cut_h1, cut_w0, cut_w1, s_h, s_w, s_t, offs_d, mask_d,
                              qk_scale, WIN_H, WIN_W, BLOCK_N, HAS_TABLE, HAS_QKV_BIAS, SHIFTED, DOT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        delta = _delta(tl.sum(p * dp, 1), tl.sum(p, 1))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    else:
+        pdp = tl.zeros([BLOCK_M], tl.float32)
+        p_sum = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            k, v, s = _key_block(q, q_f, q_reg, q_ok, start_n, win, img, QKV_BIAS, col, C, table_h, H, W,
+                                 n_win_w, roll_h, roll_w, cut_h0, cut_h1, cut_w0, cut_w1, s_h, s_w, s_t, offs_d,
+                                 mask_d, qk_scale, WIN_H, WIN_W, BLOCK_N, HAS_TABLE, HAS_QKV_BIAS, SHIFTED,
+                                 DOT_PRECISION)
+            p = tl.math.exp2(s - lse2[:, None])
+            pdp += tl.sum(p * tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), 1)
+            p_sum += tl.sum(p, 1)
+        delta = _delta(pdp, p_sum)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            k, v, s = _key_block(q, q_f, q_reg, q_ok, start_n, win, img, QKV_BIAS, col, C, table_h, H, W,
+                                 n_win_w, roll_h, roll_w, cut_h0, cut_h1, cut_w0, cut_w1, s_h, s_w, s_t, offs_d,
+                                 mask_d, qk_scale, WIN_H, WIN_W, BLOCK_N, HAS_TABLE, HAS_QKV_BIAS, SHIFTED,
+                                 DOT_PRECISION)
+            p = tl.math.exp2(s - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(DELTA + stat_off, delta, mask=q_in)
     dq_ptrs = DQKV + b * g_b + col + _rows(q_y, q_x, g_h, g_w)[:, None] + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQKV.dtype.element_ty), mask=qd_mask)
 
@@ -533,9 +582,8 @@ def _window_attn_bwd_fused(QKV, TABLE, QKV_BIAS, DOUT, LSE, DQKV, DTAB,
     padding tokens: padded maps whose qkv bias needs a gradient take the two-kernel path.)
 
     With every query and key of a window in one tile, the scores are computed once (the two-kernel path
-    computes them twice), and ``delta = rowsum(P * dP)`` comes from the tile itself: it equals
-    ``rowsum(dO * O)`` (as ``O = P V``) without reading the output (nor its rounding). DTAB (groups, heads,
-    N, N) fp32: this program's dS summed over its windows, (query, key) order, every element stored."""
+    computes them twice), and delta comes from the tile itself (``_delta``). DTAB (groups, heads, N, N)
+    fp32: this program's dS summed over its windows, (query, key) order, every element stored."""
     N: tl.constexpr = WIN_H * WIN_W
     grp, h, offs, offs_d, mask_d, col = _group_program(HEAD_DIM, BLOCK_D, TILE)
     table_h = TABLE + h * s_th
@@ -555,11 +603,7 @@ def _window_attn_bwd_fused(QKV, TABLE, QKV_BIAS, DOUT, LSE, DQKV, DTAB,
         st = _region_mask(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale + bias_t, reg, SHIFTED)
         pt = tl.math.exp2(st - lse2[None, :] * 1.4426950408889634)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        # delta normalised by P's column sums: they are 1 up to the rounding of the saved lse, which would
-        # otherwise scale delta and, as delta cancels against dP in dS, leave dS several times less accurate
-        # (padding queries' columns are 0: divided by 1).
-        col_sum = tl.sum(pt, 0)
-        delta = tl.sum(pt * dpt, 0) / tl.where(col_sum > 0.0, col_sum, 1.0)
+        delta = _delta(tl.sum(pt * dpt, 0), tl.sum(pt, 0))
         dst = pt * (dpt - delta[None, :])
         if TABLE_GRAD:
             ds_sum += dst  # 0 outside the window (P = 0 there)
@@ -647,8 +691,8 @@ def forward(qkv, table, qkv_bias, num_heads: int, window, shift, scale: float, c
     return out, lse
 
 
-def backward(dout, qkv, table, qkv_bias, out, lse, num_heads: int, window, shift, scale: float,
-             table_grad: bool, bias_grad: bool, fwd_cfg=None, dkdv_cfg=None, groups=None, fused_cfg=None):
+def backward(dout, qkv, table, qkv_bias, lse, num_heads: int, window, shift, scale: float,
+             table_grad: bool, bias_grad: bool, dq_cfg=None, dkdv_cfg=None, groups=None, fused_cfg=None):
     """Launch the backward. Returns ``(dqkv, dtable, dqkv_bias)``: dqkv contiguous ``(B, H, W, 3C)`` in
     qkv's dtype; dtable ``(T, heads)`` in the table's dtype when ``table_grad`` else None; dqkv_bias
     ``(3C,)`` in the bias's dtype when ``bias_grad`` else None (its q third is zero, as padding queries are
@@ -656,14 +700,14 @@ def backward(dout, qkv, table, qkv_bias, out, lse, num_heads: int, window, shift
 
     One kernel (``_window_attn_bwd_fused``, config :func:`fused_config` or ``fused_cfg``) where
     :func:`fused_config` has an entry (fp16/bf16 windows of at most 64 tokens) and no padded map needs a
-    qkv bias gradient, else the dq and dk/dv kernels; giving ``fwd_cfg`` or ``dkdv_cfg`` (their configs)
+    qkv bias gradient, else the dq and dk/dv kernels; giving ``dq_cfg`` or ``dkdv_cfg`` (their configs)
     asks for the latter. ``groups``: window groups of the fused or dk/dv kernel (default: about PROGRAMS_PER_SM
     programs per SM)."""
     B, H, W, C, D, n_win, scalars, (s_t, s_th) = _geometry(qkv, num_heads, window, shift, table)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dqkv = torch.empty((B, H, W, 3 * C), device=qkv.device, dtype=qkv.dtype)
-    _check_limits(D, qkv, dout, out, dqkv)
+    _check_limits(D, qkv, dout, dqkv)
     N = window[0] * window[1]
     table_grad = table_grad and table is not None
     bias_grad = bias_grad and qkv_bias is not None
@@ -674,7 +718,7 @@ def backward(dout, qkv, table, qkv_bias, out, lse, num_heads: int, window, shift
     f32 = dict(device=qkv.device, dtype=torch.float32)
     if fused_cfg is not None and pad_bias_grad:
         raise ValueError("fused_cfg: the one-kernel backward does not compute the qkv bias gradient of padded maps")
-    if fused_cfg is None and fwd_cfg is None and dkdv_cfg is None and not pad_bias_grad:
+    if fused_cfg is None and dq_cfg is None and dkdv_cfg is None and not pad_bias_grad:
         fused_cfg = fused_config(window, D, qkv.dtype)
     if fused_cfg is not None:
         tile, warps, stages = fused_cfg
@@ -690,11 +734,10 @@ def backward(dout, qkv, table, qkv_bias, out, lse, num_heads: int, window, shift
         return _finish_backward(dqkv, dtab, None, table, qkv_bias, window, C, f32, table_grad, bias_grad, False)
 
     delta = torch.empty_like(lse)
-    bm, bn, warps, stages = fwd_cfg or fwd_config(window, D, qkv.dtype)
+    bm, bn, warps, stages = dq_cfg or dq_config(window, D, qkv.dtype)
     _window_attn_bwd_dq[(B * n_win, num_heads, triton.cdiv(N, bm))](
-        qkv, table if table is not None else qkv, qkv_bias_c if qkv_bias_c is not None else qkv, out, dout, lse,
-        delta, dqkv,
-        *qkv.stride()[:3], *out.stride()[:3], *dout.stride()[:3], *lse.stride()[:3], *dqkv.stride()[:3],
+        qkv, table if table is not None else qkv, qkv_bias_c if qkv_bias_c is not None else qkv, dout, lse, delta,
+        dqkv, *qkv.stride()[:3], *dout.stride()[:3], *lse.stride()[:3], *dqkv.stride()[:3],
         s_t, s_th, **scalars, qk_scale=scale * LOG2E, sm_scale=scale, **flags,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
@@ -798,7 +841,7 @@ def aot_specs():
                              tuple(a for a, c in fused.items() if c == cfg)))
         # the dq + dk/dv kernels: where no fused config is shipped, and for padded maps whose qkv bias needs
         # a gradient (any window)
-        launches.append((_window_attn_bwd_dq, shipped_configs(fwd_config, window, d, torch_dtype), {}, None))
+        launches.append((_window_attn_bwd_dq, shipped_configs(dq_config, window, d, torch_dtype), {}, None))
         per_arch = {arch: shipped_configs(dkdv_config, window, d, torch_dtype, arch) for arch in (90, 80)}
         for cfg in dict.fromkeys(per_arch.values()):
             archs = tuple(a for a, c in per_arch.items() if c == cfg)

@@ -130,7 +130,7 @@ def _empty(like):
 
 
 def _window_attention_bwd_impl(dout: Tensor, qkv: Tensor, table: Optional[Tensor], qkv_bias: Optional[Tensor],
-                               out: Tensor, lse: Tensor, num_heads: int, window_h: int, window_w: int, shift_h: int,
+                               lse: Tensor, num_heads: int, window_h: int, window_w: int, shift_h: int,
                                shift_w: int, scale: float, table_grad: bool, bias_grad: bool,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     window, shift = (window_h, window_w), (shift_h, shift_w)
@@ -149,8 +149,8 @@ def _window_attention_bwd_impl(dout: Tensor, qkv: Tensor, table: Optional[Tensor
     else:
         from dlcv_fast.kernels import window_attention as kernels
 
-        dqkv, dtable, dbias = kernels.backward(dout, qkv, table, qkv_bias, out, lse, num_heads, window, shift,
-                                               scale, table_grad, bias_grad)
+        dqkv, dtable, dbias = kernels.backward(dout, qkv, table, qkv_bias, lse, num_heads, window, shift, scale,
+                                               table_grad, bias_grad)
     return dqkv, dtable if table_grad else _empty(qkv), dbias if bias_grad else _empty(qkv)
 
 
@@ -159,7 +159,7 @@ window_attention_bwd = torch.library.custom_op("dlcv_fast::window_attention_bwd"
 
 
 @window_attention_bwd.register_fake
-def _fake_bwd_outputs(dout, qkv, table, qkv_bias, out, lse, num_heads, window_h, window_w, shift_h, shift_w, scale,
+def _fake_bwd_outputs(dout, qkv, table, qkv_bias, lse, num_heads, window_h, window_w, shift_h, shift_w, scale,
                       table_grad, bias_grad, backend):
     """Every output contiguous, as both backends return them (inductor asserts the strides)."""
     return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
@@ -171,8 +171,8 @@ def _fake_bwd_outputs(dout, qkv, table, qkv_bias, out, lse, num_heads, window_h,
 
 def _setup_context(ctx, inputs, output):
     qkv, table, qkv_bias, num_heads, window_h, window_w, shift_h, shift_w, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
+    # Not the output: the kernels' backward does not read it (see kernels/window_attention.py).
+    ctx.save_for_backward(qkv, table, qkv_bias, output[1])
     ctx.args = (num_heads, window_h, window_w, shift_h, shift_w, scale)
     ctx.backend = backend
     ctx.table_grad = table is not None and ctx.needs_input_grad[1]
@@ -182,8 +182,8 @@ def _setup_context(ctx, inputs, output):
 def _grads(ctx, dout, bwd):
     """The gradients of window_attention_fwd's inputs, computed with ``bwd`` (the registered backward op, or its
     implementation on the eager route)."""
-    qkv, table, qkv_bias, out, lse = ctx.saved_tensors
-    dqkv, dtable, dbias = bwd(dout, qkv, table, qkv_bias, out, lse, *ctx.args, ctx.table_grad, ctx.bias_grad,
+    qkv, table, qkv_bias, lse = ctx.saved_tensors
+    dqkv, dtable, dbias = bwd(dout, qkv, table, qkv_bias, lse, *ctx.args, ctx.table_grad, ctx.bias_grad,
                               ctx.backend)
     return (dqkv, dtable if ctx.table_grad else None, dbias if ctx.bias_grad else None,
             None, None, None, None, None, None, None)
