@@ -2,7 +2,7 @@
 
 Every provider of every case runs in this one process on the same inputs: first one call checked against the
 reference (parity), then timed. Results go to DIR/results.{csv,json} and DIR/<benchmark>.png, and on a GPU
-also to benchmarks/results/<date>_<card>.{json,csv}. Without a CUDA device the command times the CPU
+also to benchmarks/results/<date>_<card>.{json,csv} and benchmarks/results/<date>_<card>/*.png. Without a CUDA device the command times the CPU
 fallback at tiny sizes and says that kernel timings need a CUDA device.
 
 Exit status: on a GPU, 1 when one of dlcv_fast's own providers failed or gave a wrong result, else 0; on the
@@ -44,6 +44,9 @@ def parse_args(argv):
     ap.add_argument("--save-results", action=argparse.BooleanOptionalAction, default=None,
                     help="also copy the CSV/JSON to benchmarks/results/ (default: on for GPU runs)")
     ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    ap.add_argument("--plot", type=Path, metavar="RESULTS_JSON",
+                    help="draw the plots of a saved run (e.g. benchmarks/results/<run>.json) into --out and exit; "
+                         "no GPU needed")
     return ap.parse_args(argv)
 
 
@@ -59,12 +62,11 @@ def list_benchmarks(benches):
 
 def _row(bench, case, provider, status, note=""):
     label = bench.label(case) if case else "-"
-    group = ", ".join(f"{k}={case[k]}" for k in bench.group) if case else ""
     return {"benchmark": bench.name, "issue": bench.issue, "case": label,
             "params": case or {}, "provider": provider, "status": status, "note": note, "ms": None, "timer": "",
             "ms_launch": None, "tflops": None, "gbps": None, "items_per_s": None, "matmul_frac": None,
             "copy_frac": None, "speedup": None, "parity_err": None, "parity_tol": None,
-            "_key": f"{bench.name}|{label}", "_group": group}
+            "_key": f"{bench.name}|{label}"}
 
 
 def main(argv=None) -> int:
@@ -74,6 +76,10 @@ def main(argv=None) -> int:
     benches = registry.benchmarks(args.suite, args.only)
     if args.list:
         list_benchmarks(benches)
+        return 0
+    if args.plot:
+        paths = report.replot(args.plot, args.out, benches)
+        print(f"wrote {', '.join(str(p) for p in paths) or 'no plots'}")
         return 0
     limit = args.time_limit if args.time_limit is not None else (
         QUICK_TIME_LIMIT_S if args.quick and device == "cuda" else None)
@@ -135,9 +141,10 @@ def main(argv=None) -> int:
 
     rows = session.rows
     paths = save()
-    paths += report.plots(args.out, benches, rows, env)
+    plot_paths = report.plots(args.out, benches, rows, env)
+    paths += plot_paths
     if args.save_results if args.save_results is not None else device == "cuda":
-        paths += report.save_results(args.out, env)
+        paths += report.save_results(args.out, env, plot_paths)
     print(report.table(rows))
     skipped = sum(r["status"] == "skipped" for r in rows)
     if skipped:

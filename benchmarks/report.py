@@ -10,6 +10,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -146,17 +147,36 @@ def write_files(out_dir: Path, env: dict, roof: dict, settings: dict, notes: lis
     return paths
 
 
-def save_results(out_dir: Path, env: dict) -> list:
-    """Copy results.json / results.csv to benchmarks/results/<date>_<card>.{json,csv} (committed with the code)."""
+def results_stem(env: dict) -> str:
+    """``<UTC date>T<hhmm>_<card>``: the name of a run's files under benchmarks/results/."""
     card = re.sub(r"[^a-z0-9]+", "-", (env["gpu"] or env["device"]).lower()).strip("-")
-    stem = f"{env['date'][:16].replace(':', '')}_{card}"
+    return f"{env['date'][:16].replace(':', '')}_{card}"
+
+
+def save_results(out_dir: Path, env: dict, plot_paths=()) -> list:
+    """Copy results.json / results.csv to benchmarks/results/<stem>.{json,csv} and the plots to
+    benchmarks/results/<stem>/ (committed with the code; the README shows the plots)."""
+    stem = results_stem(env)
     RESULTS_DIR.mkdir(exist_ok=True)
     paths = []
     for ext in ("json", "csv"):
         dst = RESULTS_DIR / f"{stem}.{ext}"
         dst.write_bytes((out_dir / f"results.{ext}").read_bytes())
         paths.append(dst)
+    for src in plot_paths:
+        dst = RESULTS_DIR / stem / Path(src).name
+        dst.parent.mkdir(exist_ok=True)
+        dst.write_bytes(Path(src).read_bytes())
+        paths.append(dst)
     return paths
+
+
+def replot(results_json: Path, out_dir: Path, benches: list) -> list:
+    """The plots of a saved run (its results JSON, e.g. one under benchmarks/results/) drawn again into
+    ``out_dir``: no GPU needed. Rows of benchmarks no longer defined are left out."""
+    doc = json.loads(Path(results_json).read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return plots(out_dir, benches, doc["rows"], doc["env"])
 
 
 def plots(out_dir: Path, benches: list, rows: list, env: dict) -> list:
@@ -178,13 +198,18 @@ def plots(out_dir: Path, benches: list, rows: list, env: dict) -> list:
         if not bench_rows:
             continue
         metric, unit = _metric(bench_rows[0])
-        if bench.x:
-            panels = [(title, panel, metric, unit) for title, panel in _by(bench_rows, "_group").items()]
+        # a line per provider where the run has more than one x value (a --quick run has one: bars then)
+        lines = bench.x and len({r["params"][bench.x] for r in bench_rows}) > 1
+        if lines:
+            groups = defaultdict(list)
+            for r in bench_rows:
+                groups[", ".join(f"{k}={r['params'][k]}" for k in bench.group)].append(r)
+            panels = [(title, panel, metric, unit) for title, panel in groups.items()]
         else:
             panels = [("", bench_rows, metric, unit), ("", bench_rows, "speedup", "speedup vs the fastest peer")]
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
         for ax, (title, panel, key, label) in zip(axes[0], panels):
-            if bench.x:
+            if lines:
                 xs = sorted({r["params"][bench.x] for r in panel})
                 for provider, pr in _by(panel, "provider").items():
                     pts = sorted((r["params"][bench.x], r[key]) for r in pr)
@@ -197,7 +222,8 @@ def plots(out_dir: Path, benches: list, rows: list, env: dict) -> list:
             ax.set_title(title, fontsize=9)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         fig.suptitle(f"{bench.name}: {bench.title}\n{env['gpu'] or env['device']}, torch {env['torch']}, "
                      f"{env['date'][:10]}", fontsize=9)
         fig.tight_layout()
@@ -227,4 +253,4 @@ def _bars(ax, rows, metric):
         xs = [i + j * width for i, c in enumerate(cases) if c in vals]
         ax.bar(xs, [vals[c] for c in cases if c in vals], width, label=provider)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels([c.split(" ")[0] if len(c) > 20 else c for c in cases], rotation=20, fontsize=7)
+    ax.set_xticklabels(["\n".join(textwrap.wrap(c, 16)) for c in cases], fontsize=7)

@@ -32,3 +32,10 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """The device kernel tests run on: CUDA when present, else the CPU through the interpreter."""
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Each test starts from the same global RNG state (torch.randn_like, randint, ... draw from it), so its
+    inputs do not depend on which tests a pytest-xdist worker happened to run before it."""
+    torch.manual_seed(0)

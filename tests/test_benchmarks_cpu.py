@@ -52,6 +52,34 @@ def test_plots_survive_a_case_without_speedup(tmp_path):
 
 
 
+def test_plots_of_a_saved_run(tmp_path):
+    """``python -m benchmarks --plot RESULTS_JSON`` draws a committed GPU run's plots again, no GPU needed: one
+    PNG per benchmark with timed rows (the README shows them)."""
+    saved = ROOT / "benchmarks" / "results" / "2026-11-27T2106_nvidia-h200.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--plot", str(saved), "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    timed = {r["benchmark"] for r in json.loads(saved.read_text())["rows"] if r["status"] == "ok"}
+    assert {p.stem for p in tmp_path.glob("*.png")} == timed and len(timed) >= 10
+
+
+def test_save_results_keeps_the_plots(tmp_path, monkeypatch):
+    """A GPU run's JSON, CSV and plots all land under benchmarks/results/ with the run's name."""
+    from benchmarks import report
+
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path / "results")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results.json", "results.csv", "attn_fwd.png"):
+        (out / name).write_text(name)
+    env = dict(gpu="NVIDIA H100 80GB HBM3", device="cuda", date="2026-11-28T05:07:00+00:00")
+    paths = report.save_results(out, env, [out / "attn_fwd.png"])
+    stem = "2026-11-28T0507_nvidia-h100-80gb-hbm3"
+    assert [p.relative_to(tmp_path / "results").as_posix() for p in paths] == [
+        f"{stem}.json", f"{stem}.csv", f"{stem}/attn_fwd.png"]
+    assert (tmp_path / "results" / stem / "attn_fwd.png").read_text() == "attn_fwd.png"
+
+
 def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     """benchmarks.tune's groups run end to end (kernels through Triton's interpreter, a host clock for
     do_bench) on tiny shapes, and their parity checks pass for the shipped configs: the GPU sessions that
