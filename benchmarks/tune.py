@@ -282,30 +282,35 @@ def sweep_fwd(emit):
         q, k, v, _ = _rect_inputs(B, H, Lq, Lk, D)
         block_d = kern.padded_head_dim(D)
         table = kern._pick(kern.fwd_configs(block_d, torch.float16, "plain", uneven=D < block_d), Lq, B * H)
-        # the table's tile, with the exp2 split over two pipes, without the 16-key tail block, then other
-        # tiles (in that order, so a run cut short still has the first ones of every shape it reached)
-        jobs = [(None, None, None)] + [(None, None, n) for n in FWD_EXP_EMU]
+        # the table's tile, with the exp2 split over two pipes, with K/V by TMA (alone and with the split),
+        # without the 16-key tail block, then other tiles (in that order, so a run cut short still has the
+        # first ones of every shape it reached); each job: (config, tail, exp_emu, kv_tma), None = default
+        jobs = [(None,) * 4] + [(None, None, n, None) for n in FWD_EXP_EMU]
+        if kern._interpreting() or kern.table_arch() >= 90:  # TMA: sm_90 and later
+            jobs += [(None, None, None, True)] + [(None, None, n, True) for n in FWD_EXP_EMU[:1]]
         if kern.key_tail(Lk, table[1], block_d):
-            jobs.append((None, 0, None))
-        jobs += [(c, None, None) for c in FWD_CANDIDATES[64 if block_d <= 64 else 128]]
-        for config, job_tail, job_emu in jobs:
+            jobs.append((None, 0, None, None))
+        jobs += [(c, None, None, None) for c in FWD_CANDIDATES[64 if block_d <= 64 else 128]]
+        for config, job_tail, job_emu, job_tma in jobs:
             cfg = tuple(config or table)
-            tail = kern.key_tail(Lk, cfg[1], block_d) if job_tail is None else job_tail
+            tma = kern._kv_tma(job_tma, k, v)
+            tail = 0 if tma else kern.key_tail(Lk, cfg[1], block_d) if job_tail is None else job_tail
             emu = kern.EXP_EMU if job_emu is None else job_emu
             row = dict(group="fwd", kernel="forward" if config else "forward (table)", config=cfg, tail=tail,
-                       exp_emu=emu, case=name, shape=[B, H, Lq, Lk, D],
-                       default=(config, job_tail, job_emu) == (None,) * 3)
-            kw = dict(config=cfg, tail=tail, exp_emu=emu)
+                       exp_emu=emu, kv_tma=tma, case=name, shape=[B, H, Lq, Lk, D],
+                       default=(config, job_tail, job_emu, job_tma) == (None,) * 4)
+            kw = dict(config=cfg, tail=tail, exp_emu=emu, kv_tma=tma)
             try:
-                if (D, cfg, tail, emu) not in checked:  # parity at a length ending in a one-key block
+                key = (D, cfg, tail, emu, tma)
+                if key not in checked:  # parity at a length ending in a one-key block
                     errs = {}
                     for causal in (False, True):
                         cq, ck, cv, _ = _inputs(*CHECK, D, seed=1)
                         ref = F.scaled_dot_product_attention(cq.float(), ck.float(), cv.float(), is_causal=causal)
                         got = kern.forward(cq, ck, cv, None, None, causal, 0, D ** -0.5, **kw)[0]
                         errs["causal" if causal else "full"] = _rel_err(got, ref)
-                    checked[D, cfg, tail, emu] = (errs, all(e < 2e-2 for e in errs.values()))
-                errs, ok = checked[D, cfg, tail, emu]
+                    checked[key] = (errs, all(e < 2e-2 for e in errs.values()))
+                errs, ok = checked[key]
                 row.update(ms=_time(lambda: kern.forward(q, k, v, None, None, False, 0, D ** -0.5, **kw)),
                            rel_err=errs, ok=ok)
             except Exception as e:
@@ -371,7 +376,7 @@ def summarize(rows):
         if best is None:
             lines.append(f"{what}: no candidate passed parity")
             continue
-        detail = {k: best[k] for k in ("kernel", "config", "tail", "exp_emu", "splits", "groups")
+        detail = {k: best[k] for k in ("kernel", "config", "tail", "exp_emu", "kv_tma", "splits", "groups")
                   if best.get(k) is not None}
         line = f"{what}: fastest {best['ms']:.4f} ms {detail}"
         if base is not None:

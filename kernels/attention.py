@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from dlcv_fast.kernels import rope as rope_kernels
 from dlcv_fast.kernels.exp2 import _exp2
 
@@ -93,6 +95,7 @@ BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 TAIL_N = 16  # the forward's last key block when only a few keys are left (key_tail)
 EXP_EMU = 0  # the forward's exp2 split between MUFU and the FP32 pipes (see _exp2); off until timed on a GPU
+KV_TMA = False  # the forward's K/V through TMA tensor descriptors (sm_90+, fp16/bf16); off until timed on a GPU
 DQ_TAIL_MAX_BLOCK_D = 64  # the dQ kernel's sm_90 64x64 w4 tile spilled 16-64 B with a tail block at 128
 ARCHS = (90, 80)
 
@@ -281,22 +284,30 @@ def _kpm_range(kpm_row, Lk, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_blk, sbm, sbn, kpm_ptr, offs_m, cols,
-               Lq, Lk, prefix_len, qk_scale, mask_d,
+def _fwd_block(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_blk, sbm, sbn, kpm_ptr, offs_m, cols,
+               Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, start_n,
                HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, EXP_EMU: tl.constexpr):
-    """One key block of the online softmax: load K/V, score, rescale, accumulate."""
-    if MASKED:
-        # Keys past Lk read the last key instead (finite: they get p = 0), so only the head dim is masked.
-        clamp = (tl.minimum(cols, Lk - 1) - cols)[:, None]
-        k_ptrs += clamp * skn
-        v_ptrs += clamp * svn
-    if EVEN_D:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, EXP_EMU: tl.constexpr, KV_TMA: tl.constexpr):
+    """One key block of the online softmax: load K/V, score, rescale, accumulate. ``k_src``/``v_src``: the
+    block's pointer tiles, or with ``KV_TMA`` the (B, Hkv, Lk, D) tensor descriptors, read at (kv_b, kv_h,
+    start_n)."""
+    if KV_TMA:
+        # TMA: rows past Lk and head-dim columns past D arrive as zeros (finite: masked keys get p = 0).
+        k = k_src.load([kv_b, kv_h, start_n, 0]).reshape(cols.shape[0], mask_d.shape[0])
+        v = v_src.load([kv_b, kv_h, start_n, 0]).reshape(cols.shape[0], mask_d.shape[0])
     else:
-        k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+        k_ptrs, v_ptrs = k_src, v_src
+        if MASKED:
+            # Keys past Lk read the last key instead (finite: they get p = 0), so only the head dim is masked.
+            clamp = (tl.minimum(cols, Lk - 1) - cols)[:, None]
+            k_ptrs += clamp * skn
+            v_ptrs += clamp * svn
+        if EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
     kp = cols < Lk
     if HAS_KPM:
         kp = kp & (tl.load(kpm_ptr + cols, mask=cols < Lk, other=0) != 0)
@@ -316,17 +327,23 @@ def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_blk, sbm, sbn, k
 
 
 @triton.jit
-def _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m, offs_n,
-              start, end, Lq, Lk, prefix_len, qk_scale, mask_d,
+def _fwd_loop(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m, offs_n,
+              start, end, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h,
               HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, EXP_EMU: tl.constexpr):
-    """The key blocks in [start, end), all with or all without the index masks (``MASKED``)."""
+              DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, EXP_EMU: tl.constexpr,
+              KV_TMA: tl.constexpr):
+    """The key blocks in [start, end), all with or all without the index masks (``MASKED``). ``k_src``/
+    ``v_src``: pointer tiles at key 0, or the tensor descriptors (``KV_TMA``)."""
     for start_n in range(start, end, BLOCK_N):
         n64 = tl.cast(start_n, tl.int64)
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_ptrs + n64 * skn, v_ptrs + n64 * svn, skn, svn,
+        if KV_TMA:
+            k_blk, v_blk = k_src, v_src
+        else:
+            k_blk, v_blk = k_src + n64 * skn, v_src + n64 * svn
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_blk, v_blk, skn, svn,
                                    bias_row + n64 * sbn, sbm, sbn, kpm_ptr, offs_m, start_n + offs_n,
-                                   Lq, Lk, prefix_len, qk_scale, mask_d,
-                                   HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D, EXP_EMU)
+                                   Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, start_n,
+                                   HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D, EXP_EMU, KV_TMA)
     return acc, m_i, l_i
 
 
@@ -338,7 +355,12 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, EXP_EMU: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, EXP_EMU: tl.constexpr,
+              KV_TMA: tl.constexpr):
+    """The forward: one program per (query block, batch x head). With ``KV_TMA``, K and V are
+    ``(B, Hkv, Lk, D)`` tensor descriptors with ``[1, 1, BLOCK_N, BLOCK_D]`` blocks (TMA loads on sm_90;
+    no TAIL_N block) instead of pointers."""
+    tl.static_assert(not (KV_TMA and TAIL_N > 0), "KV_TMA takes no tail block")
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -352,8 +374,12 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
     rows = offs_m.to(tl.int64)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
                 mask=(offs_m[:, None] < Lq) & mask_d[None, :], other=0.0)
-    k_ptrs = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
-    v_ptrs = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
+    if KV_TMA:
+        k_src, v_src = K, V
+    else:
+        k_src = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
+        v_src = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
+    kv_b, kv_h = b.to(tl.int32), hk.to(tl.int32)
     bias_row = BIAS
     if HAS_BIAS:
         bias_row = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
@@ -371,23 +397,23 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
     if CAUSAL:
         full_hi = tl.maximum(lo, tl.minimum(full_hi, tl.maximum(((start_m + 1) // BLOCK_N) * BLOCK_N,
                                                                 (prefix_len // BLOCK_N) * BLOCK_N)))
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
-                              offs_n, lo, full_hi, Lq, Lk, prefix_len, qk_scale, mask_d,
-                              HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
+                              offs_n, lo, full_hi, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h,
+                              HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU, KV_TMA)
     # Short sequences end in a mostly empty key block (197 keys = 3 x 64 + 5): when the keys after the last
     # whole block fit in TAIL_N, they take one TAIL_N-key block instead of a BLOCK_N one.
     mid = _tail_start(full_hi, hi, BLOCK_N, TAIL_N)
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
-                              offs_n, full_hi, mid, Lq, Lk, prefix_len, qk_scale, mask_d,
-                              HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
+                              offs_n, full_hi, mid, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h,
+                              HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU, KV_TMA)
     if TAIL_N > 0:  # at most one TAIL_N block, [mid, hi)
         offs_t = tl.arange(0, TAIL_N)
         acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q,
                                   K + b * skb + hk * skh + offs_t.to(tl.int64)[:, None] * skn + offs_d[None, :],
                                   V + b * svb + hk * svh + offs_t.to(tl.int64)[:, None] * svn + offs_d[None, :],
                                   skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m, offs_t, mid, hi, Lq, Lk, prefix_len,
-                                  qk_scale, mask_d, HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, TAIL_N,
-                                  EXP_EMU)
+                                  qk_scale, mask_d, kv_b, kv_h, HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION,
+                                  EVEN_D, TAIL_N, EXP_EMU, False)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -636,13 +662,14 @@ def tail_possible(block_n: int, block_d: int, max_block_d: int = 128) -> bool:
 
 
 def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None, tail=None,
-            exp_emu=None):
+            exp_emu=None, kv_tma=None):
     """Launch the forward kernel. Returns ``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, stored as a
     ``(B, Lq, Hq, D)`` buffer so ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` is free; lse fp32 (B, Hq, Lq).
     ``rope=(cos, sin)``, tables ``(N, R)`` or ``(B, N, R)`` with N = Lq = Lk: q and k are rotated (half-split
     pairs) by the standalone RoPE kernel, one pass each, before the launch. ``tail``: the kernel's TAIL_N
     (default :func:`key_tail`). ``exp_emu``: the kernel's EXP_EMU (default :data:`EXP_EMU`; 0 in fp32 and
-    under the interpreter, which runs no inline PTX)."""
+    under the interpreter, which runs no inline PTX). ``kv_tma``: K and V through TMA tensor descriptors
+    (default :data:`KV_TMA`; see :func:`_kv_tma`)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -657,20 +684,54 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         q, k = (rope_kernels.apply(t, *rope, interleaved=False) for t in (q, k))
     kind = "bias" if bias_t is not None else "plain"
     bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H)
-    tail = key_tail(Lk, bn, BLOCK_D) if tail is None else tail
+    use_tma = _kv_tma(kv_tma, k, v)
+    if use_tma:
+        k_arg, v_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, bn, BLOCK_D]) for t in (k, v))
+        if tail:
+            raise ValueError(f"tail={tail}: the TMA forward (kv_tma) takes no tail block")
+        tail = 0
+    else:
+        k_arg, v_arg = k, v
+        tail = key_tail(Lk, bn, BLOCK_D) if tail is None else tail
     grid = (triton.cdiv(Lq, bm), B * H)
     _attn_fwd[grid](
-        q, k, v, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
+        q, k_arg, v_arg, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         *sb, skp,
         H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None, HAS_KPM=kpm_t is not None,
         DOT_PRECISION=_dot_precision(q.dtype), ALIGN8=_strides_align8(q, k, v, o),
-        BLOCK_M=bm, BLOCK_N=bn, TAIL_N=tail, EXP_EMU=_exp_emu(exp_emu, q.dtype), num_warps=warps,
+        BLOCK_M=bm, BLOCK_N=bn, TAIL_N=tail, EXP_EMU=_exp_emu(exp_emu, q.dtype), KV_TMA=use_tma, num_warps=warps,
         num_stages=stages,
     )
     return o, lse
+
+
+def _tma_ready(t) -> bool:
+    """Whether a TMA descriptor can address ``t`` directly: a 16-byte aligned base and 16-byte multiples for
+    every stride but the last (which is 1)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1]) and t.stride(-1) == 1
+
+
+def _kv_tma(requested, k, v) -> bool:
+    """Whether the forward reads K and V through TMA descriptors: asked for (``requested``, else
+    :data:`KV_TMA`), fp16/bf16, Hopper or later (or the interpreter) and TMA-addressable K and V. The
+    default falls back to pointer loads where it cannot be used; asking for it explicitly raises there."""
+    want = KV_TMA if requested is None else requested
+    if not want:
+        return False
+    why = None
+    if k.dtype not in (torch.float16, torch.bfloat16):
+        why = f"K/V dtype {k.dtype} (fp16 and bf16 only)"
+    elif not _interpreting() and table_arch() < 90:
+        why = "a pre-Hopper GPU (TMA needs sm_90 or later)"
+    elif not (_tma_ready(k) and _tma_ready(v)):
+        why = "K/V base or strides not multiples of 16 bytes"
+    if why is not None and requested:
+        raise ValueError(f"kv_tma=True: cannot use TMA descriptors with {why}")
+    return why is None
 
 
 def _exp_emu(requested, dtype) -> int:
@@ -797,9 +858,10 @@ def aot_specs():
     cases = [("fp16", d) for d in (16, 32, 64, 128, 256)] + [("bf16", d) for d in (40, 80, 160)] + [("fp32", 64)]
     wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
 
-    def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU):
+    def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU, tma=KV_TMA):
         flags = tuple(f for f in short if f in flags and f in arg_names(fn))
-        key = (fn, dtype, d, flags, cfg, wgmma, split, tail, emu)
+        tma = tma and "KV_TMA" in arg_names(fn)
+        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma)
         wanted.setdefault(key, []).append(arch)
 
     for dtype, d in cases:
@@ -826,10 +888,20 @@ def aot_specs():
         for emu in (4, 8):
             if emu != EXP_EMU:
                 want(_attn_fwd, dtype, d, (), cfg, 90, wgmma=True, emu=emu)
+    # K/V by TMA descriptors (KV_TMA, off by default; benchmarks.tune times it): the Hopper forward's long and
+    # short tiles at head dims 40-128, plain and with every mask.
+    if not KV_TMA:
+        for dtype, d in (("fp16", 64), ("bf16", 40), ("bf16", 80), ("bf16", 128)):
+            block_d = padded_head_dim(d)
+            for cfg in shipped_configs(fwd_configs, block_d, torch_dtype[dtype], "plain", 90, d < block_d):
+                for flags in ((), kind_flags["plain"]):
+                    want(_attn_fwd, dtype, d, flags, cfg, 90, wgmma=not flags, tma=True)
 
     specs = []
-    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu), archs in wanted.items():
+    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma), archs in wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+        if tma:
+            types.update(dict.fromkeys(("K", "V"), f"tensordesc<{dtype}[1, 1, {bn}, {padded_head_dim(d)}]>"))
         if split:
             types.update(DK="*fp32", DV="*fp32")  # the split's partial sums
         types.update(LSE="*fp32", DELTA="*fp32", DS="*fp32", BIAS="*fp32", KPM="*u8", qk_scale="fp32",
@@ -844,6 +916,8 @@ def aot_specs():
             constexprs["TAIL_N"] = tail
         if "EXP_EMU" in arg_names(fn):
             constexprs["EXP_EMU"] = emu
+        if "KV_TMA" in arg_names(fn):
+            constexprs["KV_TMA"] = tma
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the
@@ -853,6 +927,7 @@ def aot_specs():
             divisible += [a for a in sig if re.fullmatch(r"s(q|k|v|o|do|dq|dk|dv)h", a)]
         tags = [short[f] for f in flags] + (["split"] if split else []) + ([f"tail{tail}"] if tail else [])
         tags += [f"exp{emu}"] if emu and "EXP_EMU" in arg_names(fn) else []
+        tags += ["tma"] if tma else []
         variant = "+".join(tags) or ("plain" if bn is not None else "")
         specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps, stages,
                              tuple(divisible), expect_wgmma=wgmma and dtype != "fp32" and bm >= 64, archs=tuple(archs)))

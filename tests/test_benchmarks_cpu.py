@@ -122,15 +122,18 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     tune.sweep_fwd(rows.append)
     tune.sweep_split(rows.append)
     assert [r["group"] for r in rows] == ["bwd64", "rope64", "rope64", "rope64", *["window_stage3"] * 7,
-                                          "fwd", "fwd", "fwd", "split", "split", "split"]
+                                          "fwd", "fwd", "fwd", "fwd", "split", "split", "split"]
+    # the forward: the table's tile (the default), with K/V by TMA (no tail block then), without the tail
+    # block, another tile
+    assert [(r["default"], r["kv_tma"], r["tail"]) for r in rows if r["group"] == "fwd"] == [
+        (True, False, 16), (False, True, 0), (False, False, 0), (False, False, 16)]
     # the window forward grouped and per window, the backward in one kernel and two, each at the default
     # window-group count and at twice it
     assert [r["kernel"] for r in rows if r["group"] == "window_stage3"] == [
         "window forward, grouped", "window forward, per window", "window forward, grouped",
         *["window backward, fused", "window backward, two kernels"] * 2]
     checked = [r for r in rows if "ok" in r]
-    assert [r["tail"] for r in rows if r["group"] == "fwd"] == [16, 0, 16]  # table, table without tail, candidate
-    assert len(checked) == 15 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+    assert len(checked) == 16 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
     # every comparison has its shipped default flagged, so the summary can compare against it
     lines = tune.summarize(rows)
     assert len(lines) == 6 and all(": default " in line for line in lines), lines

@@ -224,6 +224,48 @@ def test_key_tail_block(kind, Lq, Lk, device, monkeypatch):
         check_parity(q, k, v, kw)
 
 
+@pytest.mark.parametrize("kind", ["none", "causal+padding+bias_b", "leftpad", "prefix", "holes"])
+@pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D", [(2, 2, 77, 77, 40), (4, 2, 50, 97, 72), (2, 1, 1, 70, 128),
+                                            (2, 2, 65, 64, 64)], ids=str)
+def test_kv_tma_forward_equals_pointer_loads(kind, Hq, Hkv, Lq, Lk, D, device):
+    """K/V through TMA tensor descriptors (kv_tma, off by default): rows past Lk and head-dim columns past D
+    arrive as zeros instead of clamped or masked loads, which masked keys never use, so outputs and lse equal
+    the pointer path's (no tail block) bit for bit: every mask, GQA, Lq = 1, head dims 40/72/128."""
+    from dlcv_fast.kernels import attention as A
+
+    q, k, v = make_inputs(2, Hq, Hkv, Lq, Lk, D, torch.float16, device)
+    kw = make_mask_args(kind, 2, Hq, Lq, Lk, torch.float16, device) if kind != "none" else {}
+    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
+            kw.get("prefix_len", 0), D ** -0.5)
+    o_ptr, lse_ptr = A.forward(*args, tail=0, kv_tma=False)
+    o_tma, lse_tma = A.forward(*args, kv_tma=True)
+    assert torch.equal(o_ptr, o_tma) and torch.equal(lse_ptr, lse_tma)
+
+
+def test_kv_tma_on_strided_views_and_its_limits(device, monkeypatch):
+    """A fused qkv view (B, N, 3, H, D) permuted to (B, H, N, D) takes TMA descriptors without a copy; K/V
+    whose strides are not multiples of 16 bytes, or fp32, fall back to pointer loads by default and raise
+    when TMA is asked for explicitly."""
+    from dlcv_fast.kernels import attention as A
+
+    qkv = torch.randn(2, 49, 3, 2, 40, generator=torch.Generator().manual_seed(3)).half().to(device)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert A._tma_ready(k) and A._kv_tma(True, k, v)
+    o_ptr = A.forward(q, k, v, None, None, True, 0, 0.2, tail=0)[0]
+    assert torch.equal(o_ptr, A.forward(q, k, v, None, None, True, 0, 0.2, kv_tma=True)[0])
+    odd = torch.randn(1, 2, 9, 44, device=device).half()[..., :36]  # rows 88 bytes apart
+    monkeypatch.setattr(A, "KV_TMA", True)  # on by default: where TMA cannot address K/V, pointer loads
+    assert not A._tma_ready(odd) and not A._kv_tma(None, odd, odd) and A._kv_tma(None, k, v)
+    assert torch.equal(A.forward(odd, odd, odd, None, None, False, 0, 0.2)[0],
+                       A.forward(odd, odd, odd, None, None, False, 0, 0.2, kv_tma=False)[0])
+    with pytest.raises(ValueError, match="kv_tma=True.*16 bytes"):
+        A._kv_tma(True, odd, odd)
+    with pytest.raises(ValueError, match="kv_tma=True.*fp16 and bf16"):
+        A._kv_tma(True, k.float(), v.float())
+    with pytest.raises(ValueError, match="no tail block"):
+        A.forward(q, k, v, None, None, False, 0, 0.2, kv_tma=True, tail=16)
+
+
 def test_key_tail_choice():
     from dlcv_fast.kernels import attention as A
 
@@ -276,6 +318,26 @@ def test_gpu_parity(Lq, Lk, D, kind, dtype):
     B, H = 2, 4
     q, k, v = make_inputs(B, H, H, Lq, Lk, D, dtype, "cuda")
     check_parity(q, k, v, make_mask_args(kind, B, H, Lq, Lk, dtype, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Lq,Lk,D,kind", [(1025, 1025, 64, "causal+padding"), (197, 197, 40, "none"),
+                                          (300, 257, 128, "bias")], ids=str)
+def test_gpu_kv_tma_forward(Lq, Lk, D, kind, monkeypatch):
+    """K/V by TMA descriptors on the hardware (sm_90+; off by default): bf16 parity with the reference and
+    the same output as the pointer path."""
+    from dlcv_fast.kernels import attention as A
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA descriptors need sm_90 or later")
+    B, H = 2, 4
+    q, k, v = make_inputs(B, H, H, Lq, Lk, D, torch.bfloat16, "cuda")
+    kw = make_mask_args(kind, B, H, Lq, Lk, torch.bfloat16, "cuda")
+    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False), 0, D ** -0.5)
+    torch.testing.assert_close(A.forward(*args, kv_tma=True)[0], A.forward(*args, kv_tma=False, tail=0)[0],
+                               atol=0, rtol=0)
+    monkeypatch.setattr(A, "KV_TMA", True)
+    check_parity(q, k, v, kw, backward=False)
 
 
 @pytest.mark.gpu
