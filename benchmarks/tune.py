@@ -70,10 +70,10 @@ def _rel_err(a, b):
     return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
 
-def _bwd(kern, q, k, v, do, causal, config):
+def _bwd(kern, q, k, v, do, causal, config, tma=None):
     scale = q.shape[-1] ** -0.5
     o, lse = kern.forward(q, k, v, None, None, causal, 0, scale)
-    return kern.backward(do, q, k, v, o, lse, None, None, causal, 0, scale, False, config=config)[:3]
+    return kern.backward(do, q, k, v, o, lse, None, None, causal, 0, scale, False, config=config, tma=tma)[:3]
 
 
 def sweep_bwd(D, emit, table_only=False):
@@ -87,19 +87,22 @@ def sweep_bwd(D, emit, table_only=False):
     q, k, v, do = _inputs(B, H, L, D)
     o, lse = kern.forward(q, k, v, None, None, False, 0, D ** -0.5)
     kv_cands, q_cands = BWD_CANDIDATES[D] if not table_only else ([], [])
-    jobs = [("table", tuple(table))] + [("dkdv", (c, table[1])) for c in kv_cands]
-    jobs += [("dq", (table[0], c)) for c in q_cands]
-    for which, config in jobs:
+    # each job: (kernel, config, tma); the table's tiles with and without TMA loads (sm_90+) first
+    jobs = [("table", tuple(table), None)]
+    if kern._interpreting() or kern.table_arch() >= 90:
+        jobs.append(("table (TMA)", tuple(table), True))
+    jobs += [("dkdv", (c, table[1]), None) for c in kv_cands] + [("dq", (table[0], c), None) for c in q_cands]
+    for which, config, tma in jobs:
         row = dict(group=f"bwd{D}", kernel=which, config=config, table=list(table), shape=[B, H, L, D],
                    default=which == "table")
         try:
             errs = {}
             for causal, ref in checks.items():
-                got = _bwd(kern, *check_ins, causal, config)
+                got = _bwd(kern, *check_ins, causal, config, tma)
                 errs["causal" if causal else "full"] = [_rel_err(a, b) for a, b in zip(got, ref)]
 
             def fn():
-                kern.backward(do, q, k, v, o, lse, None, None, False, 0, D ** -0.5, False, config=config)
+                kern.backward(do, q, k, v, o, lse, None, None, False, 0, D ** -0.5, False, config=config, tma=tma)
             row.update(ms=do_bench(fn, warmup=10, rep=40), rel_err=errs,
                        ok=all(e < 2e-2 for es in errs.values() for e in es))
         except Exception as e:  # a tile that does not fit (shared memory, registers): recorded, not fatal
@@ -293,7 +296,7 @@ def sweep_fwd(emit):
         jobs += [(c, None, None, None) for c in FWD_CANDIDATES[64 if block_d <= 64 else 128]]
         for config, job_tail, job_emu, job_tma in jobs:
             cfg = tuple(config or table)
-            tma = kern._kv_tma(job_tma, k, v)
+            tma = kern._use_tma("kv_tma", job_tma, kern.KV_TMA, k, v)
             tail = 0 if tma else kern.key_tail(Lk, cfg[1], block_d) if job_tail is None else job_tail
             emu = kern.EXP_EMU if job_emu is None else job_emu
             row = dict(group="fwd", kernel="forward" if config else "forward (table)", config=cfg, tail=tail,

@@ -23,6 +23,11 @@ Blocks that a mask removes entirely are skipped: causal/prefix limits bound the 
 mask bounds them to the span of kept keys (read once per program; no branch inside the loop, which would
 stop software pipelining). ``rope=`` rotates q and k with the standalone RoPE kernel (one pass each) before
 the launch: on an H200 that was faster than rotating q in the kernel's prologue (benchmarks.tune).
+
+TMA (``KV_TMA`` forward, ``BWD_TMA`` backward; off until timed on a GPU): the blocks a kernel loops over (K/V
+in the forward and the dQ kernel, Q/dO in the dK/dV kernel) can come through 4-D (B, H, L, D) tensor
+descriptors instead of pointer tiles, out-of-bounds rows and head-dim columns zero-filled by the copy engine.
+Results are bitwise equal to the pointer path's; the backward's dK/dV tiles spill far less with them.
 """
 from __future__ import annotations
 
@@ -96,6 +101,7 @@ INTERPRETER_CONFIG = (32, 32, 4, 1)
 TAIL_N = 16  # the forward's last key block when only a few keys are left (key_tail)
 EXP_EMU = 0  # the forward's exp2 split between MUFU and the FP32 pipes (see _exp2); off until timed on a GPU
 KV_TMA = False  # the forward's K/V through TMA tensor descriptors (sm_90+, fp16/bf16); off until timed on a GPU
+BWD_TMA = False  # the backward's Q/dO (dK/dV kernel) and K/V (dQ kernel) by TMA descriptors; off until timed
 DQ_TAIL_MAX_BLOCK_D = 64  # the dQ kernel's sm_90 64x64 w4 tile spilled 16-64 B with a tail block at 128
 ARCHS = (90, 80)
 
@@ -172,6 +178,13 @@ def _align8(s_b, s_h, s_n, ALIGN8: tl.constexpr):
     if ALIGN8:
         s_b, s_h, s_n = (s_b // 8) * 8, (s_h // 8) * 8, (s_n // 8) * 8
     return s_b, s_h, s_n
+
+
+@triton.jit
+def _tma_rows(desc, b, h, start, N: tl.constexpr, D: tl.constexpr):
+    """Rows [start, start + N) of head (b, h) of a (B, H, L, D) tensor descriptor with [1, 1, N, D] blocks, as an
+    (N, D) tile (a TMA load on sm_90): rows past L and columns past the head dim arrive as zeros."""
+    return desc.load([b, h, start, 0]).reshape(N, D)
 
 
 @triton.jit
@@ -291,10 +304,9 @@ def _fwd_block(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_blk, sbm, sbn, kpm
     """One key block of the online softmax: load K/V, score, rescale, accumulate. ``k_src``/``v_src``: the
     block's pointer tiles, or with ``KV_TMA`` the (B, Hkv, Lk, D) tensor descriptors, read at (kv_b, kv_h,
     start_n)."""
-    if KV_TMA:
-        # TMA: rows past Lk and head-dim columns past D arrive as zeros (finite: masked keys get p = 0).
-        k = k_src.load([kv_b, kv_h, start_n, 0]).reshape(cols.shape[0], mask_d.shape[0])
-        v = v_src.load([kv_b, kv_h, start_n, 0]).reshape(cols.shape[0], mask_d.shape[0])
+    if KV_TMA:  # keys past Lk arrive as zeros (finite: they get p = 0)
+        k = _tma_rows(k_src, kv_b, kv_h, start_n, cols.shape[0], mask_d.shape[0])
+        v = _tma_rows(v_src, kv_b, kv_h, start_n, cols.shape[0], mask_d.shape[0])
     else:
         k_ptrs, v_ptrs = k_src, v_src
         if MASKED:
@@ -475,7 +487,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, WRITE_DS: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr, QUERY_SPLIT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """dK and dV of one key block (and the dS tile when WRITE_DS). With ``TMA``, Q and DO are (B, Hq, Lq, D)
+    tensor descriptors with [1, 1, BLOCK_M, BLOCK_D] blocks instead of pointers."""
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -520,10 +534,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
             for start_m in range(lo, hi, BLOCK_M):
                 offs_m = start_m + offs_m0
                 rows = offs_m.to(tl.int64)
-                qd_mask = (offs_m[:, None] < Lq) & mask_d
-                q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], mask=qd_mask, other=0.0)
-                do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_d[None, :], mask=qd_mask,
-                             other=0.0)
+                if TMA:  # queries past Lq arrive as zeros (their lse is +inf: P = 0)
+                    q = _tma_rows(Q, b.to(tl.int32), h.to(tl.int32), start_m, BLOCK_M, BLOCK_D)
+                    do = _tma_rows(DO, b.to(tl.int32), h.to(tl.int32), start_m, BLOCK_M, BLOCK_D)
+                else:
+                    qd_mask = (offs_m[:, None] < Lq) & mask_d
+                    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], mask=qd_mask,
+                                other=0.0)
+                    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_d[None, :], mask=qd_mask,
+                                 other=0.0)
                 lse2 = _load_lse2(LSE + bh * Lq, offs_m, Lq)
                 delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
                 bias_blk = BIAS
@@ -547,20 +566,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
 
 
 @triton.jit
-def _dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_row, offs_m, offs_n,
-             start, end, Lq, Lk, prefix_len, qk_scale, mask_d,
+def _dq_loop(dq, q, do, lse2, delta, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_row, offs_m, offs_n,
+             start, end, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h,
              HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-             BLOCK_N: tl.constexpr):
-    """dQ's key blocks in [start, end) (``k_ptrs`` / ``v_ptrs``: BLOCK_N rows from key 0)."""
+             BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """dQ's key blocks in [start, end) (``k_src`` / ``v_src``: pointer tiles of BLOCK_N rows from key 0, or
+    with ``TMA`` the tensor descriptors, read at (kv_b, kv_h))."""
     for start_n in range(start, end, BLOCK_N):
         n64 = tl.cast(start_n, tl.int64)
         cols = start_n + offs_n
         kp = cols < Lk
         if HAS_KPM:
             kp = kp & (tl.load(kpm_row + cols, mask=cols < Lk, other=0) != 0)
-        kv_mask = (cols[:, None] < Lk) & mask_d
-        k = tl.load(k_ptrs + n64 * skn, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + n64 * svn, mask=kv_mask, other=0.0)
+        if TMA:
+            k = _tma_rows(k_src, kv_b, kv_h, start_n, BLOCK_N, mask_d.shape[1])
+            v = _tma_rows(v_src, kv_b, kv_h, start_n, BLOCK_N, mask_d.shape[1])
+        else:
+            kv_mask = (cols[:, None] < Lk) & mask_d
+            k = tl.load(k_src + n64 * skn, mask=kv_mask, other=0.0)
+            v = tl.load(v_src + n64 * svn, mask=kv_mask, other=0.0)
         p = _bwd_probs(q, k, bias_row + n64 * sbn, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len,
                        kp, qk_scale, lse2, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, True)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -577,7 +601,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TMA: tl.constexpr):
+    """dQ of one query block. With ``TMA``, K and V are (B, Hkv, Lk, D) tensor descriptors with
+    [1, 1, BLOCK_N, BLOCK_D] blocks (no TAIL_N block)."""
+    tl.static_assert(not (TMA and TAIL_N > 0), "TMA takes no tail block")
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -596,21 +623,26 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kpm_row = KPM + b * skpb
     lo, hi = _key_range(start_m, Lk, prefix_len, kpm_row, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
-    k_ptrs = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
-    v_ptrs = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
+    if TMA:
+        k_src, v_src = K, V
+    else:
+        k_src = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
+        v_src = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
+    kv_b, kv_h = b.to(tl.int32), hk.to(tl.int32)
     bias_row = BIAS
     if HAS_BIAS:
         bias_row = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
     mid = _tail_start(lo, hi, BLOCK_N, TAIL_N)  # the last few keys in one TAIL_N block, as in the forward
-    dq = _dq_loop(dq, q, do, lse2, delta, k_ptrs, v_ptrs, skn, svn, bias_row, sbm, sbn, kpm_row, offs_m, offs_n,
-                  lo, mid, Lq, Lk, prefix_len, qk_scale, mask_d, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, BLOCK_N)
+    dq = _dq_loop(dq, q, do, lse2, delta, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_row, offs_m, offs_n,
+                  lo, mid, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, HAS_BIAS, HAS_KPM, CAUSAL,
+                  DOT_PRECISION, BLOCK_N, TMA)
     if TAIL_N > 0:
         offs_t = tl.arange(0, TAIL_N)
         dq = _dq_loop(dq, q, do, lse2, delta,
                       K + b * skb + hk * skh + offs_t.to(tl.int64)[:, None] * skn + offs_d[None, :],
                       V + b * svb + hk * svh + offs_t.to(tl.int64)[:, None] * svn + offs_d[None, :],
                       skn, svn, bias_row, sbm, sbn, kpm_row, offs_m, offs_t, mid, hi, Lq, Lk, prefix_len, qk_scale,
-                      mask_d, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, TAIL_N)
+                      mask_d, kv_b, kv_h, HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, TAIL_N, False)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=qd_mask)
@@ -669,7 +701,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     pairs) by the standalone RoPE kernel, one pass each, before the launch. ``tail``: the kernel's TAIL_N
     (default :func:`key_tail`). ``exp_emu``: the kernel's EXP_EMU (default :data:`EXP_EMU`; 0 in fp32 and
     under the interpreter, which runs no inline PTX). ``kv_tma``: K and V through TMA tensor descriptors
-    (default :data:`KV_TMA`; see :func:`_kv_tma`)."""
+    (default :data:`KV_TMA`; see :func:`_use_tma`)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -684,9 +716,9 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         q, k = (rope_kernels.apply(t, *rope, interleaved=False) for t in (q, k))
     kind = "bias" if bias_t is not None else "plain"
     bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H)
-    use_tma = _kv_tma(kv_tma, k, v)
+    use_tma = _use_tma("kv_tma", kv_tma, KV_TMA, k, v)
     if use_tma:
-        k_arg, v_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, bn, BLOCK_D]) for t in (k, v))
+        k_arg, v_arg = _descriptors(bn, BLOCK_D, k, v)
         if tail:
             raise ValueError(f"tail={tail}: the TMA forward (kv_tma) takes no tail block")
         tail = 0
@@ -715,23 +747,28 @@ def _tma_ready(t) -> bool:
     return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1]) and t.stride(-1) == 1
 
 
-def _kv_tma(requested, k, v) -> bool:
-    """Whether the forward reads K and V through TMA descriptors: asked for (``requested``, else
-    :data:`KV_TMA`), fp16/bf16, Hopper or later (or the interpreter) and TMA-addressable K and V. The
-    default falls back to pointer loads where it cannot be used; asking for it explicitly raises there."""
-    want = KV_TMA if requested is None else requested
+def _use_tma(name, requested, default, *tensors) -> bool:
+    """Whether a kernel reads ``tensors`` through TMA descriptors: asked for (``requested``, else ``default``),
+    fp16/bf16, Hopper or later (or the interpreter), every tensor TMA-addressable. The default falls back to
+    pointer loads where it cannot be used; asking for it explicitly (argument ``name``) raises there."""
+    want = default if requested is None else requested
     if not want:
         return False
     why = None
-    if k.dtype not in (torch.float16, torch.bfloat16):
-        why = f"K/V dtype {k.dtype} (fp16 and bf16 only)"
+    if tensors[0].dtype not in (torch.float16, torch.bfloat16):
+        why = f"dtype {tensors[0].dtype} (fp16 and bf16 only)"
     elif not _interpreting() and table_arch() < 90:
         why = "a pre-Hopper GPU (TMA needs sm_90 or later)"
-    elif not (_tma_ready(k) and _tma_ready(v)):
-        why = "K/V base or strides not multiples of 16 bytes"
+    elif not all(_tma_ready(t) for t in tensors):
+        why = "a base or strides that are not multiples of 16 bytes"
     if why is not None and requested:
-        raise ValueError(f"kv_tma=True: cannot use TMA descriptors with {why}")
+        raise ValueError(f"{name}=True: cannot use TMA descriptors with {why}")
     return why is None
+
+
+def _descriptors(block_rows, block_d, *tensors):
+    """(B, H, L, D) tensor descriptors with [1, 1, block_rows, block_d] blocks (zero fill out of bounds)."""
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_d]) for t in tensors]
 
 
 def _exp_emu(requested, dtype) -> int:
@@ -759,10 +796,11 @@ def _query_splits(n_key_blocks, BH_kv, Lq, block_m):
 
 
 def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scale: float, bias_grad: bool,
-             config=None, splits=None):
+             config=None, splits=None, tma=None):
     """Launch the backward kernels. Returns ``(dq, dk, dv, ds)`` where ds is the (B, Hq, Lq, Lk) fp32
     gradient of the scores when ``bias_grad`` (else None). ``splits``: query splits of the dK/dV kernel
-    (default: :func:`_query_splits`)."""
+    (default: :func:`_query_splits`). ``tma``: Q/dO (dK/dV kernel) and K/V (dQ kernel) through TMA
+    descriptors (default :data:`BWD_TMA`; see :func:`_use_tma`)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -782,9 +820,10 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Lq,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
     dummy = q
+    use_tma = _use_tma("tma", tma, BWD_TMA, q, k, v, do)
     common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None,
                   HAS_KPM=kpm_t is not None, DOT_PRECISION=_dot_precision(q.dtype),
-                  ALIGN8=_strides_align8(q, k, v, do, dq, dk, dv))
+                  ALIGN8=_strides_align8(q, k, v, do, dq, dk, dv), TMA=use_tma)
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
@@ -800,8 +839,9 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     if splits > 1:
         dk_out, dv_out = (torch.empty((splits, B, Lk, Hkv, D), device=q.device, dtype=torch.float32)
                           .transpose(2, 3) for _ in range(2))
+    q_arg, do_arg = _descriptors(kv_cfg[0], BLOCK_D, q, do) if use_tma else (q, do)
     _attn_bwd_dkdv[(n_kb, B * Hkv, splits)](
-        q, k, v, do, lse, delta, bias_t if bias_t is not None else dummy, kpm_t if kpm_t is not None else dummy,
+        q_arg, k, v, do_arg, lse, delta, bias_t if bias_t is not None else dummy, kpm_t if kpm_t is not None else dummy,
         dk_out, dv_out, ds if ds is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -812,14 +852,15 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     if splits > 1:  # a reduction in a fixed order: deterministic
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))
+    k_arg, v_arg = _descriptors(q_cfg[1], BLOCK_D, k, v) if use_tma else (k, v)
     _attn_bwd_dq[(triton.cdiv(Lq, q_cfg[0]), B * H)](
-        q, k, v, do, lse, delta, bias_t if bias_t is not None else dummy, kpm_t if kpm_t is not None else dummy, dq,
+        q, k_arg, v_arg, do, lse, delta, bias_t if bias_t is not None else dummy, kpm_t if kpm_t is not None else dummy, dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         *sb, skp,
         H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale, **common, **launch(q_cfg),
-        TAIL_N=key_tail(Lk, q_cfg[1], BLOCK_D, DQ_TAIL_MAX_BLOCK_D))
+        TAIL_N=0 if use_tma else key_tail(Lk, q_cfg[1], BLOCK_D, DQ_TAIL_MAX_BLOCK_D))
     return dq, dk, dv, ds
 
 
@@ -858,9 +899,10 @@ def aot_specs():
     cases = [("fp16", d) for d in (16, 32, 64, 128, 256)] + [("bf16", d) for d in (40, 80, 160)] + [("fp32", 64)]
     wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
 
-    def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU, tma=KV_TMA):
+    def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU, tma=None):
         flags = tuple(f for f in short if f in flags and f in arg_names(fn))
-        tma = tma and "KV_TMA" in arg_names(fn)
+        tma = (KV_TMA if fn is _attn_fwd else BWD_TMA) if tma is None else tma
+        tma = tma and any(n in arg_names(fn) for n in ("KV_TMA", "TMA"))
         key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma)
         wanted.setdefault(key, []).append(arch)
 
@@ -888,20 +930,27 @@ def aot_specs():
         for emu in (4, 8):
             if emu != EXP_EMU:
                 want(_attn_fwd, dtype, d, (), cfg, 90, wgmma=True, emu=emu)
-    # K/V by TMA descriptors (KV_TMA, off by default; benchmarks.tune times it): the Hopper forward's long and
-    # short tiles at head dims 40-128, plain and with every mask.
-    if not KV_TMA:
-        for dtype, d in (("fp16", 64), ("bf16", 40), ("bf16", 80), ("bf16", 128)):
-            block_d = padded_head_dim(d)
-            for cfg in shipped_configs(fwd_configs, block_d, torch_dtype[dtype], "plain", 90, d < block_d):
-                for flags in ((), kind_flags["plain"]):
-                    want(_attn_fwd, dtype, d, flags, cfg, 90, wgmma=not flags, tma=True)
+    # TMA descriptors (KV_TMA, BWD_TMA, off by default; benchmarks.tune times them): the Hopper forward's long
+    # and short tiles and the backward's tiles at head dims 40-128, plain and with every mask of each kind.
+    for dtype, d in (("fp16", 64), ("bf16", 40), ("bf16", 80), ("fp16", 128)):  # as the pointer specs above
+        block_d = padded_head_dim(d)
+        for kind in ("plain", "bias"):
+            if not KV_TMA:
+                for cfg in shipped_configs(fwd_configs, block_d, torch_dtype[dtype], kind, 90, d < block_d):
+                    for flags in ((), kind_flags[kind]) if kind == "plain" else (kind_flags[kind],):
+                        want(_attn_fwd, dtype, d, flags, cfg, 90, wgmma=not flags, tma=True)
+            if not BWD_TMA:
+                kv_cfg, q_cfg = shipped_configs(bwd_configs, block_d, torch_dtype[dtype], kind, 90, d < block_d)
+                want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, 90, tma=True)
+                want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, 90, split=True, tma=True)
+                want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, 90, tma=True)
 
     specs = []
     for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma), archs in wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-        if tma:
-            types.update(dict.fromkeys(("K", "V"), f"tensordesc<{dtype}[1, 1, {bn}, {padded_head_dim(d)}]>"))
+        if tma:  # the dK/dV kernel's Q/dO blocks are BLOCK_M rows, the others' K/V blocks BLOCK_N
+            rows, names = (bm, ("Q", "DO")) if fn is _attn_bwd_dkdv else (bn, ("K", "V"))
+            types.update(dict.fromkeys(names, f"tensordesc<{dtype}[1, 1, {rows}, {padded_head_dim(d)}]>"))
         if split:
             types.update(DK="*fp32", DV="*fp32")  # the split's partial sums
         types.update(LSE="*fp32", DELTA="*fp32", DS="*fp32", BIAS="*fp32", KPM="*u8", qk_scale="fp32",
@@ -916,8 +965,9 @@ def aot_specs():
             constexprs["TAIL_N"] = tail
         if "EXP_EMU" in arg_names(fn):
             constexprs["EXP_EMU"] = emu
-        if "KV_TMA" in arg_names(fn):
-            constexprs["KV_TMA"] = tma
+        for name in ("KV_TMA", "TMA"):
+            if name in arg_names(fn):
+                constexprs[name] = tma
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the

@@ -121,8 +121,9 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     tune.sweep_window(rows.append)
     tune.sweep_fwd(rows.append)
     tune.sweep_split(rows.append)
-    assert [r["group"] for r in rows] == ["bwd64", "rope64", "rope64", "rope64", *["window_stage3"] * 7,
+    assert [r["group"] for r in rows] == ["bwd64", "bwd64", "rope64", "rope64", "rope64", *["window_stage3"] * 7,
                                           "fwd", "fwd", "fwd", "fwd", "split", "split", "split"]
+    assert [r["kernel"] for r in rows if r["group"] == "bwd64"] == ["table", "table (TMA)"]
     # the forward: the table's tile (the default), with K/V by TMA (no tail block then), without the tail
     # block, another tile
     assert [(r["default"], r["kv_tma"], r["tail"]) for r in rows if r["group"] == "fwd"] == [
@@ -133,7 +134,7 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
         "window forward, grouped", "window forward, per window", "window forward, grouped",
         *["window backward, fused", "window backward, two kernels"] * 2]
     checked = [r for r in rows if "ok" in r]
-    assert len(checked) == 16 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+    assert len(checked) == 17 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
     # every comparison has its shipped default flagged, so the summary can compare against it
     lines = tune.summarize(rows)
     assert len(lines) == 6 and all(": default " in line for line in lines), lines

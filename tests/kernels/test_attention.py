@@ -243,27 +243,56 @@ def test_kv_tma_forward_equals_pointer_loads(kind, Hq, Hkv, Lq, Lk, D, device):
 
 
 def test_kv_tma_on_strided_views_and_its_limits(device, monkeypatch):
-    """A fused qkv view (B, N, 3, H, D) permuted to (B, H, N, D) takes TMA descriptors without a copy; K/V
-    whose strides are not multiples of 16 bytes, or fp32, fall back to pointer loads by default and raise
-    when TMA is asked for explicitly."""
+    """A fused qkv view (B, N, 3, H, D) permuted to (B, H, N, D) takes TMA descriptors without a copy; tensors
+    whose strides are not multiples of 16 bytes, or fp32, fall back to pointer loads when TMA is on by default
+    and raise when it is asked for explicitly."""
     from dlcv_fast.kernels import attention as A
 
     qkv = torch.randn(2, 49, 3, 2, 40, generator=torch.Generator().manual_seed(3)).half().to(device)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    assert A._tma_ready(k) and A._kv_tma(True, k, v)
+    assert A._tma_ready(k) and A._use_tma("kv_tma", True, False, k, v)
     o_ptr = A.forward(q, k, v, None, None, True, 0, 0.2, tail=0)[0]
     assert torch.equal(o_ptr, A.forward(q, k, v, None, None, True, 0, 0.2, kv_tma=True)[0])
     odd = torch.randn(1, 2, 9, 44, device=device).half()[..., :36]  # rows 88 bytes apart
-    monkeypatch.setattr(A, "KV_TMA", True)  # on by default: where TMA cannot address K/V, pointer loads
-    assert not A._tma_ready(odd) and not A._kv_tma(None, odd, odd) and A._kv_tma(None, k, v)
+    assert not A._tma_ready(odd)
+    assert not A._use_tma("kv_tma", None, True, odd, odd) and not A._use_tma("kv_tma", False, True, k, v)
+    monkeypatch.setattr(A, "KV_TMA", True)
     assert torch.equal(A.forward(odd, odd, odd, None, None, False, 0, 0.2)[0],
                        A.forward(odd, odd, odd, None, None, False, 0, 0.2, kv_tma=False)[0])
     with pytest.raises(ValueError, match="kv_tma=True.*16 bytes"):
-        A._kv_tma(True, odd, odd)
-    with pytest.raises(ValueError, match="kv_tma=True.*fp16 and bf16"):
-        A._kv_tma(True, k.float(), v.float())
+        A.forward(odd, odd, odd, None, None, False, 0, 0.2, kv_tma=True)
+    with pytest.raises(ValueError, match="tma=True.*fp16 and bf16"):
+        A.backward(q.float(), q.float(), k.float(), v.float(), o_ptr.float(), None, None, None, False, 0, 0.2,
+                   False, tma=True)
     with pytest.raises(ValueError, match="no tail block"):
         A.forward(q, k, v, None, None, False, 0, 0.2, kv_tma=True, tail=16)
+
+
+@pytest.mark.parametrize("kind", ["none", "causal+padding+bias", "leftpad", "prefix"])
+@pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D", [(2, 2, 77, 77, 40), (4, 2, 50, 97, 72), (2, 1, 1, 70, 128)], ids=str)
+def test_tma_backward_equals_pointer_loads(kind, Hq, Hkv, Lq, Lk, D, device, monkeypatch):
+    """The backward with Q/dO (dK/dV kernel) and K/V (dQ kernel) through TMA descriptors (tma, off by default)
+    gives the pointer path's gradients (no tail block) bit for bit: zeros out of bounds where the pointer
+    loads were masked."""
+    from dlcv_fast.kernels import attention as A
+
+    q, k, v = make_inputs(2, Hq, Hkv, Lq, Lk, D, torch.float16, device)
+    kw = make_mask_args(kind, 2, Hq, Lq, Lk, torch.float16, device) if kind != "none" else {}
+    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
+            kw.get("prefix_len", 0), D ** -0.5)
+    o, lse = A.forward(*args)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(device, o.dtype)
+    bias_grad = kw.get("attn_bias") is not None
+    ptr = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, tma=False)
+    for splits in (None, 2):  # the dK/dV kernel's query split too
+        with monkeypatch.context() as m:  # the pointer path's dQ kernel without its tail block, as with TMA
+            m.setattr(A, "key_tail", lambda *a: 0)
+            ref = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, tma=False, splits=splits)
+        got = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, tma=True, splits=splits)
+        for name, a, b in zip(("dq", "dk", "dv", "ds"), got, ref):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    for a, b in zip(ptr[:3], got[:3]):  # and with the tail block: equal up to rounding
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
 def test_key_tail_choice():
@@ -323,9 +352,9 @@ def test_gpu_parity(Lq, Lk, D, kind, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("Lq,Lk,D,kind", [(1025, 1025, 64, "causal+padding"), (197, 197, 40, "none"),
                                           (300, 257, 128, "bias")], ids=str)
-def test_gpu_kv_tma_forward(Lq, Lk, D, kind, monkeypatch):
-    """K/V by TMA descriptors on the hardware (sm_90+; off by default): bf16 parity with the reference and
-    the same output as the pointer path."""
+def test_gpu_tma_loads(Lq, Lk, D, kind, monkeypatch):
+    """TMA descriptor loads on the hardware (sm_90+; off by default), forward (KV_TMA) and backward (BWD_TMA):
+    the same output and gradients as the pointer path, and bf16 parity with the reference."""
     from dlcv_fast.kernels import attention as A
 
     if torch.cuda.get_device_capability()[0] < 9:
@@ -334,10 +363,19 @@ def test_gpu_kv_tma_forward(Lq, Lk, D, kind, monkeypatch):
     q, k, v = make_inputs(B, H, H, Lq, Lk, D, torch.bfloat16, "cuda")
     kw = make_mask_args(kind, B, H, Lq, Lk, torch.bfloat16, "cuda")
     args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False), 0, D ** -0.5)
-    torch.testing.assert_close(A.forward(*args, kv_tma=True)[0], A.forward(*args, kv_tma=False, tail=0)[0],
-                               atol=0, rtol=0)
+    o, lse = A.forward(*args, kv_tma=False, tail=0)
+    torch.testing.assert_close(A.forward(*args, kv_tma=True)[0], o, atol=0, rtol=0)
+    do = torch.randn_like(o)
+    bias_grad = kw.get("attn_bias") is not None
+    got = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, tma=True)
+    with monkeypatch.context() as m:  # the pointer path's dQ kernel without its tail block, as with TMA
+        m.setattr(A, "key_tail", lambda *a: 0)
+        ref = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, tma=False)
+    for a, b in zip(got, ref):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
     monkeypatch.setattr(A, "KV_TMA", True)
-    check_parity(q, k, v, kw, backward=False)
+    monkeypatch.setattr(A, "BWD_TMA", True)
+    check_parity(q, k, v, kw)
 
 
 @pytest.mark.gpu
