@@ -14,6 +14,8 @@ compulsory traffic: q, k, v read and o written (forward), plus q, k, v, o, dO re
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from benchmarks.registry import Benchmark, Provider, Unavailable, register, with_backward
@@ -200,8 +202,33 @@ def reference(backward: bool):
     return ref
 
 
+def with_tma(provider: Provider) -> Provider:
+    """``provider`` (ours) run with the Triton kernels' TMA loads on (KV_TMA, BWD_TMA in
+    dlcv_fast.kernels.attention; off by default until a GPU run shows they are faster: this provider is that
+    measurement, side by side with the default). The flags are set around the whole call, backward included."""
+    build = provider.build
+
+    def build_tma(case, inputs, ctx):
+        from dlcv_fast.kernels import attention as A
+
+        if A.table_arch() < 90:
+            raise Unavailable("TMA descriptors need sm_90 or later")
+        fn = build(case, inputs, ctx)
+
+        def run(x):
+            saved = A.KV_TMA, A.BWD_TMA
+            A.KV_TMA = A.BWD_TMA = True
+            try:
+                return fn(x)
+            finally:
+                A.KV_TMA, A.BWD_TMA = saved
+        return run
+    return replace(provider, name=provider.name + "+tma", build=build_tma)
+
+
 def _attention_bench(name, title, cases, quick, cpu_cases, backward, x=None, group=()):
     providers = [with_backward(p, "q", "k", "v") if backward else p for p in PROVIDERS]
+    providers.insert(1, with_tma(providers[0]))  # right after dlcv_fast.triton
     return register(Benchmark(
         name=name, suite="kernels", issue=2, title=title, cases=cases, quick=quick, cpu_cases=cpu_cases,
         providers=providers, make_inputs=make_inputs(backward), reference=reference(backward), view=parity_view,

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"date", "commit", "gpu", "driver", "torch", "triton"}
 ROW_KEYS = {"benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "ms_launch", "tflops",
@@ -168,3 +170,27 @@ def test_roofline_copy_kernel_copies_every_element():
         dst = torch.full((src.numel() + 5,), float("nan"))
         runner._triton_copy(src, dst, block, warps)
         assert torch.equal(dst[:src.numel()], src) and dst[src.numel():].isnan().all()
+
+
+def test_tma_provider_sets_the_flags_for_the_whole_call():
+    """The suite's dlcv_fast.triton+tma provider runs ours with the TMA loads on around the whole timed call
+    (with_backward's gradient included), and leaves the defaults as they were."""
+    from benchmarks.attention import with_tma
+    from benchmarks.registry import Provider, with_backward
+    from dlcv_fast.kernels import attention as A
+
+    seen = []
+
+    def build(case, x0, ctx):
+        def fn(x):
+            seen.append(("fwd", A.KV_TMA, A.BWD_TMA))
+            return x["q"] * 2
+        return fn
+
+    x = {"q": torch.ones(2, requires_grad=True), "do": torch.ones(2)}
+    x["q"].register_hook(lambda g: seen.append(("bwd", A.KV_TMA, A.BWD_TMA)))
+    p = with_tma(with_backward(Provider("dlcv_fast.triton", build), "q"))
+    assert p.name == "dlcv_fast.triton+tma"
+    p.build({}, x, {})(x)
+    assert seen == [("fwd", True, True), ("bwd", True, True)]
+    assert (A.KV_TMA, A.BWD_TMA) == (False, False)
