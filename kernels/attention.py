@@ -188,6 +188,18 @@ def _tma_rows(desc, b, h, start, N: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _kv_sources(K, V, b, hk, skb, skh, skn, svb, svh, svn, offs_n, offs_d, TMA: tl.constexpr):
+    """(k_src, v_src, kv_b, kv_h) of a key loop: pointer tiles of key rows offs_n of head (b, hk), or with
+    ``TMA`` the descriptors themselves, with the int32 (batch, head) coordinates to read them at."""
+    if TMA:
+        k_src, v_src = K, V
+    else:
+        k_src = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
+        v_src = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
+    return k_src, v_src, b.to(tl.int32), hk.to(tl.int32)
+
+
+@triton.jit
 def _query_block(H, GROUP, BLOCK_M: tl.constexpr):
     """This program's (pid_bh, b, h, kv head, first query, query offsets): query block program_id(0) of the
     (batch, head) pair program_id(1)."""
@@ -386,12 +398,7 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
     rows = offs_m.to(tl.int64)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
                 mask=(offs_m[:, None] < Lq) & mask_d[None, :], other=0.0)
-    if KV_TMA:
-        k_src, v_src = K, V
-    else:
-        k_src = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
-        v_src = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
-    kv_b, kv_h = b.to(tl.int32), hk.to(tl.int32)
+    k_src, v_src, kv_b, kv_h = _kv_sources(K, V, b, hk, skb, skh, skn, svb, svh, svn, offs_n, offs_d, KV_TMA)
     bias_row = BIAS
     if HAS_BIAS:
         bias_row = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
@@ -623,12 +630,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kpm_row = KPM + b * skpb
     lo, hi = _key_range(start_m, Lk, prefix_len, kpm_row, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM)
-    if TMA:
-        k_src, v_src = K, V
-    else:
-        k_src = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :]
-        v_src = V + b * svb + hk * svh + offs_n.to(tl.int64)[:, None] * svn + offs_d[None, :]
-    kv_b, kv_h = b.to(tl.int32), hk.to(tl.int32)
+    k_src, v_src, kv_b, kv_h = _kv_sources(K, V, b, hk, skb, skh, skn, svb, svh, svn, offs_n, offs_d, TMA)
     bias_row = BIAS
     if HAS_BIAS:
         bias_row = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
