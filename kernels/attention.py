@@ -102,6 +102,7 @@ TAIL_N = 16  # the forward's last key block when only a few keys are left (key_t
 EXP_EMU = 0  # the forward's exp2 split between MUFU and the FP32 pipes (see _exp2); off until timed on a GPU
 KV_TMA = False  # the forward's K/V through TMA tensor descriptors (sm_90+, fp16/bf16); off until timed on a GPU
 BWD_TMA = False  # the backward's Q/dO (dK/dV kernel) and K/V (dQ kernel) by TMA descriptors; off until timed
+TMA_MAX_HEAD_DIM = 128  # TMA paths at larger head dims (160, 256 buckets) are not compile-checked: pointer loads
 DQ_TAIL_MAX_BLOCK_D = 64  # the dQ kernel's sm_90 64x64 w4 tile spilled 16-64 B with a tail block at 128
 ARCHS = (90, 80)
 
@@ -761,6 +762,8 @@ def _use_tma(name, requested, default, *tensors) -> bool:
         why = f"dtype {tensors[0].dtype} (fp16 and bf16 only)"
     elif not _interpreting() and table_arch() < 90:
         why = "a pre-Hopper GPU (TMA needs sm_90 or later)"
+    elif tensors[0].shape[-1] > TMA_MAX_HEAD_DIM:
+        why = f"head dim {tensors[0].shape[-1]} (up to {TMA_MAX_HEAD_DIM}: the tiles compile-checked with TMA)"
     elif not all(_tma_ready(t) for t in tensors):
         why = "a base or strides that are not multiples of 16 bytes"
     if why is not None and requested:

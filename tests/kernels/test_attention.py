@@ -261,6 +261,10 @@ def test_kv_tma_on_strided_views_and_its_limits(device, monkeypatch):
                        A.forward(odd, odd, odd, None, None, False, 0, 0.2, kv_tma=False)[0])
     with pytest.raises(ValueError, match="kv_tma=True.*16 bytes"):
         A.forward(odd, odd, odd, None, None, False, 0, 0.2, kv_tma=True)
+    wide = torch.randn(1, 1, 8, 160, device=device).half()
+    assert not A._use_tma("kv_tma", None, True, wide, wide)
+    with pytest.raises(ValueError, match="kv_tma=True.*head dim 160"):
+        A.forward(wide, wide, wide, None, None, False, 0, 0.2, kv_tma=True)
     with pytest.raises(ValueError, match="tma=True.*fp16 and bf16"):
         A.backward(q.float(), q.float(), k.float(), v.float(), o_ptr.float(), None, None, None, False, 0, 0.2,
                    False, tma=True)
