@@ -18,6 +18,17 @@ except ImportError:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# torch.compile's on-disk caches (default /tmp/torchinductor_$USER) outlive a change of our ops: a cached
+# joint graph keeps calling a backward op with its old arguments (seen after window_attention_bwd lost one),
+# as torch keys them on the forward graph only. Each test session compiles into its own fresh folder.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dlcv_fast_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
