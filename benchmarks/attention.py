@@ -202,33 +202,47 @@ def reference(backward: bool):
     return ref
 
 
-def with_tma(provider: Provider) -> Provider:
-    """``provider`` (ours) run with the Triton kernels' TMA loads on (KV_TMA, BWD_TMA in
-    dlcv_fast.kernels.attention; off by default until a GPU run shows they are faster: this provider is that
-    measurement, side by side with the default). The flags are set around the whole call, backward included."""
+def with_flags(provider: Provider, suffix: str, min_arch: int = 0, **flags) -> Provider:
+    """``provider`` (ours) run with module flags of dlcv_fast.kernels.attention set (variants that are off by
+    default until a GPU run shows they are faster: this provider is that measurement, side by side with the
+    default), named with ``suffix``. The flags are set around the whole call, backward included, and restored."""
     build = provider.build
 
-    def build_tma(case, inputs, ctx):
+    def build_flagged(case, inputs, ctx):
         from dlcv_fast.kernels import attention as A
 
-        if A.table_arch() < 90:
-            raise Unavailable("TMA descriptors need sm_90 or later")
+        if A.table_arch() < min_arch:
+            raise Unavailable(f"{suffix.lstrip('+')} needs sm_{min_arch} or later")
         fn = build(case, inputs, ctx)
 
         def run(x):
-            saved = A.KV_TMA, A.BWD_TMA
-            A.KV_TMA = A.BWD_TMA = True
+            saved = {name: getattr(A, name) for name in flags}
+            for name, value in flags.items():
+                setattr(A, name, value)
             try:
                 return fn(x)
             finally:
-                A.KV_TMA, A.BWD_TMA = saved
+                for name, value in saved.items():
+                    setattr(A, name, value)
         return run
-    return replace(provider, name=provider.name + "+tma", build=build_tma)
+    return replace(provider, name=provider.name + suffix, build=build_flagged)
+
+
+def with_tma(provider: Provider) -> Provider:
+    """Ours with TMA descriptor loads (KV_TMA, BWD_TMA; sm_90+)."""
+    return with_flags(provider, "+tma", 90, KV_TMA=True, BWD_TMA=True)
+
+
+def with_key_major(provider: Provider) -> Provider:
+    """Ours with the dK/dV kernel's key-major tiles (BWD_KEY_MAJOR)."""
+    return with_flags(provider, "+keymajor", BWD_KEY_MAJOR=True)
 
 
 def _attention_bench(name, title, cases, quick, cpu_cases, backward, x=None, group=()):
     providers = [with_backward(p, "q", "k", "v") if backward else p for p in PROVIDERS]
     providers.insert(1, with_tma(providers[0]))  # right after dlcv_fast.triton
+    if backward:
+        providers.insert(2, with_key_major(providers[0]))
     return register(Benchmark(
         name=name, suite="kernels", issue=2, title=title, cases=cases, quick=quick, cpu_cases=cpu_cases,
         providers=providers, make_inputs=make_inputs(backward), reference=reference(backward), view=parity_view,

@@ -34,6 +34,11 @@ BWD_CANDIDATES = {
            (64, 32, 4, 2), (64, 64, 4, 2)],
           [(64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 4, 2)]),
 }
+# dK/dV tiles for the key-major orientation (keys along the tile's rows, BWD_KEY_MAJOR; off by default): key
+# blocks of 64 and 128 rows (a warpgroup MMA's 64 rows per warpgroup), the sm_90 compiles with the fewest
+# spills (head dim 64: none at 64x64 w4/w8 and 64x128 w8; 128: 120-556 B against 416-2136 B query-major).
+KM_CANDIDATES = {64: [(64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 4, 2)],
+                 128: [(64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)]}
 # Forward with rope= at these tiles. Until 2026-11-27 rope= rotated q in the kernel's prologue; that version
 # ("fwd ROPE_Q" rows of benchmarks/results/2026-11-27T2115_nvidia-h200_tune.jsonl) lost to one RoPE pass over
 # q and k plus the plain kernel at every tile, which is what forward(rope=) does now.
@@ -70,10 +75,11 @@ def _rel_err(a, b):
     return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
 
-def _bwd(kern, q, k, v, do, causal, config, tma=None):
+def _bwd(kern, q, k, v, do, causal, config, tma=None, key_major=None):
     scale = q.shape[-1] ** -0.5
     o, lse = kern.forward(q, k, v, None, None, causal, 0, scale)
-    return kern.backward(do, q, k, v, o, lse, None, None, causal, 0, scale, False, config=config, tma=tma)[:3]
+    return kern.backward(do, q, k, v, o, lse, None, None, causal, 0, scale, False, config=config, tma=tma,
+                         key_major=key_major)[:3]
 
 
 def sweep_bwd(D, emit, table_only=False):
@@ -87,22 +93,27 @@ def sweep_bwd(D, emit, table_only=False):
     q, k, v, do = _inputs(B, H, L, D)
     o, lse = kern.forward(q, k, v, None, None, False, 0, D ** -0.5)
     kv_cands, q_cands = BWD_CANDIDATES[D] if not table_only else ([], [])
-    # each job: (kernel, config, tma); the table's tiles with and without TMA loads (sm_90+) first
-    jobs = [("table", tuple(table), None)]
+    # each job: (kernel, config, tma, key_major); first the table's tiles as they are, with TMA loads (sm_90+)
+    # and key-major, then the key-major dK/dV tiles (the candidates a run cut short should still reach)
+    km_table = tuple(kern.bwd_configs(D, torch.float16, "plain", key_major=True))
+    jobs = [("table", tuple(table), None, None), ("table (key-major)", km_table, None, True)]
     if kern._interpreting() or kern.table_arch() >= 90:
-        jobs.append(("table (TMA)", tuple(table), True))
-    jobs += [("dkdv", (c, table[1]), None) for c in kv_cands] + [("dq", (table[0], c), None) for c in q_cands]
-    for which, config, tma in jobs:
+        jobs.append(("table (TMA)", tuple(table), True, None))
+    jobs += [("dkdv key-major", (c, table[1]), None, True) for c in (KM_CANDIDATES[D] if not table_only else [])]
+    jobs += [("dkdv", (c, table[1]), None, False) for c in kv_cands]
+    jobs += [("dq", (table[0], c), None, None) for c in q_cands]
+    for which, config, tma, key_major in jobs:
         row = dict(group=f"bwd{D}", kernel=which, config=config, table=list(table), shape=[B, H, L, D],
                    default=which == "table")
         try:
             errs = {}
             for causal, ref in checks.items():
-                got = _bwd(kern, *check_ins, causal, config, tma)
+                got = _bwd(kern, *check_ins, causal, config, tma, key_major)
                 errs["causal" if causal else "full"] = [_rel_err(a, b) for a, b in zip(got, ref)]
 
             def fn():
-                kern.backward(do, q, k, v, o, lse, None, None, False, 0, D ** -0.5, False, config=config, tma=tma)
+                kern.backward(do, q, k, v, o, lse, None, None, False, 0, D ** -0.5, False, config=config, tma=tma,
+                              key_major=key_major)
             row.update(ms=do_bench(fn, warmup=10, rep=40), rel_err=errs,
                        ok=all(e < 2e-2 for es in errs.values() for e in es))
         except Exception as e:  # a tile that does not fit (shared memory, registers): recorded, not fatal

@@ -96,12 +96,27 @@ BWD_TABLE = {
     90: {16: _BWD_90, 32: _BWD_90, 64: _BWD_90, 128: _BWD_90_128, 256: _BWD_256},
     80: {16: _BWD_80, 32: _BWD_80, 64: _BWD_80, 128: _BWD_80, 256: _BWD_256},
 }
+# The dK/dV kernel's tiles for its key-major orientation (BWD_KEY_MAJOR, off by default; the dQ kernel keeps
+# BWD_TABLE's). Its transposed tiles feed the dV and dK dots from registers, with no shared-memory transpose,
+# and their accumulators sit in a different layout, so other tiles fit: on sm_90 64x128 w8 (64 queries x 128
+# keys, FlashAttention-3's head-dim-64 shape) compiles with no spill at head dim 64, 32x128 w8 at 128, where
+# every query-major tile that was timed spills (104-784 B). Chosen by the AOT compile alone (fewest spills,
+# wgmma on sm_90; the query-split variants' spills are listed in tests/kernels/aot_known_problems.txt): no GPU
+# has timed them yet (benchmarks.tune rows "dkdv key-major"). Head dim 256 keeps BWD_TABLE's tiles.
+_BWD_KM_90 = dict(plain=(64, 128, 8, 2), bias=(32, 128, 8, 2))
+_BWD_KM_80 = dict(plain=(32, 128, 8, 2), bias=(32, 32, 4, 2))
+BWD_KM_TABLE = {
+    90: {16: _BWD_KM_90, 32: _BWD_KM_90, 64: _BWD_KM_90, 128: dict(plain=(32, 128, 8, 2), bias=(32, 64, 8, 2))},
+    80: {16: _BWD_KM_80, 32: _BWD_KM_80, 64: _BWD_KM_80, 128: dict(plain=(32, 64, 8, 2), bias=(32, 32, 8, 2))},
+}
 BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
+BWD_FP32_KM = (16, 16, 4, 1)  # fp32 key-major dK/dV: 16x32 spilled 8-40 B on sm_80
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 TAIL_N = 16  # the forward's last key block when only a few keys are left (key_tail)
 EXP_EMU = 0  # the forward's exp2 split between MUFU and the FP32 pipes (see _exp2); off until timed on a GPU
 KV_TMA = False  # the forward's K/V through TMA tensor descriptors (sm_90+, fp16/bf16); off until timed on a GPU
 BWD_TMA = False  # the backward's Q/dO (dK/dV kernel) and K/V (dQ kernel) by TMA descriptors; off until timed
+BWD_KEY_MAJOR = False  # the dK/dV kernel's tiles computed transposed (keys along rows); off until timed on a GPU
 TMA_MAX_HEAD_DIM = 128  # TMA paths at larger head dims (160, 256 buckets) are not compile-checked: pointer loads
 DQ_TAIL_MAX_BLOCK_D = 64  # the dQ kernel's sm_90 64x64 w4 tile spilled 16-64 B with a tail block at 128
 ARCHS = (90, 80)
@@ -130,14 +145,20 @@ def fwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=Non
     return list(dict.fromkeys(entry))
 
 
-def bwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=None, uneven: bool = False):
-    """``(dK/dV config, dQ config)`` of the backward launcher. ``uneven`` (the head dim is below ``block_d``)
-    is accepted for symmetry with :func:`fwd_configs`; no backward entry needs an override for it."""
+def bwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=None, uneven: bool = False,
+                key_major: bool = False):
+    """``(dK/dV config, dQ config)`` of the backward launcher; ``key_major``: the dK/dV kernel's key-major tile
+    from :data:`BWD_KM_TABLE` where it has one. ``uneven`` (the head dim is below ``block_d``) is accepted for
+    symmetry with :func:`fwd_configs`; no backward entry needs an override for it."""
     if _interpreting():
         return (INTERPRETER_CONFIG, INTERPRETER_CONFIG)
     if dtype == torch.float32:
-        return BWD_FP32
-    return BWD_TABLE[table_arch(arch)][block_d][kind]
+        return (BWD_FP32_KM, BWD_FP32[1]) if key_major else BWD_FP32
+    arch = table_arch(arch)
+    kv_cfg, q_cfg = BWD_TABLE[arch][block_d][kind]
+    if key_major:
+        kv_cfg = BWD_KM_TABLE[arch].get(block_d, {}).get(kind, kv_cfg)
+    return kv_cfg, q_cfg
 
 
 def _interpreting():
@@ -212,23 +233,40 @@ def _query_block(H, GROUP, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, Lk, prefix_len, CAUSAL: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) True where query offs_m may see key offs_n by index (bounds + causal/prefix)."""
-    keep = offs_n[None, :] < Lk
+def _visible(qi, kj, Lk, prefix_len, CAUSAL: tl.constexpr):
+    """True where query qi may see key kj by index (bounds + causal/prefix); qi and kj are broadcastable
+    2-D index tensors ((BLOCK_M, 1) and (1, BLOCK_N), or transposed for a key-major tile)."""
+    keep = kj < Lk
     if CAUSAL:
-        keep = keep & ((offs_n[None, :] <= offs_m[:, None]) | (offs_n[None, :] < prefix_len))
+        keep = keep & ((kj <= qi) | (kj < prefix_len))
     return keep
+
+
+@triton.jit
+def _tile_index(rows, cols, KEY_MAJOR: tl.constexpr):
+    """A 1-D per-query vector ``rows`` and per-key vector ``cols`` as broadcastable 2-D operands of a score
+    tile: (BLOCK_M, 1) and (1, BLOCK_N), or with ``KEY_MAJOR`` (keys along the tile's rows) (1, BLOCK_M) and
+    (BLOCK_N, 1)."""
+    if KEY_MAJOR:
+        r, c = rows[None, :], cols[:, None]
+    else:
+        r, c = rows[:, None], cols[None, :]
+    return r, c
 
 
 @triton.jit
 def _scores(q, k, bias_blk, sbm, sbn, offs_m, offs_n, Lq, Lk, prefix_len, kp, qk_scale,
             HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
-    """Scores of one tile in log2 units, masked keys at -inf. ``MASKED`` False skips the index masks
+            DOT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
+    """Scores of one tile in log2 units, masked keys at -inf: (BLOCK_M, BLOCK_N) = q k^T, or with
+    ``KEY_MAJOR`` its transpose (BLOCK_N, BLOCK_M) = k q^T. ``MASKED`` False skips the index masks
     (caller guarantees the tile is fully visible and in bounds). ``bias_blk`` points at the bias element of
     the tile's first (query, key); the tile's offsets from it are int32 (a tile spans < 2^31 elements), so
     no 64-bit pointer tile is kept live across the loop."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if KEY_MAJOR:
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
         # Out-of-range rows/columns read the last valid one instead of being masked (their scores are
         # discarded or set to -inf below): an unpredicated load, lighter on registers.
@@ -238,11 +276,13 @@ def _scores(q, k, bias_blk, sbm, sbn, offs_m, offs_n, Lq, Lk, prefix_len, kp, qk
         cl = ln
         if MASKED:
             cl = tl.minimum(offs_n, Lk - 1) - (offs_n - ln)
-        s += tl.load(bias_blk + rl[:, None] * sbm + cl[None, :] * sbn).to(tl.float32) * 1.4426950408889634
+        rl, cl = _tile_index(rl, cl, KEY_MAJOR)
+        s += tl.load(bias_blk + rl * sbm + cl * sbn).to(tl.float32) * 1.4426950408889634
     if MASKED:
-        s = tl.where(_visible(offs_m, offs_n, Lk, prefix_len, CAUSAL), s, float("-inf"))
+        qi, kj = _tile_index(offs_m, offs_n, KEY_MAJOR)
+        s = tl.where(_visible(qi, kj, Lk, prefix_len, CAUSAL), s, float("-inf"))
     if HAS_KPM:
-        s = tl.where(kp[None, :], s, float("-inf"))
+        s = tl.where(_tile_index(offs_m, kp, KEY_MAJOR)[1], s, float("-inf"))
     return s
 
 
@@ -467,7 +507,7 @@ def _bwd_preprocess(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Lq,
 @triton.jit
 def _bwd_probs(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale, lse2,
                HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
     """Recompute the probabilities P of one tile from the saved log-sum-exp (log2 units). ``FOLD_SCALE``
     (no bias) applies the scale to the masked raw scores inside the exponent's argument: one FMA, where the
     mask select between a multiply and the subtraction keeps them apart. The dQ kernel folds (sm_90 SASS at
@@ -475,8 +515,8 @@ def _bwd_probs(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, q
     instructions there, and its head-dim-128 tile spilled 16-80 B more)."""
     score_scale, exp_scale = _scale_split(qk_scale, HAS_BIAS or not FOLD_SCALE)
     s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, score_scale,
-                HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION)
-    return tl.math.exp2(s * exp_scale - lse2[:, None])
+                HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, KEY_MAJOR)
+    return tl.math.exp2(s * exp_scale - _tile_index(lse2, cols, KEY_MAJOR)[0])
 
 
 @triton.jit
@@ -495,9 +535,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, WRITE_DS: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr, QUERY_SPLIT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """dK and dV of one key block (and the dS tile when WRITE_DS). With ``TMA``, Q and DO are (B, Hq, Lq, D)
-    tensor descriptors with [1, 1, BLOCK_M, BLOCK_D] blocks instead of pointers."""
+    tensor descriptors with [1, 1, BLOCK_M, BLOCK_D] blocks instead of pointers. ``KEY_MAJOR`` computes the
+    transposed tiles P^T = exp(K Q^T - lse) and dS^T = P^T (V dO^T - delta) (keys along rows), which are then
+    already the left operands of dV += P^T dO and dK += dS^T Q: no transpose of a register tile through
+    shared memory, which the query-major tiles need for both."""
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -558,14 +601,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                     bias_blk = (BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
                                 + tl.cast(start_n, tl.int64) * sbn)
                 p = _bwd_probs(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale, lse2,
-                               HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, False)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                ds = p * (dp - delta[:, None])
+                               HAS_BIAS, HAS_KPM, CAUSAL, DOT_PRECISION, False, KEY_MAJOR)
+                if KEY_MAJOR:  # p, dp, ds are (BLOCK_N, BLOCK_M)
+                    dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
+                    dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                else:
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                ds = p * (dp - _tile_index(delta, cols, KEY_MAJOR)[0])
                 if WRITE_DS:
-                    ds_ptrs = DS + bh * Lq * Lk + rows[:, None] * Lk + ccols[None, :]
-                    tl.store(ds_ptrs, ds, mask=(offs_m[:, None] < Lq) & (cols[None, :] < Lk))
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                    ds_rows, ds_cols = _tile_index(rows, ccols, KEY_MAJOR)
+                    ds_in = _tile_index(offs_m < Lq, cols < Lk, KEY_MAJOR)
+                    tl.store(DS + bh * Lq * Lk + ds_rows * Lk + ds_cols, ds, mask=ds_in[0] & ds_in[1])
+                if KEY_MAJOR:
+                    dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
+                else:
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(DK + s64 + b * sdkb + hk * sdkh + ccols[:, None] * sdkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -801,11 +852,12 @@ def _query_splits(n_key_blocks, BH_kv, Lq, block_m):
 
 
 def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scale: float, bias_grad: bool,
-             config=None, splits=None, tma=None):
+             config=None, splits=None, tma=None, key_major=None):
     """Launch the backward kernels. Returns ``(dq, dk, dv, ds)`` where ds is the (B, Hq, Lq, Lk) fp32
     gradient of the scores when ``bias_grad`` (else None). ``splits``: query splits of the dK/dV kernel
     (default: :func:`_query_splits`). ``tma``: Q/dO (dK/dV kernel) and K/V (dQ kernel) through TMA
-    descriptors (default :data:`BWD_TMA`; see :func:`_use_tma`)."""
+    descriptors (default :data:`BWD_TMA`; see :func:`_use_tma`). ``key_major``: the dK/dV kernel's transposed
+    tiles (default :data:`BWD_KEY_MAJOR`), with their own config (:data:`BWD_KM_TABLE`) unless ``config``."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -818,8 +870,9 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     ds = torch.zeros((B, H, Lq, Lk), device=q.device, dtype=torch.float32) if bias_grad else None
     bias_t, sb = _bias_args(bias, B, H, Lq, Lk)
     kpm_t, skp = _kpm_args(kpm)
+    key_major = BWD_KEY_MAJOR if key_major is None else bool(key_major)
     kv_cfg, q_cfg = config or bwd_configs(BLOCK_D, q.dtype, "bias" if bias_t is not None else "plain",
-                                          uneven=D < BLOCK_D)
+                                          uneven=D < BLOCK_D, key_major=key_major)
     pre_m = 64 if not _interpreting() else 32
     _bwd_preprocess[(triton.cdiv(Lq, pre_m), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Lq,
@@ -853,7 +906,8 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
         *dk_out.stride()[-4:-1], *dv_out.stride()[-4:-1],
         *sb, skp, dk_out.stride(0) if splits > 1 else 0, split_rows,
         Hkv, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale,
-        WRITE_DS=ds is not None, QUERY_SPLIT=splits > 1, **common, **launch(kv_cfg))
+        WRITE_DS=ds is not None, QUERY_SPLIT=splits > 1, **common, **launch(kv_cfg),
+        KEY_MAJOR=key_major)
     if splits > 1:  # a reduction in a fixed order: deterministic
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))
@@ -881,7 +935,9 @@ def aot_specs():
     backward's dK/dV kernel also writes dS for "bias", and is compiled a second time with ``QUERY_SPLIT``
     (short key sides: fp32 partial dK/dV per query split, summed afterwards); the forward and the dQ kernel
     are compiled with and without their 16-key tail block (``TAIL_N``, taken when a few keys follow the last
-    whole block). The plain forward with no flag is compiled too, on sm_90 only, where it must use wgmma in
+    whole block); the dK/dV kernel in both orientations, query-major with BWD_TABLE's tile and key-major with
+    BWD_KM_TABLE's (which must use wgmma on sm_90 where it has 64 keys or more). The plain forward with no flag
+    is compiled too, on sm_90 only, where it must use wgmma in
     fp16/bf16 (the hot path) when its tile has 64 rows or more (a warpgroup MMA is 64 rows; head dim 160
     takes 32-row tiles, which do not spill); so is the hot fp16 d64 / bf16 d128 one with the exp2 split
     (EXP_EMU 4 and 8, inline PTX; off by default). fp16 takes the
@@ -904,11 +960,13 @@ def aot_specs():
     cases = [("fp16", d) for d in (16, 32, 64, 128, 256)] + [("bf16", d) for d in (40, 80, 160)] + [("fp32", 64)]
     wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
 
-    def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU, tma=None):
+    def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU, tma=None,
+             key_major=None):
         flags = tuple(f for f in short if f in flags and f in arg_names(fn))
         tma = (KV_TMA if fn is _attn_fwd else BWD_TMA) if tma is None else tma
         tma = tma and any(n in arg_names(fn) for n in ("KV_TMA", "TMA"))
-        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma)
+        key_major = (BWD_KEY_MAJOR if key_major is None else key_major) and "KEY_MAJOR" in arg_names(fn)
+        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma, key_major)
         wanted.setdefault(key, []).append(arch)
 
     for dtype, d in cases:
@@ -923,8 +981,13 @@ def aot_specs():
                         if kind == "plain" and arch == 90:
                             want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=True, tail=tail)
                 kv_cfg, q_cfg = shipped_configs(bwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d)
-                want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch)
-                want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch, split=True)
+                # the dK/dV kernel in both orientations (BWD_KEY_MAJOR picks one), each with its own tile;
+                # key-major ones use wgmma on sm_90 where they have 64 keys or more
+                km_cfg = shipped_configs(bwd_configs, block_d, torch_dtype[dtype], kind, arch, d < block_d, True)[0]
+                for split in (False, True):
+                    want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch, split=split, key_major=False)
+                    want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], km_cfg, arch, wgmma=True, split=split,
+                         key_major=True)
                 for tail in (0, TAIL_N) if tail_possible(q_cfg[1], block_d, DQ_TAIL_MAX_BLOCK_D) else (0,):
                     want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch, tail=tail)
             want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it
@@ -951,7 +1014,7 @@ def aot_specs():
                 want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, 90, tma=True)
 
     specs = []
-    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma), archs in wanted.items():
+    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma, km), archs in wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         if tma:  # the dK/dV kernel's Q/dO blocks are BLOCK_M rows, the others' K/V blocks BLOCK_N
             rows, names = (bm, ("Q", "DO")) if fn is _attn_bwd_dkdv else (bn, ("K", "V"))
@@ -973,6 +1036,8 @@ def aot_specs():
         for name in ("KV_TMA", "TMA"):
             if name in arg_names(fn):
                 constexprs[name] = tma
+        if "KEY_MAJOR" in arg_names(fn):
+            constexprs["KEY_MAJOR"] = km
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the
@@ -983,8 +1048,11 @@ def aot_specs():
         tags = [short[f] for f in flags] + (["split"] if split else []) + ([f"tail{tail}"] if tail else [])
         tags += [f"exp{emu}"] if emu and "EXP_EMU" in arg_names(fn) else []
         tags += ["tma"] if tma else []
+        tags += ["keymajor"] if km else []
         variant = "+".join(tags) or ("plain" if bn is not None else "")
+        mma_rows = bn if km else bm  # a warpgroup MMA needs 64 rows: the tile's keys when key-major
         specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps, stages,
-                             tuple(divisible), expect_wgmma=wgmma and dtype != "fp32" and bm >= 64, archs=tuple(archs)))
+                             tuple(divisible), expect_wgmma=wgmma and dtype != "fp32" and mma_rows >= 64
+                             and 90 in archs, archs=tuple(archs)))
     return specs
 

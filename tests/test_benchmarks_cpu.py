@@ -123,9 +123,9 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     tune.sweep_window(rows.append)
     tune.sweep_fwd(rows.append)
     tune.sweep_split(rows.append)
-    assert [r["group"] for r in rows] == ["bwd64", "bwd64", "rope64", "rope64", "rope64", *["window_stage3"] * 7,
+    assert [r["group"] for r in rows] == ["bwd64", "bwd64", "bwd64", "rope64", "rope64", "rope64", *["window_stage3"] * 7,
                                           "fwd", "fwd", "fwd", "fwd", "split", "split", "split"]
-    assert [r["kernel"] for r in rows if r["group"] == "bwd64"] == ["table", "table (TMA)"]
+    assert [r["kernel"] for r in rows if r["group"] == "bwd64"] == ["table", "table (key-major)", "table (TMA)"]
     # the forward: the table's tile (the default), with K/V by TMA (no tail block then), without the tail
     # block, another tile
     assert [(r["default"], r["kv_tma"], r["tail"]) for r in rows if r["group"] == "fwd"] == [
@@ -136,7 +136,7 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
         "window forward, grouped", "window forward, per window", "window forward, grouped",
         *["window backward, fused", "window backward, two kernels"] * 2]
     checked = [r for r in rows if "ok" in r]
-    assert len(checked) == 17 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+    assert len(checked) == 18 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
     # every comparison has its shipped default flagged, so the summary can compare against it
     lines = tune.summarize(rows)
     assert len(lines) == 6 and all(": default " in line for line in lines), lines
@@ -172,10 +172,11 @@ def test_roofline_copy_kernel_copies_every_element():
         assert torch.equal(dst[:src.numel()], src) and dst[src.numel():].isnan().all()
 
 
-def test_tma_provider_sets_the_flags_for_the_whole_call():
-    """The suite's dlcv_fast.triton+tma provider runs ours with the TMA loads on around the whole timed call
-    (with_backward's gradient included), and leaves the defaults as they were."""
-    from benchmarks.attention import with_tma
+def test_flag_providers_set_the_flags_for_the_whole_call():
+    """The suite's dlcv_fast.triton+tma and +keymajor providers run ours with the TMA loads / key-major dK/dV
+    tiles on around the whole timed call (with_backward's gradient included), and leave the defaults as they
+    were."""
+    from benchmarks.attention import with_key_major, with_tma
     from benchmarks.registry import Provider, with_backward
     from dlcv_fast.kernels import attention as A
 
@@ -194,3 +195,9 @@ def test_tma_provider_sets_the_flags_for_the_whole_call():
     p.build({}, x, {})(x)
     assert seen == [("fwd", True, True), ("bwd", True, True)]
     assert (A.KV_TMA, A.BWD_TMA) == (False, False)
+    seen.clear()
+    x["q"].register_hook(lambda g: seen.append(("bwd key-major", A.BWD_KEY_MAJOR)))
+    p = with_key_major(with_backward(Provider("dlcv_fast.triton", build), "q"))
+    assert p.name == "dlcv_fast.triton+keymajor"
+    p.build({}, x, {})(x)
+    assert ("bwd key-major", True) in seen and not A.BWD_KEY_MAJOR

@@ -336,6 +336,49 @@ def test_lse_matches_reference(device):
     torch.testing.assert_close(lse.cpu().double()[finite], lse_ref[finite], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["none", "causal+padding+bias", "leftpad", "prefix", "holes"])
+@pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D,dtype", [(2, 2, 77, 77, 40, torch.float16), (4, 2, 50, 97, 72, torch.float16),
+                                                  (2, 1, 1, 70, 128, torch.float16),
+                                                  (2, 2, 65, 33, 64, torch.float32)], ids=str)
+def test_key_major_backward(kind, Hq, Hkv, Lq, Lk, D, dtype, device, monkeypatch):
+    """The dK/dV kernel's key-major tiles (P^T, dS^T with keys along rows; off by default) give the
+    query-major gradients up to the rounding of the dots' different summation order, with every mask, GQA,
+    Lq = 1, the query split and the dS output; and pass the parity rule through the public op."""
+    from dlcv_fast.kernels import attention as A
+
+    q, k, v = make_inputs(2, Hq, Hkv, Lq, Lk, D, dtype, device)
+    kw = make_mask_args(kind, 2, Hq, Lq, Lk, dtype, device) if kind != "none" else {}
+    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
+            kw.get("prefix_len", 0), D ** -0.5)
+    o, lse = A.forward(*args)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(device, o.dtype)
+    bias_grad = kw.get("attn_bias") is not None
+    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float16 else dict(atol=1e-5, rtol=1e-5)
+    for splits in (None, 2):
+        ref = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, splits=splits, key_major=False)
+        got = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, splits=splits, key_major=True)
+        assert torch.equal(got[0], ref[0])  # the dQ kernel is the same
+        for name, a, b in zip(("dk", "dv", "ds"), got[1:], ref[1:]):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, **tol, msg=name)
+                assert not a.isnan().any(), name
+    monkeypatch.setattr(A, "BWD_KEY_MAJOR", True)
+    check_parity(q, k, v, kw)
+
+
+def test_key_major_backward_is_deterministic(device):
+    """Two key-major backward runs give bitwise-equal gradients (no atomics; fixed split reduction order)."""
+    from dlcv_fast.kernels import attention as A
+
+    q, k, v = make_inputs(1, 2, 2, 70, 70, 64, torch.float16, device)
+    o, lse = A.forward(q, k, v, None, None, True, 0, 0.125)
+    do = torch.randn_like(o)
+    runs = [A.backward(do, q, k, v, o, lse, None, None, True, 0, 0.125, False, splits=2, key_major=True)
+            for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][:3], runs[1][:3]))
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU-only: bf16 and large shapes (run by `pytest -m gpu`)
 # ------------------------------------------------------------------------------------------------
@@ -379,6 +422,35 @@ def test_gpu_tma_loads(Lq, Lk, D, kind, monkeypatch):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
     monkeypatch.setattr(A, "KV_TMA", True)
     monkeypatch.setattr(A, "BWD_TMA", True)
+    check_parity(q, k, v, kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Lq,Lk,D,kind", [(1025, 1025, 64, "causal+padding"), (197, 197, 40, "none"),
+                                          (300, 257, 128, "bias"), (77, 77, 64, "causal+padding"),
+                                          (4096, 77, 40, "none"), (513, 513, 80, "prefix")], ids=str)
+def test_gpu_key_major_backward(Lq, Lk, D, kind, dtype, monkeypatch):
+    """The dK/dV kernel's key-major tiles (BWD_KEY_MAJOR, off by default; BWD_KM_TABLE's tiles, which have
+    fewer queries than keys) on the hardware: the query-major gradients up to rounding, and parity with the
+    reference, at the launchers' own tiles (the query split included: Lk = 77 under 4096 queries)."""
+    from dlcv_fast.kernels import attention as A
+
+    B, H = 2, 4
+    q, k, v = make_inputs(B, H, H, Lq, Lk, D, dtype, "cuda")
+    kw = make_mask_args(kind, B, H, Lq, Lk, dtype, "cuda")
+    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
+            kw.get("prefix_len", 0), D ** -0.5)
+    o, lse = A.forward(*args)
+    do = torch.randn_like(o)
+    bias_grad = kw.get("attn_bias") is not None
+    ref = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, key_major=False)
+    got = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, key_major=True)
+    for name, a, b in zip(("dq", "dk", "dv", "ds"), got, ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=name)
+    monkeypatch.setattr(A, "BWD_KEY_MAJOR", True)
     check_parity(q, k, v, kw)
 
 
