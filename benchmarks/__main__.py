@@ -212,11 +212,13 @@ def measure(run, provider, quick, roof) -> dict:
     if trial.fn is None:
         return out
     try:
-        ms, timer, ms_launch = runner.time_call(run.caller(trial.fn), run.device, quick)
+        ms, timer, ms_launch, why = runner.time_call(run.caller(trial.fn), run.device, quick)
     except torch.cuda.OutOfMemoryError:
         return {**out, "status": "failed", "note": "out of memory while timing"}
     except Exception as e:
         return {**out, "status": "failed", "note": f"while timing: {runner.short_error(e)}"}
+    if why:
+        out["note"] = "; ".join(n for n in (out["note"], why) if n)
     return {**out, "ms": ms, "timer": timer, "ms_launch": ms_launch,
             **runner.metrics(run.bench, run.case, run.dtype, ms, roof)}
 

@@ -139,21 +139,24 @@ def _max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def time_call(call: Callable[[], object], device: str, quick: bool) -> tuple[float, str, Optional[float]]:
-    """``(ms, timer, ms_launch)``: the median milliseconds per call, the timer that gave them ("do_bench",
-    "cudagraph" or "wallclock"), and on a GPU the host-launched ``do_bench`` median (None on the CPU)."""
+def time_call(call: Callable[[], object], device: str, quick: bool) -> tuple[float, str, Optional[float], str]:
+    """``(ms, timer, ms_launch, note)``: the median milliseconds per call, the timer that gave them ("do_bench",
+    "cudagraph" or "wallclock"), on a GPU the host-launched ``do_bench`` median (None on the CPU), and why a
+    short call could not be timed in a CUDA graph ("" otherwise): its time then includes host overhead, so
+    it is not comparable with a CUDA-graph time, and the reason is worth fixing."""
     if device != "cuda":
-        return _time_cpu(call, quick), "wallclock", None
+        return _time_cpu(call, quick), "wallclock", None, ""
     from triton.testing import do_bench, do_bench_cudagraph
 
     # --quick: shorter runs (still tens of calls for a sub-millisecond case), so the compiled providers fit too
     ms = do_bench(call, warmup=5 if quick else 50, rep=25 if quick else 300, return_mode="median")
     if ms < CUDAGRAPH_BELOW_MS:
         try:
-            return do_bench_cudagraph(call, rep=10 if quick else 100, return_mode="median"), "cudagraph", ms
-        except Exception:  # not capturable (host sync, unsupported op): keep the event timing
+            return do_bench_cudagraph(call, rep=10 if quick else 100, return_mode="median"), "cudagraph", ms, ""
+        except Exception as e:  # not capturable (host sync, unsupported op): keep the event timing, say why
             torch.cuda.synchronize()
-    return ms, "do_bench", ms
+            return ms, "do_bench", ms, f"no CUDA graph (host overhead included): {short_error(e)}"
+    return ms, "do_bench", ms, ""
 
 
 def _time_cpu(call, quick: bool) -> float:
@@ -201,7 +204,7 @@ def roofline(device: str) -> dict:
     else:
         n, dtype, copy_bytes = 1024, torch.float32, 64 << 20
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    mm_ms, _, _ = time_call(lambda: a @ b, device, quick=device != "cuda")
+    mm_ms = time_call(lambda: a @ b, device, quick=device != "cuda")[0]
     src = torch.randn(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copies = {"torch copy_": lambda: dst.copy_(src)}

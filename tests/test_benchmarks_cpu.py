@@ -201,3 +201,23 @@ def test_flag_providers_set_the_flags_for_the_whole_call():
     assert p.name == "dlcv_fast.triton+keymajor"
     p.build({}, x, {})(x)
     assert ("bwd key-major", True) in seen and not A.BWD_KEY_MAJOR
+
+
+def test_time_call_says_why_a_short_call_was_not_graph_timed(monkeypatch):
+    """A short call that cannot be captured in a CUDA graph keeps its host-launched time, and the row's note
+    says so with the error (such a time includes host overhead and is not comparable with graph-timed ones)."""
+    import triton.testing
+
+    from benchmarks import runner
+
+    def no_capture(fn, **kw):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 0.5)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", no_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    ms, timer, launch, note = runner.time_call(lambda: None, "cuda", quick=True)
+    assert (ms, timer, launch) == (0.5, "do_bench", 0.5)
+    assert note.startswith("no CUDA graph") and "stream is capturing" in note
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: 0.1)
+    assert runner.time_call(lambda: None, "cuda", quick=True) == (0.1, "cudagraph", 0.5, "")

@@ -455,6 +455,36 @@ def test_gpu_key_major_backward(Lq, Lk, D, kind, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("Lq,Lk,kind", [(197, 197, "none"), (77, 77, "causal+padding"), (300, 257, "bias"),
+                                        (4096, 77, "none")], ids=str)
+def test_gpu_cuda_graph_capture(Lq, Lk, kind):
+    """Forward + backward of dlcv_fast.attention capture into a CUDA graph (what torch.compile's reduce-overhead
+    mode does, and how the benchmark suite times short calls) and replay to the eager results bit for bit:
+    masks, a bias, and the dK/dV query split's partial sums (Lk = 77 under 4096 queries)."""
+    B, H, D = 2, 4, 64
+    q, k, v = (t.requires_grad_() for t in make_inputs(B, H, H, Lq, Lk, D, torch.bfloat16, "cuda"))
+    kw = make_mask_args(kind, B, H, Lq, Lk, torch.bfloat16, "cuda")
+    do = torch.randn(B, H, Lq, D, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = dlcv_fast.attention(q, k, v, **kw)
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (kernel compiles) off the capture, as torch.cuda.graph asks
+        eager = step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), captured, eager):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
 def test_gpu_int64_offsets():
     """A batch stride past 2^31 elements: offsets must be computed in 64-bit."""
     L, D = 64, 64
