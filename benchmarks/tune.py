@@ -4,7 +4,8 @@
     python -m benchmarks.tune --summarize sweep.jsonl   # default vs fastest per comparison, no GPU needed
 
 For each group (the backward tables' own entries, backward candidates at head dim 128 / 64, forward tiles at
-the suite's long and short shapes, the dK/dV query split at short key sides, forward with ``rope=`` at 64 /
+the suite's long and short shapes, the dK/dV query split and the key-major backward (dQ in the dK/dV kernel or
+not) at short key sides, forward with ``rope=`` at 64 /
 128, the window-attention forward and backward: one program per window or per group of windows, one
 backward kernel or two, their tiles, window-group counts) every candidate config is launched through the
 kernels' own launchers, its outputs are compared with a float32 reference (torch's SDPA math backend,
@@ -272,9 +273,13 @@ FWD_SHAPES = {"long_d64": (4, 32, 4096, 4096, 64), "long_d128": (4, 16, 4096, 40
               "vit_b16": (256, 12, 197, 197, 64), "qformer_cross": (256, 12, 32, 257, 64),
               "unet_self": (8, 8, 4096, 4096, 40), "unet_cross": (8, 8, 4096, 77, 40)}
 # The dK/dV query split (short key sides): split counts and dK/dV tiles at U-Net cross-attention shapes.
-SPLIT_SHAPES = {"unet_cross_d40": (8, 8, 4096, 77, 40), "cross_d128": (8, 8, 4096, 77, 128)}
+SPLIT_SHAPES = {"unet_cross_d40": (8, 8, 4096, 77, 40), "cross_d128": (8, 8, 4096, 77, 128),
+                "clip_text_d64": (256, 8, 77, 77, 64)}
 SPLIT_COUNTS = [1, 2, 4, 8, None]  # None: the launcher's own choice (_query_splits)
 SPLIT_TILES = [None, (64, 32, 8, 2), (64, 32, 8, 1)]  # None: the table's dK/dV tile
+# then the key-major backward at its own tile and the launcher's split count, with dQ written by the dK/dV
+# kernel (all 77 keys in one block; fused_dq_config's tile) and with the dQ kernel
+SPLIT_FUSED_DQ = [True, False]
 
 
 def _time(fn):
@@ -342,24 +347,30 @@ def sweep_split(emit):
         cq, ck, cv, cdo = _rect_inputs(*CHECK, Lk, D, seed=1)
         ref = _ref_grads(cq, ck, cv, cdo, False)
         co, clse = kern.forward(cq, ck, cv, None, None, False, 0, scale)
-        table = kern.bwd_configs(kern.padded_head_dim(D), torch.float16, "plain", uneven=D < kern.padded_head_dim(D))
-        for tile in SPLIT_TILES:
-            config = (tuple(tile), table[1]) if tile else tuple(table)
+        block_d = kern.padded_head_dim(D)
+        table = kern.bwd_configs(block_d, torch.float16, "plain", uneven=D < block_d)
+        km_table = tuple(kern.bwd_configs(block_d, torch.float16, "plain", uneven=D < block_d, key_major=True))
+        # each job: (kernel, config, split count, key-major options, whether it is the shipped default)
+        jobs = [("backward", (tuple(tile), table[1]) if tile else tuple(table), splits, {},
+                 tile is None and splits is None) for tile in SPLIT_TILES for splits in SPLIT_COUNTS]
+        jobs += [("backward key-major" + ("" if fused else ", dQ kernel"),
+                  (kern.fused_dq_config(km_table[0]) if fused else km_table[0], km_table[1]), None,
+                  dict(key_major=True, fused_dq=fused), False) for fused in SPLIT_FUSED_DQ]
+        for kernel, config, splits, opts, default in jobs:
             n_kb = -(-Lk // config[0][1])
-            for splits in SPLIT_COUNTS:
-                row = dict(group="split", kernel="backward", config=config, splits=splits, case=name,
-                           default_splits=kern._query_splits(n_kb, B * H, Lq, config[0][0]), shape=[B, H, Lq, Lk, D],
-                           default=tile is None and splits is None)
-                try:
-                    got = kern.backward(cdo, cq, ck, cv, co, clse, None, None, False, 0, scale, False, config=config,
-                                        splits=splits)[:3]
-                    errs = [_rel_err(a, b) for a, b in zip(got, ref)]
-                    row.update(ms=_time(lambda: kern.backward(do, q, k, v, o, lse, None, None, False, 0, scale, False,
-                                                              config=config, splits=splits)),
-                               rel_err=errs, ok=all(e < 2e-2 for e in errs))
-                except Exception as e:
-                    row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
-                emit(row)
+            row = dict(group="split", kernel=kernel, config=config, splits=splits, case=name,
+                       default_splits=kern._query_splits(n_kb, B * H, Lq, config[0][0]), shape=[B, H, Lq, Lk, D],
+                       default=default)
+            try:
+                got = kern.backward(cdo, cq, ck, cv, co, clse, None, None, False, 0, scale, False, config=config,
+                                    splits=splits, **opts)[:3]
+                errs = [_rel_err(a, b) for a, b in zip(got, ref)]
+                row.update(ms=_time(lambda: kern.backward(do, q, k, v, o, lse, None, None, False, 0, scale, False,
+                                                          config=config, splits=splits, **opts)),
+                           rel_err=errs, ok=all(e < 2e-2 for e in errs))
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+            emit(row)
 
 
 GROUPS = {"bwd128": lambda emit: sweep_bwd(128, emit), "bwd64": lambda emit: sweep_bwd(64, emit),

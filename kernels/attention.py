@@ -111,6 +111,10 @@ BWD_KM_TABLE = {
 }
 BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 BWD_FP32_KM = (16, 16, 4, 1)  # fp32 key-major dK/dV: 16x32 spilled 8-40 B on sm_80
+# With dQ written by the key-major dK/dV kernel (all keys in one key block), its query blocks are this many rows:
+# the fp32 dQ tile comes on top of the dK and dV accumulators, and at the table's 32/64 rows 15 of the 64
+# 16-bit instances (sm_90 and sm_80) spilled 28-184 B; at 16 rows 3 do (listed in aot_known_problems.txt).
+FUSED_DQ_BLOCK_M = 16
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 TAIL_N = 16  # the forward's last key block when only a few keys are left (key_tail)
 EXP_EMU = 0  # the forward's exp2 split between MUFU and the FP32 pipes (see _exp2); off until timed on a GPU
@@ -159,6 +163,13 @@ def bwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=Non
     if key_major:
         kv_cfg = BWD_KM_TABLE[arch].get(block_d, {}).get(kind, kv_cfg)
     return kv_cfg, q_cfg
+
+
+def fused_dq_config(kv_cfg):
+    """The key-major dK/dV config ``kv_cfg`` as launched when it also writes dQ: the same key block, warps and
+    stages, at most :data:`FUSED_DQ_BLOCK_M` query rows a step (fp32 keeps its 16x16 tile)."""
+    bm, bn, warps, stages = kv_cfg
+    return (min(bm, FUSED_DQ_BLOCK_M), bn, warps, stages)
 
 
 def _interpreting():
@@ -531,22 +542,26 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                    sbb, sbh, sbm, sbn, skpb, split_stride, split_rows,
-                   HKV, GROUP, Lq, Lk, prefix_len, qk_scale, sm_scale,
+                   HKV, GROUP, Lq, Lk, prefix_len, qk_scale, sm_scale, DQ, sdqb, sdqh, sdqm,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, WRITE_DS: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr, QUERY_SPLIT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, KEY_MAJOR: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, KEY_MAJOR: tl.constexpr,
+                   WRITE_DQ: tl.constexpr):
     """dK and dV of one key block (and the dS tile when WRITE_DS). With ``TMA``, Q and DO are (B, Hq, Lq, D)
     tensor descriptors with [1, 1, BLOCK_M, BLOCK_D] blocks instead of pointers. ``KEY_MAJOR`` computes the
     transposed tiles P^T = exp(K Q^T - lse) and dS^T = P^T (V dO^T - delta) (keys along rows), which are then
     already the left operands of dV += P^T dO and dK += dS^T Q: no transpose of a register tile through
-    shared memory, which the query-major tiles need for both."""
+    shared memory, which the query-major tiles need for both. ``WRITE_DQ`` (the launcher's promise that this
+    is the only key block, Lk <= BLOCK_N) also writes each visited query block's dQ = dS K, complete with all
+    keys in hand, so the dQ kernel, which would recompute S and dP, is not launched."""
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
     sdob, sdoh, sdom = _align8(sdob, sdoh, sdom, ALIGN8)
     sdkb, sdkh, sdkn = _align8(sdkb, sdkh, sdkn, ALIGN8)
     sdvb, sdvh, sdvn = _align8(sdvb, sdvh, sdvn, ALIGN8)
+    sdqb, sdqh, sdqm = _align8(sdqb, sdqh, sdqm, ALIGN8)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -578,7 +593,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
         lo = tl.maximum(lo, split * split_rows)
         hi = tl.minimum(Lq, (split + 1) * split_rows)
         s64 = split.to(tl.int64) * split_stride
-    if tl.max(kp.to(tl.int32), 0) > 0:
+    # a block of padded keys only is skipped, unless its program owes dQ rows (they are zeros then)
+    if (tl.max(kp.to(tl.int32), 0) > 0) | WRITE_DQ:
         for g in range(0, GROUP):
             h = hk * GROUP + g
             bh = b * (HKV * GROUP) + h
@@ -617,6 +633,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                     dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
                 else:
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                if WRITE_DQ:
+                    if KEY_MAJOR:
+                        dq = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=DOT_PRECISION)
+                    else:
+                        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+                    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + offs_d[None, :],
+                             (dq * sm_scale).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & mask_d)
     dk = dk * sm_scale
     tl.store(DK + s64 + b * sdkb + hk * sdkh + ccols[:, None] * sdkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -852,12 +875,15 @@ def _query_splits(n_key_blocks, BH_kv, Lq, block_m):
 
 
 def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scale: float, bias_grad: bool,
-             config=None, splits=None, tma=None, key_major=None):
+             config=None, splits=None, tma=None, key_major=None, fused_dq=None):
     """Launch the backward kernels. Returns ``(dq, dk, dv, ds)`` where ds is the (B, Hq, Lq, Lk) fp32
     gradient of the scores when ``bias_grad`` (else None). ``splits``: query splits of the dK/dV kernel
     (default: :func:`_query_splits`). ``tma``: Q/dO (dK/dV kernel) and K/V (dQ kernel) through TMA
     descriptors (default :data:`BWD_TMA`; see :func:`_use_tma`). ``key_major``: the dK/dV kernel's transposed
-    tiles (default :data:`BWD_KEY_MAJOR`), with their own config (:data:`BWD_KM_TABLE`) unless ``config``."""
+    tiles (default :data:`BWD_KEY_MAJOR`), with their own config (:data:`BWD_KM_TABLE`) unless ``config``.
+    ``fused_dq`` (key-major only; default: ``key_major``): when every key fits in one dK/dV key block, that
+    kernel writes dQ too (at :func:`fused_dq_config`'s tile unless ``config``) and the dQ kernel is not
+    launched."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -871,6 +897,9 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     bias_t, sb = _bias_args(bias, B, H, Lq, Lk)
     kpm_t, skp = _kpm_args(kpm)
     key_major = BWD_KEY_MAJOR if key_major is None else bool(key_major)
+    if fused_dq and not key_major:
+        raise ValueError("fused_dq=True needs key_major=True: dQ is written by the key-major dK/dV tiles only "
+                         "(the ones the AOT check compiles with it)")
     kv_cfg, q_cfg = config or bwd_configs(BLOCK_D, q.dtype, "bias" if bias_t is not None else "plain",
                                           uneven=D < BLOCK_D, key_major=key_major)
     pre_m = 64 if not _interpreting() else 32
@@ -888,6 +917,9 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
     n_kb = triton.cdiv(Lk, kv_cfg[1])
+    write_dq = key_major and (fused_dq is None or bool(fused_dq)) and n_kb == 1
+    if write_dq and config is None:
+        kv_cfg = fused_dq_config(kv_cfg)
     splits = splits or _query_splits(n_kb, B * Hkv, Lq, kv_cfg[0])
     split_rows = max(1, triton.cdiv(triton.cdiv(Lq, kv_cfg[0]), splits)) * kv_cfg[0]
     splits = max(1, triton.cdiv(Lq, split_rows))  # no empty split
@@ -905,12 +937,14 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         *dk_out.stride()[-4:-1], *dv_out.stride()[-4:-1],
         *sb, skp, dk_out.stride(0) if splits > 1 else 0, split_rows,
-        Hkv, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale,
+        Hkv, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E, scale, dq, dq.stride(0), dq.stride(1), dq.stride(2),
         WRITE_DS=ds is not None, QUERY_SPLIT=splits > 1, **common, **launch(kv_cfg),
-        KEY_MAJOR=key_major)
+        KEY_MAJOR=key_major, WRITE_DQ=write_dq)
     if splits > 1:  # a reduction in a fixed order: deterministic
         dk.copy_(dk_out.sum(0))
         dv.copy_(dv_out.sum(0))
+    if write_dq:
+        return dq, dk, dv, ds
     k_arg, v_arg = _descriptors(q_cfg[1], BLOCK_D, k, v) if use_tma else (k, v)
     _attn_bwd_dq[(triton.cdiv(Lq, q_cfg[0]), B * H)](
         q, k_arg, v_arg, do, lse, delta, bias_t if bias_t is not None else dummy, kpm_t if kpm_t is not None else dummy, dq,
@@ -936,7 +970,8 @@ def aot_specs():
     (short key sides: fp32 partial dK/dV per query split, summed afterwards); the forward and the dQ kernel
     are compiled with and without their 16-key tail block (``TAIL_N``, taken when a few keys follow the last
     whole block); the dK/dV kernel in both orientations, query-major with BWD_TABLE's tile and key-major with
-    BWD_KM_TABLE's (which must use wgmma on sm_90 where it has 64 keys or more). The plain forward with no flag
+    BWD_KM_TABLE's (which must use wgmma on sm_90 where it has 64 keys or more), the latter also with dQ
+    written in it (``WRITE_DQ``: all keys in one block). The plain forward with no flag
     is compiled too, on sm_90 only, where it must use wgmma in
     fp16/bf16 (the hot path) when its tile has 64 rows or more (a warpgroup MMA is 64 rows; head dim 160
     takes 32-row tiles, which do not spill); so is the hot fp16 d64 / bf16 d128 one with the exp2 split
@@ -961,12 +996,12 @@ def aot_specs():
     wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
 
     def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU, tma=None,
-             key_major=None):
+             key_major=None, fused_dq=False):
         flags = tuple(f for f in short if f in flags and f in arg_names(fn))
         tma = (KV_TMA if fn is _attn_fwd else BWD_TMA) if tma is None else tma
         tma = tma and any(n in arg_names(fn) for n in ("KV_TMA", "TMA"))
         key_major = (BWD_KEY_MAJOR if key_major is None else key_major) and "KEY_MAJOR" in arg_names(fn)
-        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma, key_major)
+        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma, key_major, fused_dq)
         wanted.setdefault(key, []).append(arch)
 
     for dtype, d in cases:
@@ -988,6 +1023,9 @@ def aot_specs():
                     want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, arch, split=split, key_major=False)
                     want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], km_cfg, arch, wgmma=True, split=split,
                          key_major=True)
+                    # with dQ written by it when all keys fit one block (its own tile; wgmma on the key dots)
+                    want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], fused_dq_config(km_cfg), arch, wgmma=True,
+                         split=split, key_major=True, fused_dq=True)
                 for tail in (0, TAIL_N) if tail_possible(q_cfg[1], block_d, DQ_TAIL_MAX_BLOCK_D) else (0,):
                     want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch, tail=tail)
             want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it
@@ -1014,7 +1052,8 @@ def aot_specs():
                 want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, 90, tma=True)
 
     specs = []
-    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma, km), archs in wanted.items():
+    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma, km, fused_dq), archs in \
+            wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         if tma:  # the dK/dV kernel's Q/dO blocks are BLOCK_M rows, the others' K/V blocks BLOCK_N
             rows, names = (bm, ("Q", "DO")) if fn is _attn_bwd_dkdv else (bn, ("K", "V"))
@@ -1037,7 +1076,7 @@ def aot_specs():
             if name in arg_names(fn):
                 constexprs[name] = tma
         if "KEY_MAJOR" in arg_names(fn):
-            constexprs["KEY_MAJOR"] = km
+            constexprs.update(KEY_MAJOR=km, WRITE_DQ=fused_dq)
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the
@@ -1049,6 +1088,7 @@ def aot_specs():
         tags += [f"exp{emu}"] if emu and "EXP_EMU" in arg_names(fn) else []
         tags += ["tma"] if tma else []
         tags += ["keymajor"] if km else []
+        tags += ["dq"] if fused_dq else []
         variant = "+".join(tags) or ("plain" if bn is not None else "")
         mma_rows = bn if km else bm  # a warpgroup MMA needs 64 rows: the tile's keys when key-major
         specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps, stages,

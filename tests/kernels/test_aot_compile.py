@@ -76,14 +76,15 @@ def test_hopper_forward_uses_wgmma(compiled, spec):
 
 def test_every_launchable_attention_config_is_checked():
     """The AOT specs cover every tile the attention launchers can pick, for every head dim 1..256, kind,
-    arch and 16-bit dtype, the dK/dV kernel's key-major tiles included (so a table edit cannot ship an
-    unchecked tile)."""
+    arch and 16-bit dtype, the dK/dV kernel's key-major tiles included, with and without dQ written in them
+    (so a table edit cannot ship an unchecked tile)."""
     import torch
 
     from dlcv_fast.kernels import attention as A
 
     checked = {(s.name, s.constexprs["BLOCK_D"], s.constexprs.get("BLOCK_M"), s.constexprs.get("BLOCK_N"),
-                s.num_warps, s.num_stages, arch, s.constexprs.get("KEY_MAJOR", False))
+                s.num_warps, s.num_stages, arch, s.constexprs.get("KEY_MAJOR", False),
+                s.constexprs.get("WRITE_DQ", False))
                for s in SPECS if s.name.startswith("_attn_") for arch in s.archs}
     missing = []
     for arch in A.ARCHS:
@@ -94,9 +95,10 @@ def test_every_launchable_attention_config_is_checked():
                     cfgs = [("_attn_fwd", c) for c in aot.shipped_configs(A.fwd_configs, block_d, dtype, kind, arch,
                                                                           d < block_d)]
                     kv, q = aot.shipped_configs(A.bwd_configs, block_d, dtype, kind, arch, d < block_d)
-                    cfgs = [(name, c, False) for name, c in cfgs + [("_attn_bwd_dkdv", kv), ("_attn_bwd_dq", q)]]
+                    cfgs = [(name, c, False, False) for name, c in cfgs + [("_attn_bwd_dkdv", kv), ("_attn_bwd_dq", q)]]
                     km = aot.shipped_configs(A.bwd_configs, block_d, dtype, kind, arch, d < block_d, True)[0]
-                    cfgs.append(("_attn_bwd_dkdv", km, True))  # the key-major tiles (BWD_KEY_MAJOR)
-                    missing += [(name, d, kind, arch, c, key_major) for name, c, key_major in cfgs
-                                if (name, block_d, *c, arch, key_major) not in checked]
+                    # the key-major tiles (BWD_KEY_MAJOR), alone and writing dQ (all keys in one block)
+                    cfgs += [("_attn_bwd_dkdv", km, True, False), ("_attn_bwd_dkdv", A.fused_dq_config(km), True, True)]
+                    missing += [(name, d, kind, arch, c, key_major, write_dq) for name, c, key_major, write_dq in cfgs
+                                if (name, block_d, *c, arch, key_major, write_dq) not in checked]
     assert not missing, f"tiles the launchers can pick that no AOT spec compiles: {sorted(set(missing))[:10]}"

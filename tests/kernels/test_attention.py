@@ -367,6 +367,56 @@ def test_key_major_backward(kind, Hq, Hkv, Lq, Lk, D, dtype, device, monkeypatch
     check_parity(q, k, v, kw)
 
 
+@pytest.mark.parametrize("kind", ["none", "causal+padding+bias", "prefix", "dead_row"])
+@pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D,splits", [(2, 2, 77, 77, 64, None), (4, 2, 50, 97, 40, 2),
+                                                   (2, 1, 1, 70, 128, None), (2, 2, 130, 20, 72, 3)], ids=str)
+@pytest.mark.parametrize("bm", [32, 16])
+def test_fused_dq_backward(kind, Hq, Hkv, Lq, Lk, D, splits, bm, device):
+    """With every key in one key-major dK/dV key block (here 128 keys wide), that kernel writes dQ itself
+    (fused_dq, the key-major path's default): dQ equals the dQ kernel's up to summation order, dK/dV/dS are
+    unchanged bit for bit, across masks, GQA, Lq = 1 and query splits, at 32 query rows a step and at
+    fused_dq_config's 16; a batch whose keys are all padded gets zero dQ (its program no longer skips the
+    work)."""
+    from dlcv_fast.kernels import attention as A
+
+    q, k, v = make_inputs(2, Hq, Hkv, Lq, Lk, D, torch.float16, device)
+    if kind == "dead_row":
+        kw = {"key_padding_mask": torch.tensor([[True] * Lk, [False] * Lk], device=device)}
+    else:
+        kw = make_mask_args(kind, 2, Hq, Lq, Lk, torch.float16, device) if kind != "none" else {}
+    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
+            kw.get("prefix_len", 0), D ** -0.5)
+    o, lse = A.forward(*args)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(device, o.dtype)
+    bias_grad = kw.get("attn_bias") is not None
+    config = ((bm, 128, 4, 1), A.INTERPRETER_CONFIG)
+    ref = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, config=config, splits=splits, key_major=True,
+                     fused_dq=False)
+    got = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, config=config, splits=splits, key_major=True,
+                     fused_dq=True)
+    torch.testing.assert_close(got[0], ref[0], atol=2e-3, rtol=2e-3)
+    assert not got[0].isnan().any()
+    for name, a, b in zip(("dk", "dv", "ds"), got[1:], ref[1:]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    if kind == "dead_row":
+        assert torch.equal(got[0][1], torch.zeros_like(got[0][1]))
+
+
+def test_fused_dq_needs_key_major(device):
+    """dQ in the dK/dV kernel exists for the key-major tiles only (those the AOT check compiles with it): asking
+    for it with query-major tiles raises instead of launching an unchecked variant; the default (fused_dq=None)
+    follows key_major; fused_dq_config keeps the key block and narrows the query rows."""
+    from dlcv_fast.kernels import attention as A
+
+    q, k, v = make_inputs(1, 2, 2, 20, 20, 32, torch.float16, device)
+    o, lse = A.forward(q, k, v, None, None, False, 0, 32 ** -0.5)
+    with pytest.raises(ValueError, match="fused_dq=True needs key_major=True"):
+        A.backward(torch.ones_like(o), q, k, v, o, lse, None, None, False, 0, 32 ** -0.5, False, key_major=False,
+                   fused_dq=True)
+    assert A.fused_dq_config((64, 128, 8, 2)) == (A.FUSED_DQ_BLOCK_M, 128, 8, 2)
+    assert A.fused_dq_config((16, 16, 4, 1)) == (16, 16, 4, 1)
+
+
 def test_key_major_backward_is_deterministic(device):
     """Two key-major backward runs give bitwise-equal gradients (no atomics; fixed split reduction order)."""
     from dlcv_fast.kernels import attention as A
