@@ -49,6 +49,24 @@ def make_mask_args(kind, B, Hq, Lq, Lk, dtype, device, seed=1):
     return kw
 
 
+def kernel_args(q, k, v, kw, D):
+    """The positional arguments of the kernel launchers (forward(), and backward() after do, o, lse) for
+    make_mask_args' keywords."""
+    return (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
+            kw.get("prefix_len", 0), D ** -0.5)
+
+
+def kernel_backward_case(q, k, v, kw, D):
+    """``(args, o, lse, do, bias_grad)``: the launchers' arguments, the kernel forward's output and lse, and a
+    dO drawn from its own seeded generator, for tests that compare backward() variants."""
+    from dlcv_fast.kernels import attention as A
+
+    args = kernel_args(q, k, v, kw, D)
+    o, lse = A.forward(*args)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(o.device, o.dtype)
+    return args, o, lse, do, kw.get("attn_bias") is not None
+
+
 def golden_and_lp(q, k, v, kw, do):
     """Outputs and gradients of the reference in float64 (golden) and in the input dtype (lp)."""
     results = []
@@ -235,8 +253,7 @@ def test_kv_tma_forward_equals_pointer_loads(kind, Hq, Hkv, Lq, Lk, D, device):
 
     q, k, v = make_inputs(2, Hq, Hkv, Lq, Lk, D, torch.float16, device)
     kw = make_mask_args(kind, 2, Hq, Lq, Lk, torch.float16, device) if kind != "none" else {}
-    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
-            kw.get("prefix_len", 0), D ** -0.5)
+    args = kernel_args(q, k, v, kw, D)
     o_ptr, lse_ptr = A.forward(*args, tail=0, kv_tma=False)
     o_tma, lse_tma = A.forward(*args, kv_tma=True)
     assert torch.equal(o_ptr, o_tma) and torch.equal(lse_ptr, lse_tma)
@@ -282,11 +299,7 @@ def test_tma_backward_equals_pointer_loads(kind, Hq, Hkv, Lq, Lk, D, device, mon
 
     q, k, v = make_inputs(2, Hq, Hkv, Lq, Lk, D, torch.float16, device)
     kw = make_mask_args(kind, 2, Hq, Lq, Lk, torch.float16, device) if kind != "none" else {}
-    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
-            kw.get("prefix_len", 0), D ** -0.5)
-    o, lse = A.forward(*args)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(device, o.dtype)
-    bias_grad = kw.get("attn_bias") is not None
+    args, o, lse, do, bias_grad = kernel_backward_case(q, k, v, kw, D)
     ptr = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, tma=False)
     for splits in (None, 2):  # the dK/dV kernel's query split too
         with monkeypatch.context() as m:  # the pointer path's dQ kernel without its tail block, as with TMA
@@ -348,15 +361,11 @@ def test_key_major_backward(kind, Hq, Hkv, Lq, Lk, D, dtype, device, monkeypatch
 
     q, k, v = make_inputs(2, Hq, Hkv, Lq, Lk, D, dtype, device)
     kw = make_mask_args(kind, 2, Hq, Lq, Lk, dtype, device) if kind != "none" else {}
-    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
-            kw.get("prefix_len", 0), D ** -0.5)
-    o, lse = A.forward(*args)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(device, o.dtype)
-    bias_grad = kw.get("attn_bias") is not None
+    args, o, lse, do, bias_grad = kernel_backward_case(q, k, v, kw, D)
     tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float16 else dict(atol=1e-5, rtol=1e-5)
     for splits in (None, 2):
         ref = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, splits=splits, key_major=False)
-        got = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, splits=splits, key_major=True)
+        got = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, splits=splits, key_major=True, fused_dq=False)
         assert torch.equal(got[0], ref[0])  # the dQ kernel is the same
         for name, a, b in zip(("dk", "dv", "ds"), got[1:], ref[1:]):
             assert (a is None) == (b is None), name
@@ -384,11 +393,7 @@ def test_fused_dq_backward(kind, Hq, Hkv, Lq, Lk, D, splits, bm, device):
         kw = {"key_padding_mask": torch.tensor([[True] * Lk, [False] * Lk], device=device)}
     else:
         kw = make_mask_args(kind, 2, Hq, Lq, Lk, torch.float16, device) if kind != "none" else {}
-    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
-            kw.get("prefix_len", 0), D ** -0.5)
-    o, lse = A.forward(*args)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(device, o.dtype)
-    bias_grad = kw.get("attn_bias") is not None
+    args, o, lse, do, bias_grad = kernel_backward_case(q, k, v, kw, D)
     config = ((bm, 128, 4, 1), A.INTERPRETER_CONFIG)
     ref = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, config=config, splits=splits, key_major=True,
                      fused_dq=False)
@@ -483,14 +488,14 @@ def test_gpu_tma_loads(Lq, Lk, D, kind, monkeypatch):
 def test_gpu_key_major_backward(Lq, Lk, D, kind, dtype, monkeypatch):
     """The dK/dV kernel's key-major tiles (BWD_KEY_MAJOR, off by default; BWD_KM_TABLE's tiles, which have
     fewer queries than keys) on the hardware: the query-major gradients up to rounding, and parity with the
-    reference, at the launchers' own tiles (the query split included: Lk = 77 under 4096 queries)."""
+    reference, at the launchers' own tiles (the query split included: Lk = 77 under 4096 queries; with 77 keys
+    the dK/dV kernel also writes dQ, fused_dq_config's tile)."""
     from dlcv_fast.kernels import attention as A
 
     B, H = 2, 4
     q, k, v = make_inputs(B, H, H, Lq, Lk, D, dtype, "cuda")
     kw = make_mask_args(kind, B, H, Lq, Lk, dtype, "cuda")
-    args = (q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), kw.get("causal", False),
-            kw.get("prefix_len", 0), D ** -0.5)
+    args = kernel_args(q, k, v, kw, D)
     o, lse = A.forward(*args)
     do = torch.randn_like(o)
     bias_grad = kw.get("attn_bias") is not None
