@@ -384,8 +384,8 @@ def test_fused_dq_backward(kind, Hq, Hkv, Lq, Lk, D, splits, bm, device):
     """With every key in one key-major dK/dV key block (here 128 keys wide), that kernel writes dQ itself
     (fused_dq, the key-major path's default): dQ equals the dQ kernel's up to summation order, dK/dV/dS are
     unchanged bit for bit, across masks, GQA, Lq = 1 and query splits, at 32 query rows a step and at
-    fused_dq_config's 16; a batch whose keys are all padded gets zero dQ (its program no longer skips the
-    work)."""
+    fused_dq_config's 16 (there also with TMA loads, bit for bit); a batch whose keys are all padded gets zero
+    dQ (its program no longer skips the work)."""
     from dlcv_fast.kernels import attention as A
 
     q, k, v = make_inputs(2, Hq, Hkv, Lq, Lk, D, torch.float16, device)
@@ -405,6 +405,11 @@ def test_fused_dq_backward(kind, Hq, Hkv, Lq, Lk, D, splits, bm, device):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
     if kind == "dead_row":
         assert torch.equal(got[0][1], torch.zeros_like(got[0][1]))
+    if bm == 16:  # with Q/dO through TMA descriptors (BWD_TMA, off by default): the same gradients bit for bit
+        tma = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, config=config, splits=splits, key_major=True,
+                         fused_dq=True, tma=True)
+        for name, a, b in zip(("dq", "dk", "dv", "ds"), tma, got):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
 
 
 def test_fused_dq_needs_key_major(device):
