@@ -516,6 +516,16 @@ def _bwd_preprocess(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Lq,
 
 
 @triton.jit
+def _delta(pdp, p_sum):
+    """delta = rowsum(dO * O) of the backward's dS = P * (dP - delta), computed as rowsum(P * dP) / rowsum(P)
+    (pdp, p_sum) where a program holds every key of its query rows: equal, as O = P V, but without the
+    rounding of the stored output, and with no pass over O and dO before. The division by P's row sums (1 up
+    to the rounding of the saved lse) matters too: that rounding would otherwise scale delta, and as delta
+    cancels against dP, leave dS several times less accurate. Rows with no visible key are 0: divided by 1."""
+    return pdp / tl.where(p_sum > 0.0, p_sum, 1.0)
+
+
+@triton.jit
 def _bwd_probs(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, qk_scale, lse2,
                HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
                DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
@@ -554,7 +564,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
     already the left operands of dV += P^T dO and dK += dS^T Q: no transpose of a register tile through
     shared memory, which the query-major tiles need for both. ``WRITE_DQ`` (the launcher's promise that this
     is the only key block, Lk <= BLOCK_N) also writes each visited query block's dQ = dS K, complete with all
-    keys in hand, so the dQ kernel, which would recompute S and dP, is not launched."""
+    keys in hand, so the dQ kernel, which would recompute S and dP, is not launched; delta then comes from the
+    tile too (:func:`_delta`; DELTA is not read), so neither is the preprocess pass over O and dO."""
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -611,7 +622,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                     do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_d[None, :], mask=qd_mask,
                                  other=0.0)
                 lse2 = _load_lse2(LSE + bh * Lq, offs_m, Lq)
-                delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+                if not WRITE_DQ:
+                    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
                 bias_blk = BIAS
                 if HAS_BIAS:
                     bias_blk = (BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
@@ -624,6 +636,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, BIAS, KPM, DK, DV, DS,
                 else:
                     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
                     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                if WRITE_DQ:  # every key of these queries is in this tile: delta from it (no preprocess pass)
+                    delta = _delta(tl.sum(p * dp, 0 if KEY_MAJOR else 1), tl.sum(p, 0 if KEY_MAJOR else 1))
                 ds = p * (dp - _tile_index(delta, cols, KEY_MAJOR)[0])
                 if WRITE_DS:
                     ds_rows, ds_cols = _tile_index(rows, ccols, KEY_MAJOR)
@@ -882,8 +896,8 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     descriptors (default :data:`BWD_TMA`; see :func:`_use_tma`). ``key_major``: the dK/dV kernel's transposed
     tiles (default :data:`BWD_KEY_MAJOR`), with their own config (:data:`BWD_KM_TABLE`) unless ``config``.
     ``fused_dq`` (key-major only; default: ``key_major``): when every key fits in one dK/dV key block, that
-    kernel writes dQ too (at :func:`fused_dq_config`'s tile unless ``config``) and the dQ kernel is not
-    launched."""
+    kernel writes dQ too (at :func:`fused_dq_config`'s tile unless ``config``) and takes delta from its tile:
+    neither the dQ kernel nor the preprocess pass over O and dO is launched."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -892,7 +906,6 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     dq = torch.empty((B, Lq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     dk = torch.empty((B, Lk, Hkv, D), device=k.device, dtype=k.dtype).transpose(1, 2)
     dv = torch.empty((B, Lk, Hkv, D), device=v.device, dtype=v.dtype).transpose(1, 2)
-    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     ds = torch.zeros((B, H, Lq, Lk), device=q.device, dtype=torch.float32) if bias_grad else None
     bias_t, sb = _bias_args(bias, B, H, Lq, Lk)
     kpm_t, skp = _kpm_args(kpm)
@@ -902,10 +915,18 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
                          "(the ones the AOT check compiles with it)")
     kv_cfg, q_cfg = config or bwd_configs(BLOCK_D, q.dtype, "bias" if bias_t is not None else "plain",
                                           uneven=D < BLOCK_D, key_major=key_major)
-    pre_m = 64 if not _interpreting() else 32
-    _bwd_preprocess[(triton.cdiv(Lq, pre_m), B * H)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Lq,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
+    n_kb = triton.cdiv(Lk, kv_cfg[1])
+    # dQ (and delta) in the dK/dV kernel when its one key block holds every key
+    write_dq = key_major and (fused_dq is None or bool(fused_dq)) and n_kb == 1
+    if write_dq and config is None:
+        kv_cfg = fused_dq_config(kv_cfg)
+    delta = lse  # not read when write_dq (an fp32 pointer of the kernels' signature)
+    if not write_dq:
+        delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+        pre_m = 64 if not _interpreting() else 32
+        _bwd_preprocess[(triton.cdiv(Lq, pre_m), B * H)](
+            o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Lq,
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
     dummy = q
     use_tma = _use_tma("tma", tma, BWD_TMA, q, k, v, do)
     common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None,
@@ -916,10 +937,6 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
         bm, bn, warps, stages = cfg
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
-    n_kb = triton.cdiv(Lk, kv_cfg[1])
-    write_dq = key_major and (fused_dq is None or bool(fused_dq)) and n_kb == 1
-    if write_dq and config is None:
-        kv_cfg = fused_dq_config(kv_cfg)
     splits = splits or _query_splits(n_kb, B * Hkv, Lq, kv_cfg[0])
     split_rows = max(1, triton.cdiv(triton.cdiv(Lq, kv_cfg[0]), splits)) * kv_cfg[0]
     splits = max(1, triton.cdiv(Lq, split_rows))  # no empty split

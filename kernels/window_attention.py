@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcv_fast.kernels.attention import table_arch
+from dlcv_fast.kernels.attention import _delta, table_arch
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 64
@@ -400,16 +400,6 @@ def _window_attn_fwd_grouped(QKV, TABLE, QKV_BIAS, OUT, LSE,
 # ------------------------------------------------------------------------------------------------
 # Backward
 # ------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _delta(pdp, p_sum):
-    """delta = rowsum(dO * O) of the backward's dS = P * (dP - delta), computed as rowsum(P * dP) / rowsum(P)
-    (pdp, p_sum): equal, as O = P V, but without the rounding of the stored output. The division by P's
-    row sums (1 up to the rounding of the saved lse) matters too: that rounding would otherwise scale delta,
-    and as delta cancels against dP, leave dS several times less accurate. Padding queries' rows are 0:
-    divided by 1."""
-    return pdp / tl.where(p_sum > 0.0, p_sum, 1.0)
-
 
 @triton.jit
 def _window_attn_bwd_dq(QKV, TABLE, QKV_BIAS, DOUT, LSE, DELTA, DQKV,
