@@ -14,6 +14,7 @@ from dlcv_fast import reference
 from dlcv_fast.kernels import window_attention as kernels
 from dlcv_fast.nn import SwinTransformerBlock, WindowAttention
 from dlcv_fast.ops import window_attention as window_attention_ops
+from tests.kernels.launch_spy import LaunchSpy
 from tests.parity import assert_parity
 
 FP = [torch.float32, torch.float16]
@@ -301,17 +302,6 @@ def test_table_gradient_in_registers_or_in_memory(shift, device):
         torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4)
 
 
-class _LaunchSpy:
-    """Stands in for a @triton.jit kernel in its module and counts the launches (``kernel[grid](...)``)."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize("H,W,window,shift", [(14, 14, 7, 3), (9, 11, 4, 2), (10, 13, (4, 6), (2, 3))], ids=_id)
 def test_grouped_forward_equals_per_window_forward(H, W, window, shift, device, monkeypatch):
     """fp16 windows of at most 64 tokens take the forward that loops over a group of windows per program
@@ -319,7 +309,7 @@ def test_grouped_forward_equals_per_window_forward(H, W, window, shift, device, 
     reference, and the number of window groups does not change a bit of it."""
     window, shift = pair(window), pair(shift)
     qkv, table, bias = (x.detach() for x in make_inputs(2, H, W, 2, 32, window, torch.float16, device))
-    spy = _LaunchSpy(kernels._window_attn_fwd_grouped)
+    spy = LaunchSpy(kernels._window_attn_fwd_grouped)
     monkeypatch.setattr(kernels, "_window_attn_fwd_grouped", spy)
     out, lse = kernels.forward(qkv, table, bias, 2, window, shift, 0.2)
     assert spy.launches == 1
@@ -349,7 +339,7 @@ def test_one_kernel_backward_equals_two_kernels(H, W, window, shift, device, mon
     qkv, table, bias = (x.detach() for x in make_inputs(2, H, W, 2, 32, window, torch.float16, device))
     out, lse = kernels.forward(qkv, table, bias, 2, window, shift, 0.2)
     dout = seeded_like(out)
-    spy = _LaunchSpy(kernels._window_attn_bwd_fused)
+    spy = LaunchSpy(kernels._window_attn_bwd_fused)
     monkeypatch.setattr(kernels, "_window_attn_bwd_fused", spy)
     one = kernels.backward(dout, qkv, table, bias, lse, 2, window, shift, 0.2, True, True)
     assert spy.launches == 1
@@ -408,7 +398,7 @@ def test_path_choice(device, monkeypatch):
     qkv, table, bias = (x.detach() for x in make_inputs(1, 9, 11, 2, 32, 4, torch.float16, device))
     out, lse = kernels.forward(qkv, table, bias, 2, (4, 4), (2, 2), 0.2)
     dout = seeded_like(out)
-    spy = _LaunchSpy(kernels._window_attn_bwd_fused)
+    spy = LaunchSpy(kernels._window_attn_bwd_fused)
     monkeypatch.setattr(kernels, "_window_attn_bwd_fused", spy)
     _, _, dbias = kernels.backward(dout, qkv, table, bias, lse, 2, (4, 4), (2, 2), 0.2, True, True)
     assert spy.launches == 0 and dbias[2 * 64:].abs().sum() > 0  # padding keys' v gradient reached the bias
