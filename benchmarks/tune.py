@@ -278,10 +278,10 @@ SPLIT_SHAPES = {"unet_cross_d40": (8, 8, 4096, 77, 40), "cross_d128": (8, 8, 409
 SPLIT_COUNTS = [1, 2, 4, 8, None]  # None: the launcher's own choice (_query_splits)
 SPLIT_TILES = [None, (64, 32, 8, 2), (64, 32, 8, 1)]  # None: the table's dK/dV tile
 # then the key-major backward at its own tile and the launcher's split count: in one kernel (dQ and delta
-# written by the dK/dV kernel, all 77 keys in one block) at fused_dq_config's 16 query rows ("fused") and at
-# the table's rows ("fused, table rows": spill-free with the table's 64 rows at head dim 64 on sm_90), and
+# written by the dK/dV kernel, all 77 keys in one block) at fused_dq_config's tile ("fused": on sm_90 the
+# table's rows for these plain tiles up to head dim 64, else 16) and at 16 query rows ("fused, 16 rows"), and
 # with the preprocess and dQ kernels ("kernels")
-SPLIT_KEY_MAJOR = ["fused", "fused, table rows", "kernels"]
+SPLIT_KEY_MAJOR = ["fused", "fused, 16 rows", "kernels"]
 
 
 def _time(fn):
@@ -355,10 +355,11 @@ def sweep_split(emit):
         # each job: (kernel, config, split count, key-major options, whether it is the shipped default)
         jobs = [("backward", (tuple(tile), table[1]) if tile else tuple(table), splits, {},
                  tile is None and splits is None) for tile in SPLIT_TILES for splits in SPLIT_COUNTS]
-        km_names = {"fused": "backward key-major", "fused, table rows": "backward key-major, table rows",
-                    "kernels": "backward key-major, dQ kernel"}
-        jobs += [(km_names[how], (kern.fused_dq_config(km_table[0]) if how == "fused" else km_table[0], km_table[1]),
-                  None, dict(key_major=True, fused_dq=how != "kernels"), False) for how in SPLIT_KEY_MAJOR]
+        km_tiles = {"fused": kern.fused_dq_config(km_table[0], block_d, "plain"), "kernels": km_table[0],
+                    "fused, 16 rows": (min(km_table[0][0], 16), *km_table[0][1:])}
+        jobs += [("backward key-major" + {"fused": "", "fused, 16 rows": ", 16 rows", "kernels": ", dQ kernel"}[how],
+                  (km_tiles[how], km_table[1]), None, dict(key_major=True, fused_dq=how != "kernels"), False)
+                 for how in SPLIT_KEY_MAJOR]
         for kernel, config, splits, opts, default in jobs:
             n_kb = -(-Lk // config[0][1])
             row = dict(group="split", kernel=kernel, config=config, splits=splits, case=name,

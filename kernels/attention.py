@@ -111,9 +111,11 @@ BWD_KM_TABLE = {
 }
 BWD_FP32 = ((16, 32, 4, 1), (16, 32, 4, 1))
 BWD_FP32_KM = (16, 16, 4, 1)  # fp32 key-major dK/dV: 16x32 spilled 8-40 B on sm_80
-# With dQ written by the key-major dK/dV kernel (all keys in one key block), its query blocks are this many rows:
-# the fp32 dQ tile comes on top of the dK and dV accumulators, and at the table's 32/64 rows 15 of the 64
-# 16-bit instances (sm_90 and sm_80) spilled 28-184 B; at 16 rows 3 do (listed in aot_known_problems.txt).
+# With dQ (and delta) written by the key-major dK/dV kernel (all keys in one key block), the fp32 dQ tile comes
+# on top of the dK and dV accumulators. At the table's query rows the sm_90 plain tiles up to head dim 64 (CLIP
+# text, U-Net cross-attention at 40: 64x128 w8) compile with no spill; the others spilled 12-200 B where
+# checked (sm_80 plain 32x128: 72-132 B; bias tiles, which also write dS; larger head dims), so they step this
+# many query rows.
 FUSED_DQ_BLOCK_M = 16
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 TAIL_N = 16  # the forward's last key block when only a few keys are left (key_tail)
@@ -165,9 +167,13 @@ def bwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=Non
     return kv_cfg, q_cfg
 
 
-def fused_dq_config(kv_cfg):
-    """The key-major dK/dV config ``kv_cfg`` as launched when it also writes dQ: the same key block, warps and
-    stages, at most :data:`FUSED_DQ_BLOCK_M` query rows a step (fp32 keeps its 16x16 tile)."""
+def fused_dq_config(kv_cfg, block_d: int, kind: str, arch=None):
+    """The key-major dK/dV config ``kv_cfg`` (padded head dim ``block_d``, ``kind`` "plain" or "bias", for
+    :func:`table_arch` ``arch``) as launched when it also writes dQ: unchanged for sm_90's plain tiles up to
+    head dim 64, else the same key block, warps and stages at most :data:`FUSED_DQ_BLOCK_M` query rows a step
+    (fp32 keeps its 16x16 tile)."""
+    if table_arch(arch) == 90 and kind == "plain" and block_d <= 64:
+        return tuple(kv_cfg)
     bm, bn, warps, stages = kv_cfg
     return (min(bm, FUSED_DQ_BLOCK_M), bn, warps, stages)
 
@@ -913,13 +919,13 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     if fused_dq and not key_major:
         raise ValueError("fused_dq=True needs key_major=True: dQ is written by the key-major dK/dV tiles only "
                          "(the ones the AOT check compiles with it)")
-    kv_cfg, q_cfg = config or bwd_configs(BLOCK_D, q.dtype, "bias" if bias_t is not None else "plain",
-                                          uneven=D < BLOCK_D, key_major=key_major)
+    kind = "bias" if bias_t is not None else "plain"
+    kv_cfg, q_cfg = config or bwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D, key_major=key_major)
     n_kb = triton.cdiv(Lk, kv_cfg[1])
     # dQ (and delta) in the dK/dV kernel when its one key block holds every key
     write_dq = key_major and (fused_dq is None or bool(fused_dq)) and n_kb == 1
     if write_dq and config is None:
-        kv_cfg = fused_dq_config(kv_cfg)
+        kv_cfg = fused_dq_config(kv_cfg, BLOCK_D, kind)
     delta = lse  # not read when write_dq (an fp32 pointer of the kernels' signature)
     if not write_dq:
         delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
@@ -1041,8 +1047,9 @@ def aot_specs():
                     want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], km_cfg, arch, wgmma=True, split=split,
                          key_major=True)
                     # with dQ written by it when all keys fit one block (its own tile; wgmma on the key dots)
-                    want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], fused_dq_config(km_cfg), arch, wgmma=True,
-                         split=split, key_major=True, fused_dq=True)
+                    dq_cfg = fused_dq_config(km_cfg, block_d, kind, arch)
+                    want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], dq_cfg, arch, wgmma=True, split=split,
+                         key_major=True, fused_dq=True)
                 for tail in (0, TAIL_N) if tail_possible(q_cfg[1], block_d, DQ_TAIL_MAX_BLOCK_D) else (0,):
                     want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, arch, tail=tail)
             want(_bwd_preprocess, dtype, d, (), (64, None, 4, 3), arch)  # as backward() launches it

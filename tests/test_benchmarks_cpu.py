@@ -136,10 +136,10 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
         "window forward, grouped", "window forward, per window", "window forward, grouped",
         *["window backward, fused", "window backward, two kernels"] * 2]
     checked = [r for r in rows if "ok" in r]
-    # the split group: the query-major backward at each split count, then key-major in one kernel (16 rows, the
-    # table's rows) and with the dQ kernel
+    # the split group: the query-major backward at each split count, then key-major in one kernel (the
+    # launcher's tile, 16 rows) and with the dQ kernel
     assert [r["kernel"] for r in rows if r["group"] == "split"][-3:] == [
-        "backward key-major", "backward key-major, table rows", "backward key-major, dQ kernel"]
+        "backward key-major", "backward key-major, 16 rows", "backward key-major, dQ kernel"]
     assert len(checked) == 21 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
     # every comparison has its shipped default flagged, so the summary can compare against it
     lines = tune.summarize(rows)

@@ -98,7 +98,8 @@ def test_every_launchable_attention_config_is_checked():
                     cfgs = [(name, c, False, False) for name, c in cfgs + [("_attn_bwd_dkdv", kv), ("_attn_bwd_dq", q)]]
                     km = aot.shipped_configs(A.bwd_configs, block_d, dtype, kind, arch, d < block_d, True)[0]
                     # the key-major tiles (BWD_KEY_MAJOR), alone and writing dQ (all keys in one block)
-                    cfgs += [("_attn_bwd_dkdv", km, True, False), ("_attn_bwd_dkdv", A.fused_dq_config(km), True, True)]
+                    cfgs += [("_attn_bwd_dkdv", km, True, False),
+                             ("_attn_bwd_dkdv", A.fused_dq_config(km, block_d, kind, arch), True, True)]
                     missing += [(name, d, kind, arch, c, key_major, write_dq) for name, c, key_major, write_dq in cfgs
                                 if (name, block_d, *c, arch, key_major, write_dq) not in checked]
     assert not missing, f"tiles the launchers can pick that no AOT spec compiles: {sorted(set(missing))[:10]}"

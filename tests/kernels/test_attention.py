@@ -386,7 +386,7 @@ def test_fused_dq_backward(kind, Hq, Hkv, Lq, Lk, D, splits, bm, device):
     (fused_dq, the key-major path's default) and takes delta = rowsum(P dP) / rowsum(P) from its tile instead
     of the preprocess pass's rowsum(dO O): dQ, dK and dS equal the two-pass path's up to rounding, dV (no
     delta in it) bit for bit, across masks, GQA, Lq = 1 and query splits, at 32 query rows a step and at
-    fused_dq_config's 16 (there also with TMA loads, bit for bit); a batch whose keys are all padded gets zero
+    16 (there also with TMA loads, bit for bit); a batch whose keys are all padded gets zero
     dQ (its program no longer skips the work)."""
     from dlcv_fast.kernels import attention as A
 
@@ -439,7 +439,8 @@ def test_fused_dq_parity(kind, Lq, Lk, D, dtype, device, monkeypatch):
 def test_fused_dq_needs_key_major(device):
     """dQ in the dK/dV kernel exists for the key-major tiles only (those the AOT check compiles with it): asking
     for it with query-major tiles raises instead of launching an unchecked variant; the default (fused_dq=None)
-    follows key_major; fused_dq_config keeps the key block and narrows the query rows."""
+    follows key_major; fused_dq_config keeps the key block, and the query rows only of sm_90's plain tiles up
+    to head dim 64."""
     from dlcv_fast.kernels import attention as A
 
     q, k, v = make_inputs(1, 2, 2, 20, 20, 32, torch.float16, device)
@@ -447,8 +448,11 @@ def test_fused_dq_needs_key_major(device):
     with pytest.raises(ValueError, match="fused_dq=True needs key_major=True"):
         A.backward(torch.ones_like(o), q, k, v, o, lse, None, None, False, 0, 32 ** -0.5, False, key_major=False,
                    fused_dq=True)
-    assert A.fused_dq_config((64, 128, 8, 2)) == (A.FUSED_DQ_BLOCK_M, 128, 8, 2)
-    assert A.fused_dq_config((16, 16, 4, 1)) == (16, 16, 4, 1)
+    assert A.fused_dq_config((64, 128, 8, 2), 64, "plain", 90) == (64, 128, 8, 2)
+    assert A.fused_dq_config((32, 128, 8, 2), 64, "plain", 80) == (A.FUSED_DQ_BLOCK_M, 128, 8, 2)
+    assert A.fused_dq_config((32, 128, 8, 2), 64, "bias", 90) == (A.FUSED_DQ_BLOCK_M, 128, 8, 2)
+    assert A.fused_dq_config((32, 128, 8, 2), 128, "plain", 90) == (A.FUSED_DQ_BLOCK_M, 128, 8, 2)
+    assert A.fused_dq_config((16, 16, 4, 1), 64, "bias", 90) == (16, 16, 4, 1)
 
 
 def test_key_major_backward_is_deterministic(device):
