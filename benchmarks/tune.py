@@ -277,11 +277,6 @@ SPLIT_SHAPES = {"unet_cross_d40": (8, 8, 4096, 77, 40), "cross_d128": (8, 8, 409
                 "clip_text_d64": (256, 8, 77, 77, 64)}
 SPLIT_COUNTS = [1, 2, 4, 8, None]  # None: the launcher's own choice (_query_splits)
 SPLIT_TILES = [None, (64, 32, 8, 2), (64, 32, 8, 1)]  # None: the table's dK/dV tile
-# then the key-major backward at its own tile and the launcher's split count: in one kernel (dQ and delta
-# written by the dK/dV kernel, all 77 keys in one block) at fused_dq_config's tile ("fused": on sm_90 the
-# table's rows for these plain tiles up to head dim 64, else 16) and at 16 query rows ("fused, 16 rows"), and
-# with the preprocess and dQ kernels ("kernels")
-SPLIT_KEY_MAJOR = ["fused", "fused, 16 rows", "kernels"]
 
 
 def _time(fn):
@@ -355,11 +350,15 @@ def sweep_split(emit):
         # each job: (kernel, config, split count, key-major options, whether it is the shipped default)
         jobs = [("backward", (tuple(tile), table[1]) if tile else tuple(table), splits, {},
                  tile is None and splits is None) for tile in SPLIT_TILES for splits in SPLIT_COUNTS]
-        km_tiles = {"fused": kern.fused_dq_config(km_table[0], block_d, "plain"), "kernels": km_table[0],
-                    "fused, 16 rows": (min(km_table[0][0], 16), *km_table[0][1:])}
-        jobs += [("backward key-major" + {"fused": "", "fused, 16 rows": ", 16 rows", "kernels": ", dQ kernel"}[how],
-                  (km_tiles[how], km_table[1]), None, dict(key_major=True, fused_dq=how != "kernels"), False)
-                 for how in SPLIT_KEY_MAJOR]
+        # then the key-major backward at the launcher's split count: in one kernel (dQ and delta written by the
+        # dK/dV kernel, all 77 keys in one block) at fused_dq_config's tile (on sm_90 the table's rows for these
+        # plain tiles up to head dim 64) and at FUSED_DQ_BLOCK_M rows, and with the preprocess and dQ kernels
+        km = km_table[0]
+        jobs += [(kernel, (tile, km_table[1]), None, dict(key_major=True, fused_dq=fused), False)
+                 for kernel, tile, fused in (
+                     ("backward key-major", kern.fused_dq_config(km, block_d, "plain"), True),
+                     ("backward key-major, 16 rows", (min(km[0], kern.FUSED_DQ_BLOCK_M), *km[1:]), True),
+                     ("backward key-major, dQ kernel", km, False))]
         for kernel, config, splits, opts, default in jobs:
             n_kb = -(-Lk // config[0][1])
             row = dict(group="split", kernel=kernel, config=config, splits=splits, case=name,

@@ -438,9 +438,9 @@ def test_fused_dq_parity(kind, Lq, Lk, D, dtype, device, monkeypatch):
 
 def test_fused_dq_needs_key_major(device):
     """dQ in the dK/dV kernel exists for the key-major tiles only (those the AOT check compiles with it): asking
-    for it with query-major tiles raises instead of launching an unchecked variant; the default (fused_dq=None)
-    follows key_major; fused_dq_config keeps the key block, and the query rows only of sm_90's plain tiles up
-    to head dim 64."""
+    for it with query-major tiles raises instead of launching an unchecked variant (the default, fused_dq=None,
+    follows key_major: test_fused_dq_parity); fused_dq_config keeps the key block, and the query rows only of
+    sm_90's plain tiles up to head dim 64."""
     from dlcv_fast.kernels import attention as A
 
     q, k, v = make_inputs(1, 2, 2, 20, 20, 32, torch.float16, device)
