@@ -17,7 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 
 SUITES = ("kernels", "models")
-MODULES = ("benchmarks.attention", "benchmarks.window_attention", "benchmarks.rope", "benchmarks.models")
+MODULES = ("benchmarks.attention", "benchmarks.window_attention", "benchmarks.rope", "benchmarks.models",
+           "benchmarks.layer_norm")
 
 
 class Unavailable(Exception):

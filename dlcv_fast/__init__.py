@@ -1,7 +1,7 @@
 """dlcv_fast: fast attention kernels for vision transformers and vision-language models.
 
 Public functions (shapes in each docstring): :func:`attention`, :func:`scaled_dot_product_attention`,
-:func:`apply_rope`, :func:`rope_2d`, and the backend controls :func:`use_backend` / :func:`get_backend`.
+:func:`apply_rope`, :func:`rope_2d`, :func:`window_attention`, :func:`layer_norm`, and the backend controls :func:`use_backend` / :func:`get_backend`.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from dlcv_fast.backend import get_backend, use_backend
 from dlcv_fast.ops import attention as _attn_ops
+from dlcv_fast.ops import layer_norm as _ln_ops
 from dlcv_fast.ops import rope as _rope_ops
 from dlcv_fast.rope_tables import rope_2d
 from dlcv_fast.ops.window_attention import window_attention
@@ -82,6 +83,28 @@ def apply_rope(x, cos, sin, *, interleaved=False, inplace=False, backend=None):
     return _rope_ops.apply_rope(x, cos, sin, interleaved=interleaved, inplace=inplace, backend=backend)
 
 
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, backend=None):
+    """LayerNorm over the last dim, with the residual add of a pre-norm block fused in front of it.
+
+    Args:
+        x: ``(..., N)``, fp16, bf16 or fp32 (a non-unit last stride is copied first); N up to 8192 for the
+            Triton kernel (any with backend="torch").
+        weight, bias: ``(N,)`` or None, any of those dtypes (the statistics and the affine map are computed in
+            fp32 either way), differentiable.
+        eps: added to the variance.
+        residual: None, or a tensor of x's shape (its dtype may differ: the sum takes torch's promoted dtype).
+        backend: "auto" (default), "triton" or "torch"; see :func:`use_backend`.
+
+    Returns ``y = LayerNorm(x)``, or with a residual ``(y, s)``: ``s = x + residual`` (the block's new
+    residual stream) and ``y = LayerNorm(s)``, from one read of x and residual, where eager code reads the sum
+    back again. y is in s's dtype (x's without a residual), both contiguous. The sum is rounded to its dtype
+    before it is normalised, as ``F.layer_norm(x + residual)`` does. The backward gives x and the residual the
+    same gradient (including the one that reaches s) and the weight and bias gradients, deterministically
+    (per-program partial sums added in a fixed order, no atomics).
+    """
+    return _ln_ops.layer_norm(x, weight, bias, eps, residual=residual, backend=backend)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` running on dlcv_fast kernels.
@@ -98,5 +121,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 from dlcv_fast import models  # noqa: E402  (last: the models are built on the functions above)
 
-__all__ = ["attention", "scaled_dot_product_attention", "apply_rope", "rope_2d", "window_attention", "use_backend",
-           "get_backend", "models"]
+__all__ = ["attention", "scaled_dot_product_attention", "apply_rope", "rope_2d", "window_attention", "layer_norm",
+           "use_backend", "get_backend", "models"]

@@ -297,3 +297,39 @@ def window_attention_backward(dout, qkv, *, num_heads, window_size, shift_size=0
         is_pad[:H, :W] = False
         dbias = padded_map[:, is_pad].sum((0, 1)).to(qkv_bias.dtype)
     return dqkv, dtable, dbias
+
+
+# --------------------------------------------------------------------------------------------------
+# LayerNorm with the residual add in front (pre-norm blocks)
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None):
+    """``LayerNorm(x + residual)`` over the last dim, and the sum itself when ``residual`` is given.
+
+    Returns y, or ``(y, s)`` with ``s = x + residual`` in torch's promoted dtype; y is in s's dtype. The
+    statistics are taken in float32 (float64 for float64 inputs) of the rounded sum, as eager code computes
+    ``F.layer_norm(x + residual)``."""
+    s = x if residual is None else x + residual
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    y = torch.nn.functional.layer_norm(s.to(acc), s.shape[-1:], None if weight is None else weight.to(acc),
+                                       None if bias is None else bias.to(acc), eps).to(s.dtype)
+    return y if residual is None else (y, s)
+
+
+def layer_norm_backward(dy, s, weight, eps, ds=None):
+    """Gradients ``(ds_total, dweight, dbias)`` of :func:`layer_norm` at the sum ``s`` (x without a residual):
+    ``ds_total`` is the gradient of x (and of the residual), including ``ds``, the gradient that reaches the
+    sum output itself; dweight / dbias are float32 (None for a missing weight)."""
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    s_, dy_ = s.to(acc), dy.to(acc)
+    var, mean = torch.var_mean(s_, dim=-1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (s_ - mean) * rstd
+    wdy = dy_ if weight is None else dy_ * weight.to(acc)
+    dx = rstd * (wdy - xhat * (xhat * wdy).mean(-1, keepdim=True) - wdy.mean(-1, keepdim=True))
+    if ds is not None:
+        dx = dx + ds.to(acc)
+    dims = tuple(range(s.dim() - 1))
+    dweight = (dy_ * xhat).sum(dims).float() if weight is not None else None
+    return dx.to(s.dtype), dweight, dy_.sum(dims).float()

@@ -21,7 +21,8 @@ from torch import nn
 
 from dlcv_fast.models.registry import load_reference, register_model
 from dlcv_fast.models.vit import VisionTransformer, act_name
-from dlcv_fast.nn.block import Block
+from dlcv_fast.nn.block import Block, run_blocks
+from dlcv_fast.nn.norm import LayerNorm
 
 
 class TextTransformer(nn.Module):
@@ -38,7 +39,7 @@ class TextTransformer(nn.Module):
         self.blocks = nn.ModuleList([
             Block(width, heads, int(width * mlp_ratio), qkv_bias=True, act=act, norm_eps=norm_eps)
             for _ in range(layers)])
-        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.norm = LayerNorm(width, eps=norm_eps)
         self.head = nn.Linear(width, output_dim, bias=False)
         self.init_weights()
 
@@ -68,9 +69,8 @@ class TextTransformer(nn.Module):
             raise ValueError(f"text has {L} tokens, more than context_length={self.context_length}")
         x = self.token_embedding(text) + self.pos_embed[:, :L]
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
-        for blk in self.blocks:
-            x = blk(x, causal=True, key_padding_mask=key_padding_mask)
-        return self.norm(x)
+        kwargs = dict(causal=True, key_padding_mask=key_padding_mask)
+        return run_blocks(self.blocks, x, self.norm, [kwargs] * len(self.blocks))
 
     def forward(self, text, attention_mask=None):
         x = self.forward_features(text, attention_mask)

@@ -15,6 +15,8 @@ from torch import nn
 
 from dlcv_fast.models.registry import load_reference, register_model, timm_regularisers
 from dlcv_fast.models.vit import init_linears
+from dlcv_fast.nn.block import run_blocks
+from dlcv_fast.nn.norm import LayerNorm
 from dlcv_fast.nn.patch_embed import PatchEmbed, to_2tuple
 from dlcv_fast.nn.window_attention import SwinTransformerBlock
 
@@ -25,7 +27,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim, out_dim=None, norm_eps=1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim, eps=norm_eps)
+        self.norm = LayerNorm(4 * dim, eps=norm_eps)
         self.reduction = nn.Linear(4 * dim, out_dim or 2 * dim, bias=False)
 
     def forward(self, x):
@@ -50,11 +52,11 @@ class SwinStage(nn.Module):
             SwinTransformerBlock(out_dim, resolution, num_heads, window_size=window_size,
                                  shift_size=(0, 0) if i % 2 == 0 else shift, always_partition=always_partition,
                                  mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path[i],
-                                 norm_layer=partial(nn.LayerNorm, eps=norm_eps))
+                                 norm_layer=partial(LayerNorm, eps=norm_eps))
             for i in range(depth)])
 
     def forward(self, x):
-        return self.blocks(self.downsample(x))
+        return run_blocks(self.blocks, self.downsample(x))
 
 
 def _stage_windows(window_size, num_stages):
@@ -112,7 +114,7 @@ class SwinTransformer(nn.Module):
                                     always_partition=always_partition, norm_eps=norm_eps,
                                     drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])]))
         self.layers = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(self.num_features, eps=norm_eps)
+        self.norm = LayerNorm(self.num_features, eps=norm_eps)
         self.head = _PoolHead(self.num_features, num_classes)
         self.init_weights()
 

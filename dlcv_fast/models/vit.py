@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlcv_fast.models.registry import load_reference, register_model, timm_regularisers
-from dlcv_fast.nn.block import Block
+from dlcv_fast.nn.block import Block, run_blocks
+from dlcv_fast.nn.norm import LayerNorm
 from dlcv_fast.nn.patch_embed import PatchEmbed
 from dlcv_fast.nn.rotary import RotaryEmbedding2D
 
@@ -88,15 +89,15 @@ class VisionTransformer(nn.Module):
         self.rope = RotaryEmbedding2D(embed_dim // num_heads, mode=rope, num_heads=num_heads if mixed else None,
                                       depth=depth if mixed else None, theta=rope_theta,
                                       num_prefix_tokens=self.num_prefix_tokens) if rope else None
-        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
+        self.norm_pre = LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, int(embed_dim * mlp_ratio), qkv_bias=qkv_bias, qk_norm=qk_norm, act=act,
                   norm_eps=norm_eps, drop_path=dpr[i])
             for i in range(depth)])
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
-        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim, eps=norm_eps)
+        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes, bias=head_bias) if num_classes > 0 else nn.Identity()
         if distilled:
             self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -136,9 +137,8 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x):
         """Images ``(B, C, H, W)`` -> normed tokens ``(B, P + N, embed_dim)`` (P prefix tokens first)."""
         x, grid = self._embed(x)
-        for blk, rope in zip(self.blocks, self._rope_tables(grid, x.device)):
-            x = blk(x, rope=rope)
-        return self.norm(x)
+        ropes = self._rope_tables(grid, x.device)
+        return run_blocks(self.blocks, x, self.norm, [dict(rope=rope) for rope in ropes])
 
     def forward_head(self, x, pre_logits=False):
         if self.dist_token is not None:

@@ -7,6 +7,7 @@ from torch import nn
 
 from dlcv_fast.nn.attention import Attention
 from dlcv_fast.nn.mlp import Mlp
+from dlcv_fast.nn.norm import LayerNorm
 
 
 class DropPath(nn.Module):
@@ -31,13 +32,14 @@ class Block(nn.Module):
     ``mlp.fc1``, ``mlp.fc2`` as in timm's ``vision_transformer.Block``.
 
     ``x`` ``(B, N, dim)``; the keyword arguments of :meth:`forward` (``causal``, ``key_padding_mask``, ``attn_bias``,
-    ``rope``) go to :meth:`Attention.forward`.
+    ``rope``) go to :meth:`Attention.forward`. The norms are :class:`~dlcv_fast.nn.LayerNorm`: each residual add
+    is fused into the norm that follows it (:meth:`forward_residual`, :func:`run_blocks`).
     """
 
     def __init__(self, dim, num_heads, mlp_hidden_dim, *, qkv_bias=True, qk_norm=False, act="gelu", norm_eps=1e-6,
                  drop_path=0.0):
         super().__init__()
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        norm_layer = partial(LayerNorm, eps=norm_eps)
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, norm_layer=norm_layer)
         self.norm2 = norm_layer(dim)
@@ -45,5 +47,37 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x, **attn_kwargs):
-        x = x + self.drop_path(self.attn(self.norm1(x), **attn_kwargs))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x, branch = self.forward_residual(x, None, **attn_kwargs)
+        return x + branch
+
+    def forward_residual(self, x, branch=None, **attn_kwargs):
+        """The block on the residual stream ``x`` plus the previous block's pending ``branch`` (None: nothing
+        pending). Returns ``(x', branch')``: the stream after the attention half and the MLP half's output, whose
+        add is left to the next norm (the next block's ``norm1`` or the model's final norm), so every add shares
+        a kernel with a LayerNorm. ``x' + branch'`` is :meth:`forward`'s result."""
+        y, x = fused_add_norm(self.norm1, x, branch)
+        y, x = fused_add_norm(self.norm2, x, self.drop_path(self.attn(y, **attn_kwargs)))
+        return x, self.drop_path(self.mlp(y))
+
+
+def fused_add_norm(norm, x, branch):
+    """``(norm(x + branch), x + branch)`` with the add inside the norm's kernel where ``norm`` is a
+    :class:`~dlcv_fast.nn.LayerNorm`; ``branch`` None adds nothing."""
+    if branch is None:
+        return norm(x), x
+    if isinstance(norm, LayerNorm):
+        return norm(branch, residual=x)
+    x = x + branch
+    return norm(x), x
+
+
+def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None):
+    """``final_norm(blocks[-1](...blocks[0](x)))`` (no norm when None), each block run with
+    :meth:`forward_residual` so that its last residual add is fused into the next norm; ``kwargs_per_block``:
+    one dict of keyword arguments per block, or None."""
+    branch = None
+    for i, blk in enumerate(blocks):
+        x, branch = blk.forward_residual(x, branch, **(kwargs_per_block[i] if kwargs_per_block else {}))
+    if final_norm is None:
+        return x if branch is None else x + branch
+    return fused_add_norm(final_norm, x, branch)[0]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from dlcv_fast.nn.norm import LayerNorm
+
 
 def to_2tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
@@ -23,7 +25,7 @@ class PatchEmbed(nn.Module):
         self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if norm_eps is not None else nn.Identity()
+        self.norm = LayerNorm(embed_dim, eps=norm_eps) if norm_eps is not None else nn.Identity()
 
     def forward(self, x):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dlcv_fast.nn.block import DropPath
+from dlcv_fast.nn.block import DropPath, fused_add_norm
 from dlcv_fast.nn.mlp import Mlp
+from dlcv_fast.nn.norm import LayerNorm
 from dlcv_fast.ops.window_attention import window_attention
 
 
@@ -70,7 +71,7 @@ class SwinTransformerBlock(nn.Module):
 
     def __init__(self, dim, input_resolution, num_heads=4, head_dim=None, window_size=7, shift_size=0,
                  always_partition=False, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, act="gelu",
-                 norm_layer=nn.LayerNorm):
+                 norm_layer=LayerNorm):
         super().__init__()
         self.dim = dim
         self.input_resolution = _pair(input_resolution)
@@ -86,8 +87,15 @@ class SwinTransformerBlock(nn.Module):
 
     def forward(self, x):
         """x ``(B, H, W, dim)`` -> ``(B, H, W, dim)``."""
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x, branch = self.forward_residual(x, None)
+        return x + branch
+
+    def forward_residual(self, x, branch=None):
+        """As :meth:`dlcv_fast.nn.Block.forward_residual`: the block on ``x + branch``, returning the stream after
+        the attention half and the MLP half's output, whose add the next norm takes."""
+        y, x = fused_add_norm(self.norm1, x, branch)
+        y, x = fused_add_norm(self.norm2, x, self.drop_path1(self.attn(y)))
+        return x, self.drop_path2(self.mlp(y))
 
 
 def swin_window_and_shift(input_resolution, window_size, shift_size, always_partition=False):
