@@ -146,6 +146,9 @@ def main(argv=None) -> int:
     if args.save_results if args.save_results is not None else device == "cuda":
         paths += report.save_results(args.out, env, plot_paths)
     print(report.table(rows))
+    profiles = report.profile_table(rows)
+    if profiles:
+        print(profiles)
     skipped = sum(r["status"] == "skipped" for r in rows)
     if skipped:
         print(f"\n{skipped} rows skipped by the time cap or the --quick rules (see their notes)")
@@ -196,7 +199,7 @@ class Session:
             elif p.compiled and self.left() < COMPILE_RESERVE_S:
                 row["note"] = f"time cap: under {COMPILE_RESERVE_S} s left for a torch.compile warm-up"
             else:
-                row.update(measure(run, p, self.quick, self.roof))
+                row.update(measure(run, p, self.quick, self.roof, profile=bench.profile and not p.compiled))
                 ours_ran = ours_ran or (p in ours and row["status"] != "n/a")
             self.emit(row)
         del run
@@ -206,7 +209,7 @@ class Session:
         return ours_ran
 
 
-def measure(run, provider, quick, roof) -> dict:
+def measure(run, provider, quick, roof, profile=False) -> dict:
     trial = run.trial(provider)
     out = {"status": trial.status, "note": trial.note, "parity_err": trial.parity_err, "parity_tol": trial.parity_tol}
     if trial.fn is None:
@@ -217,6 +220,11 @@ def measure(run, provider, quick, roof) -> dict:
         return {**out, "status": "failed", "note": "out of memory while timing"}
     except Exception as e:
         return {**out, "status": "failed", "note": f"while timing: {runner.short_error(e)}"}
+    if profile:
+        try:
+            out["_profile"] = runner.kernel_breakdown(run.caller(trial.fn), run.device)
+        except Exception as e:  # the profile is extra information: its failure does not fail the row
+            why = "; ".join(n for n in (why, f"profile failed: {runner.short_error(e)}") if n)
     if why:
         out["note"] = "; ".join(n for n in (out["note"], why) if n)
     return {**out, "ms": ms, "timer": timer, "ms_launch": ms_launch,

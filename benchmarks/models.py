@@ -187,8 +187,8 @@ def view(c, out):
 register(Benchmark(
     name="model_infer", suite="models", issue=6, title="inference throughput, ours vs the reference library",
     cases=INFER, quick=INFER, cpu_cases=INFER_CPU, providers=PROVIDERS, make_inputs=make_inputs,
-    reference=reference, view=view, label=label, items=lambda c: c["batch"], available=available))
+    reference=reference, view=view, label=label, items=lambda c: c["batch"], available=available, profile=True))
 register(Benchmark(
     name="model_train", suite="models", issue=6, title="training step (forward + backward), ours vs timm eager",
     cases=TRAIN, quick=TRAIN, providers=[p for p in PROVIDERS if not p.compiled], make_inputs=make_inputs,
-    reference=reference, view=view, label=label, items=lambda c: c["batch"], available=available))
+    reference=reference, view=view, label=label, items=lambda c: c["batch"], available=available, profile=True))

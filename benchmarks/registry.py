@@ -61,6 +61,8 @@ class Benchmark:
     label(case) -> short text naming the case in tables; x / group: plot TFLOP/s (or GB/s, items/s) against
         case[x], one panel per value of the ``group`` keys (x=None: bar chart per case).
     dtype: the element type on a GPU (the CPU mode always uses float32).
+    profile: also trace each non-compiled provider with torch.profiler and keep where its time goes (the GPU
+        kernels; on the CPU the aten ops) in the results' ``profiles``: for workloads made of many kernels.
     """
 
     name: str
@@ -82,6 +84,7 @@ class Benchmark:
     x: Optional[str] = None
     group: tuple = ()
     dtype: str = "bfloat16"
+    profile: bool = False
 
     def cases_for(self, device: str, quick: bool) -> list:
         if device != "cuda":

@@ -132,11 +132,32 @@ def add_speedups(rows: list):
 # Files
 # ----------------------------------------------------------------------------------------------------------
 
+def profiles(rows: list) -> list:
+    """The kernel breakdowns of the profiled rows (``runner.kernel_breakdown``), one entry per row."""
+    return [{"benchmark": r["benchmark"], "case": r["case"], "provider": r["provider"], **r["_profile"]}
+            for r in rows if r.get("_profile")]
+
+
+PROFILE_LINES = 8
+
+
+def profile_table(rows: list) -> str:
+    """The heaviest kernels of each profiled row, as text ("" when none was profiled)."""
+    parts = []
+    for p in profiles(rows):
+        parts.append(f"\n== where the time goes: {p['benchmark']} | {p['case']} | {p['provider']} "
+                     f"({p['total_ms']:.4g} ms traced per call)")
+        for k in p["kernels"][:PROFILE_LINES]:
+            parts.append(f"  {k['share']:6.1%}  {k['ms']:9.4f} ms  x{k['calls']:<6g} {k['name'][:90]}")
+    return "\n".join(parts)
+
+
 def write_files(out_dir: Path, env: dict, roof: dict, settings: dict, notes: list, rows: list) -> list:
     """results.json and results.csv in ``out_dir``; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     public = [{k: r[k] for k in ROW_COLUMNS} for r in rows]
-    doc = {"env": env, "roofline": roof, "settings": settings, "notes": notes, "rows": public}
+    doc = {"env": env, "roofline": roof, "settings": settings, "notes": notes, "rows": public,
+           "profiles": profiles(rows)}
     paths = [out_dir / "results.json", out_dir / "results.csv"]
     paths[0].write_text(json.dumps(doc, indent=1) + "\n")
     with paths[1].open("w", newline="") as f:

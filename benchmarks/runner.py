@@ -159,6 +159,49 @@ def time_call(call: Callable[[], object], device: str, quick: bool) -> tuple[flo
     return ms, "do_bench", ms, ""
 
 
+PROFILE_ITERS = 3
+PROFILE_TOP = 15
+
+
+def kernel_breakdown(call: Callable[[], object], device: str, iters: int = PROFILE_ITERS,
+                     top: int = PROFILE_TOP) -> dict:
+    """Where one call's time goes, from a torch.profiler trace of ``iters`` calls (after one untraced call): on a
+    GPU the kernels, memcpys and memsets (device time), on the CPU the aten ops (self CPU time), heaviest first.
+    Returns ``{"total_ms": ..., "kernels": [{"name", "calls", "ms", "share"}, ...]}`` per call, the ``top``
+    heaviest and then one ``"(other)"`` entry for the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    call()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            call()
+        sync()
+    spent = []
+    for evt in prof.key_averages():
+        if device == "cuda":
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(evt, "self_device_time_total", None)
+            us = evt.self_cuda_time_total if us is None else us
+        elif evt.key.startswith("aten::"):
+            us = evt.self_cpu_time_total
+        else:
+            continue
+        if us > 0:
+            spent.append((us / iters / 1e3, evt.count / iters, evt.key))
+    spent.sort(reverse=True)
+    total = sum(ms for ms, _, _ in spent)
+    entries = [{"name": name[:120], "calls": round(calls, 2), "ms": ms} for ms, calls, name in spent[:top]]
+    if len(spent) > top:
+        entries.append({"name": "(other)", "calls": round(sum(c for _, c, _ in spent[top:]), 2),
+                        "ms": sum(ms for ms, _, _ in spent[top:])})
+    for e in entries:
+        e["share"] = e["ms"] / total if total else 0.0
+    return {"total_ms": total, "kernels": entries}
+
+
 def _time_cpu(call, quick: bool) -> float:
     call()
     times, stop = [], time.perf_counter() + (0.2 if quick else 1.0)

@@ -30,6 +30,15 @@ def test_benchmark_command_without_gpu(tmp_path):
     timed = [r for r in doc["rows"] if r["status"] == "ok"]
     assert any(r["benchmark"] == "attn_fwd" and r["provider"] == "sdpa.math" for r in timed)
     assert all(r["ms"] > 0 and r["timer"] == "wallclock" and r["ms_launch"] is None for r in timed)
+    # model rows carry a profile: where the time goes (aten ops on the CPU), heaviest first, shares summing to 1
+    profiled = [p for p in doc["profiles"] if p["benchmark"] == "model_infer"]
+    assert {p["provider"] for p in profiled} == {"dlcv_fast", "ref.eager"}
+    for p in profiled:
+        ms = [k["ms"] for k in p["kernels"]]
+        assert ms[:-1] == sorted(ms[:-1], reverse=True) and p["total_ms"] > 0
+        assert abs(sum(k["share"] for k in p["kernels"]) - 1) < 1e-6
+        assert any(k["name"] == "aten::addmm" for k in p["kernels"])
+    assert "== where the time goes: model_infer" in proc.stdout
 
     with (tmp_path / "results.csv").open() as f:
         reader = csv.DictReader(f)
