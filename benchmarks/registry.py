@@ -18,7 +18,7 @@ import torch
 
 SUITES = ("kernels", "models")
 MODULES = ("benchmarks.attention", "benchmarks.window_attention", "benchmarks.rope", "benchmarks.models",
-           "benchmarks.layer_norm")
+           "benchmarks.layer_norm", "benchmarks.linear_act")
 
 
 class Unavailable(Exception):

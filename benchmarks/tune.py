@@ -1,13 +1,13 @@
 """Config sweep for the attention kernels on a GPU: parity and time of each candidate tile.
 
-    python -m benchmarks.tune --out sweep.jsonl [--only table,bwd128,bwd64,fwd,split,rope64,rope128,window]
+    python -m benchmarks.tune --out sweep.jsonl [--only table,bwd128,bwd64,fwd,split,rope64,rope128,window,linear]
     python -m benchmarks.tune --summarize sweep.jsonl   # default vs fastest per comparison, no GPU needed
 
 For each group (the backward tables' own entries, backward candidates at head dim 128 / 64, forward tiles at
 the suite's long and short shapes, the dK/dV query split and the key-major backward (dQ in the dK/dV kernel or
 not) at short key sides, forward with ``rope=`` at 64 /
 128, the window-attention forward and backward: one program per window or per group of windows, one
-backward kernel or two, their tiles, window-group counts) every candidate config is launched through the
+backward kernel or two, their tiles, window-group counts; the Linear + GELU GEMM's tiles) every candidate config is launched through the
 kernels' own launchers, its outputs are compared with a float32 reference (torch's SDPA math backend,
 non-causal and causal at a length that leaves a one-row last block; dlcv_fast.reference for window
 attention), and it is timed with ``triton.testing.do_bench`` on the headline shape. One JSON line per
@@ -376,10 +376,45 @@ def sweep_split(emit):
             emit(row)
 
 
+# Linear + GELU (an MLP's fc1, dlcv_fast.kernels.linear_act): candidate tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps,
+# stages) at ViT-B's and Swin-T stage 1's fc1, against cuBLAS + F.gelu (the reference row).
+LINEAR_CANDIDATES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                     (256, 128, 64, 8, 3), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4)]
+LINEAR_SHAPES = {"vit_b16 fc1": (256 * 197, 768, 3072), "swin_t stage1 fc1": (256 * 3136, 96, 384)}
+LINEAR_DTYPE = torch.bfloat16
+
+
+def sweep_linear(emit):
+    from dlcv_fast.kernels import linear_act as kern
+    from triton.testing import do_bench
+
+    for case, (M, K, N) in LINEAR_SHAPES.items():
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        x = torch.randn(M, K, device=DEVICE, generator=g).to(LINEAR_DTYPE)
+        w = (torch.randn(N, K, device=DEVICE, generator=g) * K ** -0.5).to(LINEAR_DTYPE)
+        b = (torch.randn(N, device=DEVICE, generator=g) * 0.1).to(LINEAR_DTYPE)
+        ref = F.gelu(F.linear(x[:4096].float(), w.float(), b.float()))
+        base = dict(group="linear", case=case, shape=[M, K, N])
+        emit(dict(base, kernel="cublas+gelu", reference=True,
+                  ms=do_bench(lambda: F.gelu(F.linear(x, w, b)), warmup=10, rep=40)))
+        default = kern.config(N)
+        for config in dict.fromkeys([default, *LINEAR_CANDIDATES]):
+            row = dict(base, kernel="linear_act", config=config, default=config == default)
+            try:
+                out = kern.forward(x, w, b, "gelu", cfg=config)
+                err = _rel_err(out[:4096], ref)
+                row.update(ms=do_bench(lambda: kern.forward(x, w, b, "gelu", cfg=config), warmup=10, rep=40),
+                           rel_err=err, ok=err < 2e-2)
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+            emit(row)
+
+
 GROUPS = {"bwd128": lambda emit: sweep_bwd(128, emit), "bwd64": lambda emit: sweep_bwd(64, emit),
           "fwd": sweep_fwd, "split": sweep_split, "window": sweep_window,
           "table": lambda emit: [sweep_bwd(d, emit, table_only=True) for d in (64, 128)],
-          "rope64": lambda emit: sweep_rope(64, emit), "rope128": lambda emit: sweep_rope(128, emit)}
+          "rope64": lambda emit: sweep_rope(64, emit), "rope128": lambda emit: sweep_rope(128, emit),
+          "linear": sweep_linear}
 
 
 def summarize(rows):

@@ -333,3 +333,19 @@ def layer_norm_backward(dy, s, weight, eps, ds=None):
     dims = tuple(range(s.dim() - 1))
     dweight = (dy_ * xhat).sum(dims).float() if weight is not None else None
     return dx.to(s.dtype), dweight, dy_.sum(dims).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear + activation (an MLP's first layer)
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_act(x, weight, bias=None, act="gelu"):
+    """``act(x @ weight.T + bias)`` as eager code runs it: the Linear in x's dtype, then the activation ("gelu":
+    exact, erf; "quick_gelu": ``h * sigmoid(1.702 h)``; "none")."""
+    h = torch.nn.functional.linear(x, weight, bias)
+    if act == "gelu":
+        return torch.nn.functional.gelu(h)
+    if act == "quick_gelu":
+        return h * torch.sigmoid(1.702 * h)
+    return h

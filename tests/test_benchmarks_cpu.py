@@ -124,6 +124,9 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(tune, "SPLIT_SHAPES", {"tiny": (1, 2, 70, 20, 40)})
     monkeypatch.setattr(tune, "SPLIT_COUNTS", [1, 2, None])
     monkeypatch.setattr(tune, "SPLIT_TILES", [None])
+    monkeypatch.setattr(tune, "LINEAR_SHAPES", {"tiny": (40, 32, 48)})
+    monkeypatch.setattr(tune, "LINEAR_CANDIDATES", [(16, 32, 32, 4, 1)])
+    monkeypatch.setattr(tune, "LINEAR_DTYPE", torch.float16)  # bf16 is garbage in the interpreter
     monkeypatch.setattr(triton.testing, "do_bench", host_clock)
     monkeypatch.setattr(tune, "_time", host_clock)
     rows = []
@@ -132,8 +135,11 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     tune.sweep_window(rows.append)
     tune.sweep_fwd(rows.append)
     tune.sweep_split(rows.append)
+    tune.sweep_linear(rows.append)
     assert [r["group"] for r in rows] == ["bwd64", "bwd64", "bwd64", "rope64", "rope64", "rope64", *["window_stage3"] * 7,
-                                          "fwd", "fwd", "fwd", "fwd", *["split"] * 6]
+                                          "fwd", "fwd", "fwd", "fwd", *["split"] * 6, *["linear"] * 3]
+    assert [(r["kernel"], r.get("default")) for r in rows if r["group"] == "linear"] == [
+        ("cublas+gelu", None), ("linear_act", True), ("linear_act", False)]
     assert [r["kernel"] for r in rows if r["group"] == "bwd64"] == ["table", "table (key-major)", "table (TMA)"]
     # the forward: the table's tile (the default), with K/V by TMA (no tail block then), without the tail
     # block, another tile
@@ -149,10 +155,10 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     # launcher's tile, 16 rows) and with the dQ kernel
     assert [r["kernel"] for r in rows if r["group"] == "split"][-3:] == [
         "backward key-major", "backward key-major, 16 rows", "backward key-major, dQ kernel"]
-    assert len(checked) == 21 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+    assert len(checked) == 23 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
     # every comparison has its shipped default flagged, so the summary can compare against it
     lines = tune.summarize(rows)
-    assert len(lines) == 6 and all(": default " in line for line in lines), lines
+    assert len(lines) == 7 and all(": default " in line for line in lines), lines
 
 
 def test_tune_summary_compares_the_default_with_the_fastest_passing_candidate():

@@ -4,6 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dlcv_fast import backend as _backend
+from dlcv_fast.ops import linear_act as _linear_act_ops
+
+# Inference with fc1 and its activation in one Triton GEMM (dlcv_fast.ops.linear_act): off until timed on a GPU
+# against cuBLAS + the separate activation (the model benchmark's dlcv_fast+fused_mlp provider turns it on).
+FUSED_LINEAR_ACT = False
+
 
 class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``, the activation of OpenAI's CLIP weights."""
@@ -29,7 +36,21 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = make_act(act)
+        self.act_name = act
         self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
 
+    def _fused(self, x):
+        """Whether fc1 + act run as one GEMM: with FUSED_LINEAR_ACT on, where the Triton kernels run, in fp16/bf16
+        (fp32 stays on cuBLAS), outside torch.compile and autocast, and when autograd does not record (the fused
+        op keeps no pre-activation for a backward)."""
+        w = self.fc1.weight
+        return (FUSED_LINEAR_ACT and x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and _backend.get_backend() in ("auto", "triton")
+                and (x.device.type == "cuda" or _backend.interpreting()))
+
     def forward(self, x):
+        if self._fused(x):
+            return self.fc2(_linear_act_ops.linear_act(x, self.fc1.weight, self.fc1.bias, self.act_name))
         return self.fc2(self.act(self.fc1(x)))

@@ -1,0 +1,194 @@
+"""``act(x @ weight.T + bias)`` in one Triton GEMM: the MLP's first Linear with its activation in the epilogue.
+
+Eager code writes the Linear's output and reads it back for the activation, which writes it again: for
+ViT-B/16 at batch 256 the fc1 output is 50k x 3072 bf16 (310 MB), so the GELU alone moves 620 MB per block,
+about as long as the GEMM's own memory traffic. Here the activation is applied to the fp32 accumulator before
+the one store. Activations: "gelu" (exact, erf: nn.GELU's default and timm's), "quick_gelu" (x * sigmoid(1.702
+x), OpenAI CLIP) and "none".
+
+The kernel is the textbook tiled GEMM: one program per ``BLOCK_M x BLOCK_N`` output tile, programs grouped
+by ``GROUP_M`` row tiles so that consecutive programs share weight tiles in L2, an fp32 accumulator over
+``BLOCK_K`` steps. ``x`` ``(M, K)`` and ``weight`` ``(N, K)`` (nn.Linear's layout, so the dot takes the weight
+tile transposed) are read through TMA tensor descriptors on Hopper (out-of-bounds rows and columns arrive
+as zeros, so no masks; sm_90, fp16/bf16, 16-byte aligned rows), else through pointers with masks.
+Inference only: there is no backward (the MLP module runs eager PyTorch when autograd records).
+Configs as data per arch (``CONFIGS``), checked ahead of time for spills and wgmma; untimed on a GPU so far
+(``python -m benchmarks --only linear_act`` and the model benchmark's ``dlcv_fast+fused_mlp`` provider
+measure it).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+ACTIVATIONS = {"none": 0, "gelu": 1, "quick_gelu": 2}
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch (90: Hopper and later; 80: below) and by whether
+# N is a multiple of 256 (wide tiles then waste nothing; Swin's 384 / 768 take 128-column tiles). sm_90: two
+# warpgroups on a 128 x 256 tile (wgmma m64n256 per warpgroup), three TMA stages (144 KB of shared memory);
+# sm_80: 128 x 128 x 32, four cp.async stages.
+CONFIGS = {
+    90: {True: (128, 256, 64, 8, 3), False: (128, 128, 64, 8, 4)},
+    80: {True: (128, 128, 32, 8, 4), False: (128, 128, 32, 8, 4)},
+}
+INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
+GROUP_M = 8
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def table_arch(device=None) -> int:
+    """90 on Hopper or later, 80 below (the configs' keys)."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def config(N: int, arch: int | None = None):
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for ``N`` output columns on ``arch``."""
+    if _interpreting() and arch is None:
+        return INTERPRETER_CONFIG
+    return CONFIGS[arch or table_arch()][N % 256 == 0]
+
+
+@triton.jit
+def _activation(y, ACT: tl.constexpr):
+    if ACT == 1:  # exact GELU
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 2:  # QuickGELU: x * sigmoid(1.702 x)
+        y = y / (1.0 + tl.exp(-1.702 * y))
+    return y
+
+
+@triton.jit
+def _linear_act_kernel(X, W, BIAS, Y, M, N, K, s_xm, s_wn, s_ym,
+                       ACT: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                       SPLIT_EPILOGUE: tl.constexpr):
+    # Grouped ordering: GROUP_M row tiles sweep the column tiles together, so their weight tiles stay in L2.
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    start_m, start_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if not TMA:
+        x_ptrs = X + offs_m.to(tl.int64)[:, None] * s_xm + offs_k[None, :]
+        w_ptrs = W + offs_n.to(tl.int64)[:, None] * s_wn + offs_k[None, :]
+    for k in range(0, K, BLOCK_K):
+        if TMA:
+            a = X.load([start_m, k])
+            b = W.load([start_n, k])
+        else:
+            k_ok = (k + offs_k) < K
+            a = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=(offs_n < N)[:, None] & k_ok[None, :], other=0.0)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    if SPLIT_EPILOGUE:  # two halves of the tile, one after the other: fewer values live through the erf
+        a0, a1 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), [0, 2, 1]))
+        _epilogue(a0, BIAS, Y, offs_m, start_n + tl.arange(0, BLOCK_N // 2), M, N, s_ym, ACT, HAS_BIAS)
+        _epilogue(a1, BIAS, Y, offs_m, start_n + BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2), M, N, s_ym, ACT,
+                  HAS_BIAS)
+    else:
+        _epilogue(acc, BIAS, Y, offs_m, offs_n, M, N, s_ym, ACT, HAS_BIAS)
+
+
+@triton.jit
+def _epilogue(acc, BIAS, Y, offs_m, offs_n, M, N, s_ym, ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Bias, activation and the store of output columns ``offs_n`` of the tile."""
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y = _activation(acc, ACT)
+    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * s_ym + offs_n[None, :]
+    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def split_epilogue(bm: int, bn: int, warps: int) -> bool:
+    """Whether the epilogue goes in two halves: when the fp32 tile holds more than 64 values a thread (the
+    128 x 256 tile at 8 warps spilled 88 B through the erf in one piece)."""
+    return bm * bn // (32 * warps) > 64
+
+
+def _tma_ready(t) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and t.stride(0) * size % 16 == 0 and t.stride(-1) == 1
+
+
+def use_tma(x2, weight, arch=None) -> bool:
+    """TMA descriptors for x and the weight: fp16/bf16 on sm_90 or later (or the interpreter), 16-byte aligned
+    bases and row strides."""
+    if x2.dtype not in (torch.float16, torch.bfloat16) or not (_tma_ready(x2) and _tma_ready(weight)):
+        return False
+    return _interpreting() or (arch or table_arch(x2.device)) >= 90
+
+
+def forward(x, weight, bias, act: str, cfg=None, tma=None):
+    """``act(x @ weight.T + bias)``: x ``(..., K)`` (unit last stride; rows are viewed without a copy when the
+    layout allows), weight ``(N, K)``, bias ``(N,)`` or None. Returns ``(..., N)`` contiguous in x's dtype.
+    ``cfg`` overrides :func:`config`; ``tma`` forces the descriptor path on or off (checked by the caller)."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = x.reshape(-1, K) if x.stride(-1) == 1 else x.contiguous().reshape(-1, K)
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+    bm, bn, bk, warps, stages = cfg or config(N)
+    tma = use_tma(x2, weight) if tma is None else tma
+    if tma:
+        xs = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [bm, bk])
+        ws = TensorDescriptor(weight, [N, K], [weight.stride(0), 1], [bn, bk])
+    else:
+        xs, ws = x2, weight
+    precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _linear_act_kernel[grid](
+        xs, ws, bias if bias is not None else weight, y, M, N, K, x2.stride(0), weight.stride(0), N,
+        ACT=ACTIVATIONS[act], HAS_BIAS=bias is not None, TMA=tma, DOT_PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, SPLIT_EPILOGUE=split_epilogue(bm, bn, warps),
+        num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (dlcv_fast/aot.py, tests/kernels/test_aot_compile.py)
+# ------------------------------------------------------------------------------------------------
+
+def aot_specs():
+    """Each shipped config with exact GELU (the heaviest epilogue) and a bias, bf16 and fp16: on sm_90 through
+    TMA descriptors (must use wgmma), on sm_80 through pointers; plus QuickGELU on the sm_90 wide tile."""
+    from dlcv_fast.aot import AotSpec, signature_of
+
+    specs = []
+    for arch, by_width in CONFIGS.items():
+        for wide, (bm, bn, bk, warps, stages) in by_width.items():
+            for dtype, act in (("bf16", "gelu"), ("fp16", "gelu"), ("bf16", "quick_gelu")):
+                if act == "quick_gelu" and not (arch == 90 and wide):
+                    continue
+                tma = arch == 90
+                constexprs = dict(ACT=ACTIVATIONS[act], HAS_BIAS=True, TMA=tma, DOT_PRECISION="tf32",
+                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+                                  SPLIT_EPILOGUE=split_epilogue(bm, bn, warps))
+                types = dict(X=f"tensordesc<{dtype}[{bm}, {bk}]>" if tma else f"*{dtype}",
+                             W=f"tensordesc<{dtype}[{bn}, {bk}]>" if tma else f"*{dtype}",
+                             BIAS=f"*{dtype}", Y=f"*{dtype}")
+                sig = signature_of(_linear_act_kernel, constexprs, types)
+                divisible = [a for a, t in sig.items() if t.startswith("*")] + ["K", "N", "s_xm", "s_wn", "s_ym"]
+                variant = f"{dtype} {act} {'N%256' if wide else 'N%128'} sm{arch} k{bk}"
+                specs.append(AotSpec(_linear_act_kernel.__name__, variant, _linear_act_kernel, sig, constexprs, warps,
+                                     stages, tuple(divisible), expect_wgmma=arch == 90, archs=(arch,)))
+    return specs
