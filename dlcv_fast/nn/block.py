@@ -71,13 +71,27 @@ def fused_add_norm(norm, x, branch):
     return norm(x), x
 
 
+def _hooked(module) -> bool:
+    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks)
+
+
 def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None):
     """``final_norm(blocks[-1](...blocks[0](x)))`` (no norm when None), each block run with
     :meth:`forward_residual` so that its last residual add is fused into the next norm; ``kwargs_per_block``:
-    one dict of keyword arguments per block, or None."""
+    one dict of keyword arguments per block, or None. When a block has forward hooks (feature extraction,
+    activation statistics), the blocks are called one by one instead, so the hooks see each block's output."""
+    kwargs_per_block = kwargs_per_block or [{}] * len(blocks)
+    if any(_hooked(blk) for blk in blocks):
+        for blk, kw in zip(blocks, kwargs_per_block):
+            x = blk(x, **kw)
+        return final_norm(x) if final_norm is not None else x
     branch = None
     for i, blk in enumerate(blocks):
-        x, branch = blk.forward_residual(x, branch, **(kwargs_per_block[i] if kwargs_per_block else {}))
+        x, branch = blk.forward_residual(x, branch, **kwargs_per_block[i])
     if final_norm is None:
         return x if branch is None else x + branch
     return fused_add_norm(final_norm, x, branch)[0]

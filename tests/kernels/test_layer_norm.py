@@ -304,6 +304,25 @@ def test_blocks_fuse_adds_into_norms(device, drop_path):
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
 
 
+def test_block_hooks_still_fire(device):
+    """A forward hook on a block (feature extraction) sees that block's output: with a hooked block the model
+    calls its blocks one by one, and the result is the same as without hooks."""
+    from dlcv_fast.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=32, depth=3, num_classes=4).to(device).eval()
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with torch.no_grad():
+        plain = model(x)
+        seen = []
+        handle = model.blocks[1].register_forward_hook(lambda m, args, out: seen.append(out))
+        hooked = model(x)
+        handle.remove()
+        tokens = model.blocks[1](model.blocks[0](model._embed(x)[0]))
+    torch.testing.assert_close(hooked, plain, rtol=1e-5, atol=1e-5)
+    assert len(seen) == 1 and torch.allclose(seen[0], tokens, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU only: bf16 (garbage in the interpreter), model-sized rows, int64 offsets
 # ------------------------------------------------------------------------------------------------
