@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.registry import Benchmark, Provider, Unavailable, missing, register, with_backward
+from benchmarks.registry import Benchmark, Provider, Unavailable, missing, register, torch_providers, with_backward
 
 EPS = 1e-6
 
@@ -48,15 +48,6 @@ def ours(c, x0, ctx):
     return lambda x: dlcv_fast.layer_norm(x["x"], x["w"], x["b"], EPS, residual=x["r"], backend=backend)
 
 
-def eager(c, x0, ctx):
-    return lambda x: _eager(x["x"], x["r"], x["w"], x["b"])
-
-
-def compiled(c, x0, ctx):
-    fn = torch.compile(_eager, dynamic=False)
-    return lambda x: fn(x["x"], x["r"], x["w"], x["b"])
-
-
 def liger(c, x0, ctx):
     try:
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
@@ -69,9 +60,7 @@ def liger(c, x0, ctx):
     return fn
 
 
-PROVIDERS = [Provider("dlcv_fast", ours, devices=("cuda", "cpu")),
-             Provider("torch.eager", eager, devices=("cuda", "cpu")),
-             Provider("torch.compile", compiled, compiled=True),
+PROVIDERS = [Provider("dlcv_fast", ours, devices=("cuda", "cpu")), *torch_providers(_eager, "x", "r", "w", "b"),
              Provider("liger", liger)]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.registry import Benchmark, Provider, missing, register
+from benchmarks.registry import Benchmark, Provider, missing, register, torch_providers
 
 
 def label(c):
@@ -37,15 +37,6 @@ def _eager(x, w, b):
     return torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
 
 
-def eager(c, x0, ctx):
-    return lambda x: _eager(x["x"], x["w"], x["b"])
-
-
-def compiled(c, x0, ctx):
-    fn = torch.compile(_eager, dynamic=False)
-    return lambda x: fn(x["x"], x["w"], x["b"])
-
-
 def cublaslt_tanh(c, x0, ctx):
     return lambda x: torch._addmm_activation(x["b"], x["x"], x["w"].t(), use_gelu=True)
 
@@ -66,9 +57,7 @@ CASES = [{"name": "vit_b16 fc1 B=256", "M": 256 * 197, "K": 768, "N": 3072},
 register(Benchmark(
     name="linear_act_fwd", suite="kernels", issue=6, title="Linear + GELU (an MLP's fc1), inference",
     cases=CASES, quick=CASES[:2], cpu_cases=[{"name": "cpu", "M": 2 * 197, "K": 192, "N": 768}],
-    providers=[Provider("dlcv_fast", ours, devices=("cuda", "cpu")),
-               Provider("torch.eager", eager, devices=("cuda", "cpu")),
-               Provider("torch.compile", compiled, compiled=True),
+    providers=[Provider("dlcv_fast", ours, devices=("cuda", "cpu")), *torch_providers(_eager, "x", "w", "b"),
                Provider("cublaslt.gelu_tanh", cublaslt_tanh, parity=False)],
     make_inputs=make_inputs, reference=reference, view=lambda c, out: [out[:256]], label=label,
     flops=lambda c: 2 * c["M"] * c["N"] * c["K"],

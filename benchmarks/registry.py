@@ -112,6 +112,19 @@ def with_backward(provider: Provider, *wrt: str) -> Provider:
     return replace(provider, build=build_fwd_bwd)
 
 
+def torch_providers(fn: Callable, *names: str) -> list:
+    """The "torch.eager" and "torch.compile" providers of a workload written as plain torch code:
+    ``fn(*(inputs[n] for n in names))``, as is and through ``torch.compile`` (static shapes)."""
+    def eager(case, x0, ctx):
+        return lambda x: fn(*(x[n] for n in names))
+
+    def compiled(case, x0, ctx):
+        compiled_fn = torch.compile(fn, dynamic=False)
+        return lambda x: compiled_fn(*(x[n] for n in names))
+    return [Provider("torch.eager", eager, devices=("cuda", "cpu")),
+            Provider("torch.compile", compiled, compiled=True)]
+
+
 _REGISTRY: dict[str, Benchmark] = {}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.registry import Benchmark, Provider, Unavailable, missing, register, with_backward
+from benchmarks.registry import Benchmark, Provider, Unavailable, missing, register, torch_providers, with_backward
 
 
 def tables(N, D, device, theta=10000.0):
@@ -73,15 +73,6 @@ def _eager_pair(q, k, cos, sin):
     return R.apply_rope(q, cos, sin), R.apply_rope(k, cos, sin)
 
 
-def eager_pair(c, x0, ctx):
-    return lambda x: _eager_pair(x["q"], x["k"], x["cos"], x["sin"])
-
-
-def compiled_pair(c, x0, ctx):
-    compiled = torch.compile(_eager_pair, dynamic=False)
-    return lambda x: compiled(x["q"], x["k"], x["cos"], x["sin"])
-
-
 def liger_pair(c, x0, ctx):
     try:
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
@@ -93,8 +84,7 @@ def liger_pair(c, x0, ctx):
 
 PAIR_PROVIDERS = [
     Provider("dlcv_fast", ours_pair, devices=("cuda", "cpu")),
-    Provider("torch.eager", eager_pair, devices=("cuda", "cpu")),
-    Provider("torch.compile", compiled_pair, compiled=True),
+    *torch_providers(_eager_pair, "q", "k", "cos", "sin"),
     Provider("liger", liger_pair),
 ]
 
