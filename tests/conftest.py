@@ -66,19 +66,21 @@ def pytest_runtest_setup(item):
                     "stops pytest at 180 s; DLCV_GPU_TEST_BUDGET_S=0 lifts the budget)")
 
 
-_reporter = [None]
+_config = []
 
 
 def pytest_configure(config):
-    _reporter[0] = config.pluginmanager.get_plugin("terminalreporter")
+    _config.append(config)
 
 
 def pytest_runtest_logreport(report):
     """On a GPU, one line per test as it ends (outcome, duration, time since the start), so a log cut short
     still says what ran, what failed and where the time went."""
-    if not _HAS_CUDA or not (report.when == "call" or report.outcome != "passed") or _reporter[0] is None:
+    if not _HAS_CUDA or not (report.when == "call" or report.outcome != "passed") or not _config:
         return
-    _reporter[0].write_line(f"[{time.monotonic() - _T0:6.1f} s] {report.when:8} {report.outcome:7} "
+    reporter = _config[-1].pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"[{time.monotonic() - _T0:6.1f} s] {report.when:8} {report.outcome:7} "
                             f"{report.duration:6.2f} s  {report.nodeid}")
 
 
