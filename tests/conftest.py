@@ -19,6 +19,11 @@ except ImportError:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Triton decides per @triton.jit function, when it is defined, whether it is interpreted; triton.language's own
+    # helpers (tl.sum's combine function, ...) are defined when triton is first imported. Import it now, so a test
+    # that turns the interpreter off for a moment (and happens to be the first to import triton, e.g. through
+    # torch.compile) cannot leave compiled helpers behind for the interpreted kernels of later tests.
+    import triton.language  # noqa: F401
 
 # torch.compile's on-disk caches (default /tmp/torchinductor_$USER) outlive a change of our ops: a cached
 # joint graph keeps calling a backward op with its old arguments (seen after window_attention_bwd lost one),
