@@ -52,16 +52,22 @@ def autograd_function(name: str, impl: Callable, setup_context: Callable, backwa
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
         "backward": staticmethod(once_differentiable(bwd)),
+        "impl": staticmethod(impl),
         "__doc__": f"Eager route of {name}: the custom op's implementation and backward without the dispatcher.",
     })
 
 
 def routed(op, function: type) -> Callable:
-    """A callable taking ``op``'s arguments: ``function.apply`` (an :func:`autograd_function` of the op's pieces)
-    when :func:`direct_call_ok` holds for its tensor arguments, else the registered ``op``."""
+    """A callable taking ``op``'s arguments: when :func:`direct_call_ok` holds for its tensor arguments,
+    ``function.apply`` (an :func:`autograd_function` of the op's pieces), or the bare implementation when no
+    gradient can flow (grad mode off, or no input requires grad: inference skips the autograd.Function's own
+    overhead); else the registered ``op``."""
 
     def call(*args):
-        if direct_call_ok(*(a for a in args if isinstance(a, torch.Tensor))):
-            return function.apply(*args)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if direct_call_ok(*tensors):
+            if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+                return function.apply(*args)
+            return function.impl(*args)
         return op(*args)
     return call
