@@ -16,20 +16,33 @@ class LayerNorm(nn.LayerNorm):
     the Triton kernels run (CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``) both come from one
     kernel (:func:`dlcv_fast.layer_norm`). Elsewhere it is eager PyTorch: CPU tensors, the "torch" and "cuda"
     backends (there is no hand-written CUDA LayerNorm), under ``torch.compile`` (inductor fuses the add and
-    the norm itself), under autocast (whose LayerNorm runs in float32), and for shapes the kernel does not
-    take (a normalised shape of more than one dim, rows longer than 8192).
+    the norm itself), under autocast (whose LayerNorm runs in float32), for inputs the kernel does not take
+    (a normalised shape of more than one dim, rows longer than 8192, a residual that broadcasts, dtypes
+    other than fp16/bf16/fp32), and for CUDA tensors of fewer than ``FUSED_MIN_ELEMENTS`` elements: there a
+    forward is bound by the host's launch time, not by memory traffic, and the eager ops cost less Python.
     """
 
-    def _fused(self, x):
-        return (len(self.normalized_shape) == 1 and x.dtype in _ln_ops.SUPPORTED_DTYPES
-                and x.shape[-1] <= _ln_ops.MAX_N and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled(x.device.type)
-                and _backend.get_backend() in ("auto", "triton")
-                and (x.device.type == "cuda" or _backend.interpreting()))
+    FUSED_MIN_ELEMENTS = 1 << 20  # e.g. ViT-B's 197 x 768 tokens per image: fused from batch 7 on
+
+    def _fused(self, x, residual):
+        if len(self.normalized_shape) != 1 or x.shape[-1] != self.normalized_shape[0]:
+            return False
+        if x.device.type == "cuda":
+            if x.numel() < self.FUSED_MIN_ELEMENTS:
+                return False
+        elif not _backend.interpreting():
+            return False
+        ok = _ln_ops.SUPPORTED_DTYPES
+        return (x.dtype in ok and x.shape[-1] <= _ln_ops.MAX_N
+                and (residual is None or (residual.shape == x.shape and residual.dtype in ok
+                                          and residual.device == x.device))
+                and (self.weight is None or self.weight.dtype in ok and self.weight.device == x.device)
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+                and _backend.get_backend() in ("auto", "triton"))
 
     def forward(self, x, residual=None):
-        if self._fused(x):
-            return _ln_ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
+        if self._fused(x, residual):
+            return _ln_ops.layer_norm_unchecked(x, residual, self.weight, self.bias, self.eps)
         if residual is None:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         s = x + residual

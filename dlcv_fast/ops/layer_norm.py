@@ -178,3 +178,10 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, backend=No
     backend = backend if backend is not None else _backend.get_backend()
     y, s, _, _ = _layer_norm(x, residual, weight, bias, float(eps), backend)
     return (y, s) if residual is not None else y
+
+
+def layer_norm_unchecked(x, residual, weight, bias, eps):
+    """:func:`layer_norm` on the backend in force without the input checks, for callers that made them
+    (:class:`dlcv_fast.nn.LayerNorm`: its parameters match x's last dim, the residual x's shape, dtype, device)."""
+    y, s, _, _ = _layer_norm(x, residual, weight, bias, float(eps), _backend.get_backend())
+    return (y, s) if residual is not None else y

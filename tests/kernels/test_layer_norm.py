@@ -281,6 +281,19 @@ def test_module_routes(device, monkeypatch):
     assert calls == [1]
 
 
+def test_module_keeps_nn_semantics_outside_the_kernel(device):
+    """Inputs the kernel does not take run eagerly with nn.LayerNorm's meaning: a residual that broadcasts, and
+    a last dim that does not match normalized_shape (torch's own error)."""
+    m = LayerNorm(16).to(device)
+    x = torch.randn(2, 3, 16, device=device)
+    r = torch.randn(1, 3, 16, device=device)
+    y, s = m(x, residual=r)
+    torch.testing.assert_close(s, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(y, nn.functional.layer_norm(x + r, (16,), m.weight, m.bias), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        m(torch.randn(2, 8, device=device))
+
+
 @pytest.mark.parametrize("drop_path", [0.0, 0.3])
 def test_blocks_fuse_adds_into_norms(device, drop_path):
     """run_blocks (every residual add inside the next norm's kernel) equals the blocks run one by one, in
