@@ -398,6 +398,12 @@ def sweep_linear(emit):
         emit(dict(base, kernel="cublas+gelu", reference=True,
                   ms=do_bench(lambda: F.gelu(F.linear(x, w, b)), warmup=10, rep=40)))
         default = kern.config(N)
+        # the plain GEMM (no activation) against cuBLAS's Linear: how far the tile itself is from cuBLAS
+        plain = dict(base, group="linear_plain")
+        emit(dict(plain, kernel="cublas linear", reference=True,
+                  ms=do_bench(lambda: F.linear(x, w, b), warmup=10, rep=40)))
+        emit(dict(plain, kernel="linear_act none", config=default, default=True,
+                  ms=do_bench(lambda: kern.forward(x, w, b, "none", cfg=default), warmup=10, rep=40)))
         for config in dict.fromkeys([default, *LINEAR_CANDIDATES]):
             row = dict(base, kernel="linear_act", config=config, default=config == default)
             try:

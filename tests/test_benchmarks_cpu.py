@@ -137,9 +137,11 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     tune.sweep_split(rows.append)
     tune.sweep_linear(rows.append)
     assert [r["group"] for r in rows] == ["bwd64", "bwd64", "bwd64", "rope64", "rope64", "rope64", *["window_stage3"] * 7,
-                                          "fwd", "fwd", "fwd", "fwd", *["split"] * 6, *["linear"] * 3]
-    assert [(r["kernel"], r.get("default")) for r in rows if r["group"] == "linear"] == [
-        ("cublas+gelu", None), ("linear_act", True), ("linear_act", False)]
+                                          "fwd", "fwd", "fwd", "fwd", *["split"] * 6, "linear", "linear_plain",
+                                          "linear_plain", "linear", "linear"]
+    assert [(r["kernel"], r.get("default")) for r in rows if r["group"].startswith("linear")] == [
+        ("cublas+gelu", None), ("cublas linear", None), ("linear_act none", True), ("linear_act", True),
+        ("linear_act", False)]
     assert [r["kernel"] for r in rows if r["group"] == "bwd64"] == ["table", "table (key-major)", "table (TMA)"]
     # the forward: the table's tile (the default), with K/V by TMA (no tail block then), without the tail
     # block, another tile
@@ -158,7 +160,7 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     assert len(checked) == 23 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
     # every comparison has its shipped default flagged, so the summary can compare against it
     lines = tune.summarize(rows)
-    assert len(lines) == 7 and all(": default " in line for line in lines), lines
+    assert len(lines) == 8 and all(": default " in line for line in lines), lines
 
 
 def test_tune_summary_compares_the_default_with_the_fastest_passing_candidate():
