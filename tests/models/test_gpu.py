@@ -56,3 +56,16 @@ def test_clip_b32_bf16():
         return m(image, text, attention_mask)[0]
 
     bf16_check(from_transformers(ref), ref, images, ids, mask, call=logits, name="logits_per_image")
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_timm_bf16_fused_mlp(name, monkeypatch):
+    """The same rule with each MLP's fc1 and GELU in one GEMM (dlcv_fast.nn.mlp.FUSED_LINEAR_ACT, off by
+    default): ViT-B's 3072-wide hidden layer (128x256 tiles) and Swin's 384- to 3072-wide ones."""
+    timm = pytest.importorskip("timm")
+    from dlcv_fast.nn import mlp
+
+    monkeypatch.setattr(mlp, "FUSED_LINEAR_ACT", True)
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False).eval()
+    bf16_check(from_timm(ref), ref, torch.randn(8, 3, 224, 224), name=name)
