@@ -2,8 +2,8 @@
 
 Eager code writes the Linear's output and reads it back for the activation, which writes it again: for
 ViT-B/16 at batch 256 the fc1 output is 50k x 3072 bf16 (310 MB), so the GELU alone moves 620 MB per block,
-about as long as the GEMM's own memory traffic. Here the activation is applied to the fp32 accumulator before
-the one store. Activations: "gelu" (exact, erf: nn.GELU's default and timm's), "quick_gelu" (x * sigmoid(1.702
+more than the GEMM's own reads and writes (about 390 MB). Here the activation is applied to the fp32
+accumulator before the one store. Activations: "gelu" (exact, erf: nn.GELU's default and timm's), "quick_gelu" (x * sigmoid(1.702
 x), OpenAI CLIP) and "none".
 
 The kernel is the textbook tiled GEMM: one program per ``BLOCK_M x BLOCK_N`` output tile, programs grouped
@@ -11,7 +11,8 @@ by ``GROUP_M`` row tiles so that consecutive programs share weight tiles in L2, 
 ``BLOCK_K`` steps. ``x`` ``(M, K)`` and ``weight`` ``(N, K)`` (nn.Linear's layout, so the dot takes the weight
 tile transposed) are read through TMA tensor descriptors on Hopper (out-of-bounds rows and columns arrive
 as zeros, so no masks; sm_90, fp16/bf16, 16-byte aligned rows), else through pointers with masks.
-Inference only: there is no backward (the MLP module runs eager PyTorch when autograd records).
+Forward only: the op's backward (``dlcv_fast.ops.linear_act``) recomputes the pre-activation with torch, and
+the MLP module runs eager PyTorch when autograd records.
 Configs as data per arch (``CONFIGS``), checked ahead of time for spills and wgmma; untimed on a GPU so far
 (``python -m benchmarks --only linear_act`` and the model benchmark's ``dlcv_fast+fused_mlp`` provider
 measure it).
@@ -25,9 +26,11 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from dlcv_fast.kernels.attention import table_arch
+
 ACTIVATIONS = {"none": 0, "gelu": 1, "quick_gelu": 2}
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per arch (90: Hopper and later; 80: below) and by whether
-# N is a multiple of 256 (wide tiles then waste nothing; Swin's 384 / 768 take 128-column tiles). sm_90: two
+# N is a multiple of 256 (wide tiles then waste nothing; Swin stage 1's 384 takes 128-column tiles). sm_90: two
 # warpgroups on a 128 x 256 tile (wgmma m64n256 per warpgroup), three TMA stages (144 KB of shared memory);
 # sm_80: 128 x 128 x 32, four cp.async stages.
 CONFIGS = {
@@ -42,17 +45,11 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def table_arch(device=None) -> int:
-    """90 on Hopper or later, 80 below (the configs' keys)."""
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
-
-
 def config(N: int, arch: int | None = None):
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for ``N`` output columns on ``arch``."""
     if _interpreting() and arch is None:
         return INTERPRETER_CONFIG
-    return CONFIGS[arch or table_arch()][N % 256 == 0]
+    return CONFIGS[table_arch(arch)][N % 256 == 0]
 
 
 @triton.jit
@@ -132,7 +129,7 @@ def use_tma(x2, weight, arch=None) -> bool:
     bases and row strides."""
     if x2.dtype not in (torch.float16, torch.bfloat16) or not (_tma_ready(x2) and _tma_ready(weight)):
         return False
-    return _interpreting() or (arch or table_arch(x2.device)) >= 90
+    return _interpreting() or table_arch(arch) >= 90
 
 
 def forward(x, weight, bias, act: str, cfg=None, tma=None):
