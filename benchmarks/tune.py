@@ -404,16 +404,20 @@ def sweep_linear(emit):
                   ms=do_bench(lambda: F.linear(x, w, b), warmup=10, rep=40)))
         emit(dict(plain, kernel="linear_act none", config=default, default=True,
                   ms=do_bench(lambda: kern.forward(x, w, b, "none", cfg=default), warmup=10, rep=40)))
+        # each tile per-tile and persistent (one program per SM; TMA only, so where TMA is used)
+        modes = [False, True] if kern.use_tma(x, w) else [False]
         for config in dict.fromkeys([default, *LINEAR_CANDIDATES]):
-            row = dict(base, kernel="linear_act", config=config, default=config == default)
-            try:
-                out = kern.forward(x, w, b, "gelu", cfg=config)
-                err = _rel_err(out[:4096], ref)
-                row.update(ms=do_bench(lambda: kern.forward(x, w, b, "gelu", cfg=config), warmup=10, rep=40),
-                           rel_err=err, ok=err < 2e-2)
-            except Exception as e:
-                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
-            emit(row)
+            for persistent in modes:
+                row = dict(base, kernel="linear_act" + (" persistent" if persistent else ""), config=config,
+                           default=config == default and persistent == kern.PERSISTENT)
+                try:
+                    out = kern.forward(x, w, b, "gelu", cfg=config, persistent=persistent)
+                    err = _rel_err(out[:4096], ref)
+                    row.update(ms=do_bench(lambda: kern.forward(x, w, b, "gelu", cfg=config, persistent=persistent),
+                                           warmup=10, rep=40), rel_err=err, ok=err < 2e-2)
+                except Exception as e:
+                    row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+                emit(row)
 
 
 GROUPS = {"bwd128": lambda emit: sweep_bwd(128, emit), "bwd64": lambda emit: sweep_bwd(64, emit),

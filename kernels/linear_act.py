@@ -39,6 +39,10 @@ CONFIGS = {
 }
 INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
 GROUP_M = 8
+# sm_90 with TMA: one program per SM looping over tiles (_linear_act_persistent) instead of one per tile; off
+# until timed (benchmarks.tune --only linear compares both).
+PERSISTENT = False
+INTERPRETER_PROGRAMS = 3
 
 
 def _interpreting():
@@ -62,20 +66,40 @@ def _activation(y, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile(t, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(first row, first column) of output tile ``t`` in grouped order: GROUP_M row tiles sweep the column tiles
+    together, so consecutive tiles share weight tiles in L2."""
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_n
+    first_m = (t // per_group) * GROUP_M
+    rows_in_group = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (t % per_group) % rows_in_group
+    pid_n = (t % per_group) // rows_in_group
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@triton.jit
+def _finish(acc, BIAS, Y, start_m, start_n, M, N, s_ym, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
+    """Bias, activation and store of one output tile, in two column halves with SPLIT_EPILOGUE (fewer values
+    live through the erf)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if SPLIT_EPILOGUE:
+        a0, a1 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), [0, 2, 1]))
+        _epilogue(a0, BIAS, Y, offs_m, start_n + tl.arange(0, BLOCK_N // 2), M, N, s_ym, ACT, HAS_BIAS)
+        _epilogue(a1, BIAS, Y, offs_m, start_n + BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2), M, N, s_ym, ACT,
+                  HAS_BIAS)
+    else:
+        _epilogue(acc, BIAS, Y, offs_m, start_n + tl.arange(0, BLOCK_N), M, N, s_ym, ACT, HAS_BIAS)
+
+
+@triton.jit
 def _linear_act_kernel(X, W, BIAS, Y, M, N, K, s_xm, s_wn, s_ym,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                        SPLIT_EPILOGUE: tl.constexpr):
-    # Grouped ordering: GROUP_M row tiles sweep the column tiles together, so their weight tiles stay in L2.
-    pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * n_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_in_group = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_in_group
-    pid_n = (pid % per_group) // rows_in_group
-    start_m, start_n = pid_m * BLOCK_M, pid_n * BLOCK_N
-
+    """One program per output tile."""
+    start_m, start_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -94,13 +118,27 @@ def _linear_act_kernel(X, W, BIAS, Y, M, N, K, s_xm, s_wn, s_ym,
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-    if SPLIT_EPILOGUE:  # two halves of the tile, one after the other: fewer values live through the erf
-        a0, a1 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), [0, 2, 1]))
-        _epilogue(a0, BIAS, Y, offs_m, start_n + tl.arange(0, BLOCK_N // 2), M, N, s_ym, ACT, HAS_BIAS)
-        _epilogue(a1, BIAS, Y, offs_m, start_n + BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2), M, N, s_ym, ACT,
-                  HAS_BIAS)
-    else:
-        _epilogue(acc, BIAS, Y, offs_m, offs_n, M, N, s_ym, ACT, HAS_BIAS)
+    _finish(acc, BIAS, Y, start_m, start_n, M, N, s_ym, ACT, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+
+
+@triton.jit
+def _linear_act_persistent(X, W, BIAS, Y, M, N, K, s_ym, num_programs,
+                           ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
+    """One program per SM walking output tiles ``pid, pid + num_programs, ...`` (TMA descriptors only). The
+    tile and k loops are flattened into one software-pipelined loop, so the next tile's loads are in flight
+    during a tile's epilogue instead of each tile refilling the pipeline (K = 768 is only 12 k-steps)."""
+    n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for t in tl.range(tl.program_id(0), n_tiles, num_programs, flatten=True):
+        start_m, start_n = _tile(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for kk in range(k_steps):
+            a = X.load([start_m, kk * BLOCK_K])
+            b = W.load([start_n, kk * BLOCK_K])
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+        _finish(acc, BIAS, Y, start_m, start_n, M, N, s_ym, ACT, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
 
 
 @triton.jit
@@ -132,10 +170,23 @@ def use_tma(x2, weight, arch=None) -> bool:
     return _interpreting() or table_arch(arch) >= 90
 
 
-def forward(x, weight, bias, act: str, cfg=None, tma=None):
+_SM_COUNT = {}
+
+
+def _programs(n_tiles: int, device) -> int:
+    if _interpreting():
+        return min(n_tiles, INTERPRETER_PROGRAMS)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return min(n_tiles, _SM_COUNT[idx])
+
+
+def forward(x, weight, bias, act: str, cfg=None, tma=None, persistent=None):
     """``act(x @ weight.T + bias)``: x ``(..., K)`` (unit last stride; rows are viewed without a copy when the
     layout allows), weight ``(N, K)``, bias ``(N,)`` or None. Returns ``(..., N)`` contiguous in x's dtype.
-    ``cfg`` overrides :func:`config`; ``tma`` forces the descriptor path on or off (checked by the caller)."""
+    ``cfg`` overrides :func:`config`; ``tma`` forces the descriptor path on or off (checked by the caller);
+    ``persistent`` (default :data:`PERSISTENT`) runs the one-program-per-SM kernel where TMA is used."""
     K = x.shape[-1]
     N = weight.shape[0]
     x2 = x.reshape(-1, K) if x.stride(-1) == 1 else x.contiguous().reshape(-1, K)
@@ -151,8 +202,17 @@ def forward(x, weight, bias, act: str, cfg=None, tma=None):
     else:
         xs, ws = x2, weight
     precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _linear_act_kernel[grid](
+    n_tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if tma and (PERSISTENT if persistent is None else persistent):
+        programs = _programs(n_tiles, x.device)
+        _linear_act_persistent[(programs,)](
+            xs, ws, bias if bias is not None else weight, y, M, N, K, N, programs,
+            ACT=ACTIVATIONS[act], HAS_BIAS=bias is not None, DOT_PRECISION=precision,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, SPLIT_EPILOGUE=split_epilogue(bm, bn, warps),
+            num_warps=warps, num_stages=stages,
+        )
+        return y
+    _linear_act_kernel[(n_tiles,)](
         xs, ws, bias if bias is not None else weight, y, M, N, K, x2.stride(0), weight.stride(0), N,
         ACT=ACTIVATIONS[act], HAS_BIAS=bias is not None, TMA=tma, DOT_PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, SPLIT_EPILOGUE=split_epilogue(bm, bn, warps),
@@ -167,25 +227,31 @@ def forward(x, weight, bias, act: str, cfg=None, tma=None):
 
 def aot_specs():
     """Each shipped config with exact GELU (the heaviest epilogue) and a bias, bf16 and fp16: on sm_90 through
-    TMA descriptors (must use wgmma), on sm_80 through pointers; plus QuickGELU on the sm_90 wide tile."""
+    TMA descriptors (must use wgmma), on sm_80 through pointers; plus QuickGELU on the sm_90 wide tile, and the
+    persistent kernel (off by default) at both sm_90 tiles."""
     from dlcv_fast.aot import AotSpec, signature_of
 
     specs = []
     for arch, by_width in CONFIGS.items():
         for wide, (bm, bn, bk, warps, stages) in by_width.items():
-            for dtype, act in (("bf16", "gelu"), ("fp16", "gelu"), ("bf16", "quick_gelu")):
-                if act == "quick_gelu" and not (arch == 90 and wide):
-                    continue
+            cases = [(_linear_act_kernel, "bf16", "gelu"), (_linear_act_kernel, "fp16", "gelu")]
+            if arch == 90:
+                cases.append((_linear_act_persistent, "bf16", "gelu"))
+                if wide:
+                    cases.append((_linear_act_kernel, "bf16", "quick_gelu"))
+            for fn, dtype, act in cases:
                 tma = arch == 90
-                constexprs = dict(ACT=ACTIVATIONS[act], HAS_BIAS=True, TMA=tma, DOT_PRECISION="tf32",
-                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-                                  SPLIT_EPILOGUE=split_epilogue(bm, bn, warps))
+                constexprs = dict(ACT=ACTIVATIONS[act], HAS_BIAS=True, DOT_PRECISION="tf32", BLOCK_M=bm,
+                                  BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, SPLIT_EPILOGUE=split_epilogue(bm, bn, warps))
+                if fn is _linear_act_kernel:
+                    constexprs["TMA"] = tma
                 types = dict(X=f"tensordesc<{dtype}[{bm}, {bk}]>" if tma else f"*{dtype}",
                              W=f"tensordesc<{dtype}[{bn}, {bk}]>" if tma else f"*{dtype}",
                              BIAS=f"*{dtype}", Y=f"*{dtype}")
-                sig = signature_of(_linear_act_kernel, constexprs, types)
-                divisible = [a for a, t in sig.items() if t.startswith("*")] + ["K", "N", "s_xm", "s_wn", "s_ym"]
+                sig = signature_of(fn, constexprs, types)
+                divisible = [a for a, t in sig.items() if t.startswith("*")]
+                divisible += [a for a in ("K", "N", "s_xm", "s_wn", "s_ym") if a in sig]
                 variant = f"{dtype} {act} {'N%256' if wide else 'N%128'} sm{arch} k{bk}"
-                specs.append(AotSpec(_linear_act_kernel.__name__, variant, _linear_act_kernel, sig, constexprs, warps,
-                                     stages, tuple(divisible), expect_wgmma=arch == 90, archs=(arch,)))
+                specs.append(AotSpec(fn.__name__, variant, fn, sig, constexprs, warps, stages, tuple(divisible),
+                                     expect_wgmma=arch == 90, archs=(arch,)))
     return specs

@@ -138,10 +138,11 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     tune.sweep_linear(rows.append)
     assert [r["group"] for r in rows] == ["bwd64", "bwd64", "bwd64", "rope64", "rope64", "rope64", *["window_stage3"] * 7,
                                           "fwd", "fwd", "fwd", "fwd", *["split"] * 6, "linear", "linear_plain",
-                                          "linear_plain", "linear", "linear"]
+                                          "linear_plain", *["linear"] * 4]
+    # the GEMM: cuBLAS + GELU, the plain GEMM against cuBLAS, then each tile per-tile and persistent
     assert [(r["kernel"], r.get("default")) for r in rows if r["group"].startswith("linear")] == [
         ("cublas+gelu", None), ("cublas linear", None), ("linear_act none", True), ("linear_act", True),
-        ("linear_act", False)]
+        ("linear_act persistent", False), ("linear_act", False), ("linear_act persistent", False)]
     assert [r["kernel"] for r in rows if r["group"] == "bwd64"] == ["table", "table (key-major)", "table (TMA)"]
     # the forward: the table's tile (the default), with K/V by TMA (no tail block then), without the tail
     # block, another tile
@@ -157,7 +158,7 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     # launcher's tile, 16 rows) and with the dQ kernel
     assert [r["kernel"] for r in rows if r["group"] == "split"][-3:] == [
         "backward key-major", "backward key-major, 16 rows", "backward key-major, dQ kernel"]
-    assert len(checked) == 23 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+    assert len(checked) == 25 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
     # every comparison has its shipped default flagged, so the summary can compare against it
     lines = tune.summarize(rows)
     assert len(lines) == 8 and all(": default " in line for line in lines), lines

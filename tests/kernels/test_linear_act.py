@@ -55,6 +55,17 @@ def test_tma_and_pointer_paths(device, tma):
     check(x, w, b, "gelu", tma=tma)
 
 
+@pytest.mark.parametrize("act", ["gelu", "none"])
+def test_persistent_kernel(device, act):
+    """The one-program-per-SM kernel (TMA only): programs walk several tiles each (3 programs under the
+    interpreter), tails in M, N and K included; the same results as the per-tile kernel."""
+    x, w, b = inputs(150, 72, 80, torch.float16, device)
+    if not kernels.use_tma(x, w):
+        pytest.skip("no TMA on this GPU")
+    got = check(x, w, b, act, tma=True, persistent=True)
+    torch.testing.assert_close(got, kernels.forward(x, w, b, act, tma=True, persistent=False), rtol=0, atol=0)
+
+
 def test_no_bias_and_3d_input(device):
     x = make((2, 9, 48), torch.float16, device, 0)
     w = make((64, 48), torch.float16, device, 1, scale=0.2)
@@ -167,3 +178,14 @@ def test_bf16_model_shapes(M, K, N, act):
     golden = reference.linear_act(x[rows].double(), w.double(), b.double(), act)
     lp = reference.linear_act(x[rows], w, b, act)
     assert_parity(out[rows], golden, lp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", [(256 * 197, 768, 3072), (64 * 3136, 96, 384)])
+def test_bf16_persistent(M, K, N):
+    """The persistent kernel (off by default) at the ViT-B and Swin-T stage 1 fc1 shapes."""
+    x, w, b = inputs(M, K, N, torch.bfloat16, "cuda")
+    out = kernels.forward(x, w, b, "gelu", persistent=True)
+    rows = slice(M - 512, M)
+    golden = reference.linear_act(x[rows].double(), w.double(), b.double(), "gelu")
+    assert_parity(out[rows], golden, reference.linear_act(x[rows], w, b, "gelu"))
