@@ -210,13 +210,13 @@ def backward(dy, ds, s, weight, mean, rstd, weight_grad: bool, bias_grad: bool, 
 # ------------------------------------------------------------------------------------------------
 
 def aot_specs():
-    """The kernels at the row lengths of the models (Swin stages 96-768, ViT-S/B/L 384/768/1024, CLIP text 512,
-    Swin-L 1536) and the longest supported row, with every feature on: residual, weight, bias, the sum's
+    """The kernels at the row lengths of the models (Swin stages 96-768 and its patch-merging norms 384-3072,
+    ViT-S/B/L 384/768/1024, CLIP text 512, Swin-L 1536) and the longest supported row, with every feature on: residual, weight, bias, the sum's
     gradient and both parameter gradients. bf16 and fp16 activations with weights of the same dtype (a model
     cast with .to()), and fp32. Pointers and row strides are multiples of 16 (contiguous torch tensors)."""
     from dlcv_fast.aot import AotSpec, signature_of
 
-    cases = [("bf16", n) for n in (96, 384, 768, 1024, 1536, MAX_N)] + [("fp16", 768), ("fp32", 768)]
+    cases = [("bf16", n) for n in (96, 192, 384, 512, 768, 1024, 1536, 3072, MAX_N)] + [("fp16", 768), ("fp32", 768)]
     specs = []
     for dtype, n in cases:
         types = {name: "*" + dtype for name in ("X", "RES", "W", "B", "Y", "SUM", "S", "DY", "DS", "DX")}
