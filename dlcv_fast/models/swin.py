@@ -15,7 +15,7 @@ from torch import nn
 
 from dlcv_fast.models.registry import load_reference, register_model, timm_regularisers
 from dlcv_fast.models.vit import init_linears
-from dlcv_fast.nn.block import _hooked, run_blocks
+from dlcv_fast.nn.block import has_forward_hooks, run_blocks
 from dlcv_fast.nn.norm import LayerNorm
 from dlcv_fast.nn.patch_embed import PatchEmbed, to_2tuple
 from dlcv_fast.nn.window_attention import SwinTransformerBlock
@@ -57,7 +57,7 @@ class SwinStage(nn.Module):
 
     def forward(self, x):
         x = self.downsample(x)
-        return self.blocks(x) if _hooked(self.blocks) else run_blocks(self.blocks, x)
+        return self.blocks(x) if has_forward_hooks(self.blocks) else run_blocks(self.blocks, x)
 
 
 def _stage_windows(window_size, num_stages):

@@ -71,7 +71,7 @@ def fused_add_norm(norm, x, branch):
     return norm(x), x
 
 
-def _hooked(module) -> bool:
+def has_forward_hooks(module) -> bool:
     """Whether calling ``module`` would run forward hooks (its own or global ones)."""
     from torch.nn.modules import module as m
 
@@ -85,7 +85,7 @@ def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None):
     one dict of keyword arguments per block, or None. When a block has forward hooks (feature extraction,
     activation statistics), the blocks are called one by one instead, so the hooks see each block's output."""
     kwargs_per_block = kwargs_per_block or [{}] * len(blocks)
-    if any(_hooked(blk) for blk in blocks):
+    if any(has_forward_hooks(blk) for blk in blocks):
         for blk, kw in zip(blocks, kwargs_per_block):
             x = blk(x, **kw)
         return final_norm(x) if final_norm is not None else x
