@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,3 +244,24 @@ def test_time_call_says_why_a_short_call_was_not_graph_timed(monkeypatch):
     assert note.startswith("no CUDA graph") and "stream is capturing" in note
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: 0.1)
     assert runner.time_call(lambda: None, "cuda", quick=True) == (0.1, "cudagraph", 0.5, "")
+
+
+@pytest.mark.parametrize("bench_name,case", [
+    ("window_attn_fwd", dict(name="t", B=1, H=14, W=14, C=32, heads=2, window=7, shift=3)),
+    ("window_attn_fwd", dict(name="t", B=2, H=7, W=14, C=32, heads=2, window=7, shift=0)),
+    ("attn_fwd", dict(name="t", B=2, H=2, Lq=40, Lk=40, D=16, causal=True, padding=False)),
+    ("attn_short_fwd", dict(name="t", B=2, H=2, Lq=20, Lk=20, D=16, causal=True, padding=True)),
+])
+def test_flex_providers_compute_the_same_attention(monkeypatch, bench_name, case):
+    """The FlexAttention providers (GPU-timed, compiled) express the same attention as the reference: their
+    score_mod / mask_mod, run through flex_attention's eager path on the CPU, pass the suite's parity check
+    (relative position bias + shifted-window mask for Swin; causal and key padding for dense attention). Forward
+    only: flex_attention has no backward on the CPU, and the fwd+bwd providers differentiate the same mods."""
+    from benchmarks import attention, registry, runner, window_attention
+
+    monkeypatch.setattr(attention, "FLEX_COMPILE", False)
+    monkeypatch.setattr(window_attention, "FLEX_COMPILE", False)
+    bench = {b.name: b for b in registry.benchmarks()}[bench_name]
+    run = runner.CaseRun(bench, case, "cpu")
+    trial = run.trial(next(p for p in bench.providers if p.name == "flex"))
+    assert trial.status == "ok", trial.note
