@@ -147,6 +147,8 @@ def profile_table(rows: list) -> str:
     for p in profiles(rows):
         parts.append(f"\n== where the time goes: {p['benchmark']} | {p['case']} | {p['provider']} "
                      f"({p['total_ms']:.4g} ms traced per call)")
+        if p.get("kinds"):
+            parts.append("  by kind: " + ", ".join(f"{k} {ms:.3g} ms" for k, ms in p["kinds"].items() if ms))
         for k in p["kernels"][:PROFILE_LINES]:
             parts.append(f"  {k['share']:6.1%}  {k['ms']:9.4f} ms  x{k['calls']:<6g} {k['name'][:90]}")
     return "\n".join(parts)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 import statistics
 import time
 import warnings
@@ -161,14 +162,32 @@ def time_call(call: Callable[[], object], device: str, quick: bool) -> tuple[flo
 
 PROFILE_ITERS = 3
 PROFILE_TOP = 15
+# Kinds of work a model's kernels (or, on the CPU, aten ops) do, by name, first match wins: matmuls (cuBLAS's
+# xmma / nvjet / cutlass kernels, our fused Linear + GELU), convolutions, attention (ours, SDPA's flash / cuDNN /
+# efficient), normalisation, then elementwise and copies.
+KERNEL_KINDS = (
+    ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|_linear_act|aten::(addmm|mm|bmm|linear|matmul|"
+                        r"_addmm_activation)$", re.I)),
+    ("conv", re.compile(r"conv|fprop|dgrad|wgrad|nchw|nhwc", re.I)),  # the patch embedding (cuDNN)
+    ("attention", re.compile(r"attn|attention|fmha|flash|cudnn|flex", re.I)),
+    ("norm", re.compile(r"layer_?norm|_ln_(fwd|bwd)", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled|gelu|sigmoid|add|mul|copy|memcpy|memset|"
+                               r"cat|fill|reduce|softmax|exp|rope|aten::", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of work a kernel or aten op named ``name`` does (``KERNEL_KINDS``), or "other"."""
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
 
 
 def kernel_breakdown(call: Callable[[], object], device: str, iters: int = PROFILE_ITERS,
                      top: int = PROFILE_TOP) -> dict:
     """Where one call's time goes, from a torch.profiler trace of ``iters`` calls (after one untraced call): on a
     GPU the kernels, memcpys and memsets (device time), on the CPU the aten ops (self CPU time), heaviest first.
-    Returns ``{"total_ms": ..., "kernels": [{"name", "calls", "ms", "share"}, ...]}`` per call, the ``top``
-    heaviest and then one ``"(other)"`` entry for the rest."""
+    Returns ``{"total_ms": ..., "kinds": {kind: ms}, "kernels": [{"name", "calls", "ms", "share"}, ...]}`` per
+    call: the time by kind of work (:func:`kernel_kind`, over every kernel), and the ``top`` heaviest kernels
+    followed by one ``"(other)"`` entry for the rest."""
     from torch.profiler import ProfilerActivity, profile
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -193,13 +212,16 @@ def kernel_breakdown(call: Callable[[], object], device: str, iters: int = PROFI
             spent.append((us / iters / 1e3, evt.count / iters, evt.key))
     spent.sort(reverse=True)
     total = sum(ms for ms, _, _ in spent)
+    kinds = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for ms, _, name in spent:
+        kinds[kernel_kind(name)] += ms
     entries = [{"name": name[:120], "calls": round(calls, 2), "ms": ms} for ms, calls, name in spent[:top]]
     if len(spent) > top:
         entries.append({"name": "(other)", "calls": round(sum(c for _, c, _ in spent[top:]), 2),
                         "ms": sum(ms for ms, _, _ in spent[top:])})
     for e in entries:
         e["share"] = e["ms"] / total if total else 0.0
-    return {"total_ms": total, "kernels": entries}
+    return {"total_ms": total, "kinds": kinds, "kernels": entries}
 
 
 def _time_cpu(call, quick: bool) -> float:

@@ -39,6 +39,7 @@ def test_benchmark_command_without_gpu(tmp_path):
         assert ms[:-1] == sorted(ms[:-1], reverse=True) and p["total_ms"] > 0
         assert abs(sum(k["share"] for k in p["kernels"]) - 1) < 1e-6
         assert any(k["name"] == "aten::addmm" for k in p["kernels"])
+        assert abs(sum(p["kinds"].values()) - p["total_ms"]) < 1e-6 * p["total_ms"] and p["kinds"]["gemm"] > 0
     assert "== where the time goes: model_infer" in proc.stdout
 
     with (tmp_path / "results.csv").open() as f:
