@@ -54,21 +54,61 @@ def _gpu_rank(item) -> int:
 
 # The GPU check (.devcheck/run.sh, copied in by ../shared/device/prepare.sh) kills `pytest -m gpu` at 180 s,
 # which would lose the summary and the JUnit file. In that checkout the tests not started within a budget are
-# skipped instead, each saying so; DLCV_GPU_TEST_BUDGET_S sets the budget anywhere (0: none).
-_T0 = time.monotonic()
+# skipped instead, each saying so; DLCV_GPU_TEST_BUDGET_S sets the budget anywhere (0: none). The clock starts
+# when the first pytest process imports this file: pytest-xdist workers (below) inherit its start time.
+_IN_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if not _IN_WORKER:
+    os.environ["DLCV_TEST_T0"] = repr(time.time())
+_T0 = float(os.environ.get("DLCV_TEST_T0", time.time()))
 _GPU_CHECK = _HAS_CUDA and (Path(__file__).resolve().parents[1] / ".devcheck" / "run.sh").exists()
 GPU_TEST_BUDGET_S = float(os.environ.get("DLCV_GPU_TEST_BUDGET_S", 150 if _GPU_CHECK else 0))
 
 
 def budget_spent(now=None, budget=None) -> bool:
     budget = GPU_TEST_BUDGET_S if budget is None else budget
-    return budget > 0 and (time.monotonic() if now is None else now) - _T0 > budget
+    return budget > 0 and (time.time() if now is None else now) - _T0 > budget
 
 
 def pytest_runtest_setup(item):
     if budget_spent():
         pytest.skip(f"time budget of {GPU_TEST_BUDGET_S:.0f} s spent before this test started (the GPU check "
                     "stops pytest at 180 s; DLCV_GPU_TEST_BUDGET_S=0 lifts the budget)")
+
+
+# Most of a GPU test's time on a fresh machine is Triton compiling its kernel variants, one at a time per
+# process (the 2026-11-27 H200 check ran 34 attention and window-attention tests in 125 s). So `pytest -m gpu`
+# in the GPU check (16 cores, one GPU) runs on pytest-xdist workers that compile side by side and share the
+# GPU: min(8, cores // 2) of them, each with its share of the cores for torch.compile's own compile workers.
+# DLCV_GPU_TEST_WORKERS sets the count on any CUDA machine (0 or 1: one process); `-n` on the command line wins.
+def gpu_test_workers(markexpr: str, cpus: int, *, cuda: bool, gpu_check: bool, env=os.environ) -> int:
+    """pytest-xdist workers to start for this run (0: none)."""
+    if not cuda or "gpu" not in (markexpr or "") or "not gpu" in markexpr:
+        return 0
+    if "DLCV_GPU_TEST_WORKERS" in env:
+        n = int(env["DLCV_GPU_TEST_WORKERS"])
+    else:
+        n = min(8, cpus // 2) if gpu_check else 0
+    return n if n >= 2 else 0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Start the GPU set's workers (see :func:`gpu_test_workers`) unless xdist is missing, turned off, or told
+    otherwise on the command line; runs before xdist's own hook, which then spawns them."""
+    if _IN_WORKER or getattr(config.option, "numprocesses", False) is not None or hasattr(config, "workerinput"):
+        return  # xdist absent / -p no:xdist (no such option), -n given, or a worker
+    cpus = os.cpu_count() or 1
+    n = gpu_test_workers(config.option.markexpr, cpus, cuda=_HAS_CUDA, gpu_check=_GPU_CHECK)
+    if n:
+        config.option.numprocesses = n
+        config.option.dist = "load" if config.option.dist == "no" else config.option.dist
+        config.option.tx = ["popen"] * n
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, cpus // n)))
+
+
+def pytest_runtest_teardown(item):
+    if _HAS_CUDA and _IN_WORKER:  # workers share one GPU: each hands its cached blocks back after a test
+        torch.cuda.empty_cache()
 
 
 _config = []
@@ -80,12 +120,13 @@ def pytest_configure(config):
 
 def pytest_runtest_logreport(report):
     """On a GPU, one line per test as it ends (outcome, duration, time since the start), so a log cut short
-    still says what ran, what failed and where the time went."""
-    if not _HAS_CUDA or not (report.when == "call" or report.outcome != "passed") or not _config:
+    still says what ran, what failed and where the time went; written by the controlling process only when
+    pytest-xdist workers run the tests (it gets every worker's reports)."""
+    if not _HAS_CUDA or _IN_WORKER or not (report.when == "call" or report.outcome != "passed") or not _config:
         return
     reporter = _config[-1].pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.write_line(f"[{time.monotonic() - _T0:6.1f} s] {report.when:8} {report.outcome:7} "
+        reporter.write_line(f"[{time.time() - _T0:6.1f} s] {report.when:8} {report.outcome:7} "
                             f"{report.duration:6.2f} s  {report.nodeid}")
 
 

@@ -16,3 +16,44 @@ def test_time_budget():
     assert not conftest.budget_spent(now=conftest._T0 + 1e6, budget=0)  # no budget: never spent
     assert not conftest.budget_spent(now=conftest._T0 + 100, budget=160)
     assert conftest.budget_spent(now=conftest._T0 + 161, budget=160)
+
+
+def test_gpu_test_workers():
+    workers = conftest.gpu_test_workers
+    assert workers("gpu", 16, cuda=True, gpu_check=True, env={}) == 8  # the GPU check's 16 cores
+    assert workers("gpu", 6, cuda=True, gpu_check=True, env={}) == 3
+    assert workers("gpu", 2, cuda=True, gpu_check=True, env={}) == 0  # one worker: no xdist at all
+    assert workers("gpu", 16, cuda=True, gpu_check=False, env={}) == 0  # elsewhere only when asked for
+    assert workers("gpu", 16, cuda=True, gpu_check=False, env={"DLCV_GPU_TEST_WORKERS": "4"}) == 4
+    assert workers("gpu", 16, cuda=True, gpu_check=True, env={"DLCV_GPU_TEST_WORKERS": "0"}) == 0
+    assert workers("gpu", 16, cuda=False, gpu_check=True, env={"DLCV_GPU_TEST_WORKERS": "4"}) == 0  # no CUDA
+    assert workers("", 16, cuda=True, gpu_check=True, env={}) == 0  # not the GPU set
+    assert workers("not gpu", 16, cuda=True, gpu_check=True, env={}) == 0
+    assert workers("gpu and not slow", 16, cuda=True, gpu_check=True, env={}) == 8
+
+
+def test_gpu_check_starts_xdist_workers(monkeypatch):
+    """The hook sets what `-n 8` would (xdist's own hook, which runs after it, then spawns the workers)."""
+    monkeypatch.setattr(conftest, "_HAS_CUDA", True)
+    monkeypatch.setattr(conftest, "_GPU_CHECK", True)
+    monkeypatch.setattr(conftest, "_IN_WORKER", False)
+    monkeypatch.setattr(conftest.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.delenv("DLCV_GPU_TEST_WORKERS", raising=False)
+
+    def config(**option):
+        return SimpleNamespace(option=SimpleNamespace(**{"markexpr": "gpu", "dist": "no", "tx": [], **option}))
+
+    c = config(numprocesses=None)
+    conftest.pytest_cmdline_main(c)
+    assert (c.option.numprocesses, c.option.dist, c.option.tx) == (8, "load", ["popen"] * 8)
+    assert conftest.os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "2"
+    c = config(numprocesses=0)  # -n 0 on the command line
+    conftest.pytest_cmdline_main(c)
+    assert c.option.numprocesses == 0 and c.option.tx == []
+    c = config()  # xdist not installed or -p no:xdist: no such option
+    conftest.pytest_cmdline_main(c)
+    assert not hasattr(c.option, "numprocesses")
+    c = config(numprocesses=None, markexpr="")  # the whole suite: as before
+    conftest.pytest_cmdline_main(c)
+    assert c.option.numprocesses is None
