@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import registry, report, runner
+from benchmarks import registry, report, runner, warm
 
 QUICK_TIME_LIMIT_S = 130  # the GPU check gives the whole command 180 s, imports and reports included
 COMPILE_RESERVE_S = 45  # a torch.compile warm-up is not started with less time left than this
+WARMED_COMPILE_RESERVE_S = 15  # ... or than this when the warm-up workers (benchmarks/warm.py) compiled it already
 QUICK_COMPILED_SHARE_S = 50  # --quick with a cap: the first pass stops this long before it, for the compiled pass
+WARMED_COMPILED_SHARE_S = 25  # ... when the warm-up workers compiled every compiled provider already
 # --quick runs the compiled providers in this order of benchmarks (the issues' targets against FlexAttention and
 # torch.compile first); benchmarks not named here follow in registry order.
 COMPILED_ORDER = ("window_attn_fwd_bwd", "window_attn_fwd", "model_infer", "rope_fwd_bwd", "attn_fwd")
@@ -43,6 +45,13 @@ def parse_args(argv):
                     help="skip what would start after S seconds (reported as skipped)")
     ap.add_argument("--save-results", action=argparse.BooleanOptionalAction, default=None,
                     help="also copy the CSV/JSON to benchmarks/results/ (default: on for GPU runs)")
+    ap.add_argument("--warm-workers", type=int, default=None, metavar="N",
+                    help="before timing, N processes build and call every provider once to fill the Triton and "
+                         "torch.compile caches (benchmarks/warm.py; default: min(8, cores / 2) for --quick on a "
+                         "GPU, else 0)")
+    ap.add_argument("--warm-budget", type=float, default=None, metavar="S",
+                    help=f"seconds the warm-up may take (default: {warm.WARM_BUDGET_S} s, at most "
+                         f"{warm.WARM_CAP_SHARE * 100:.0f}%% of a time cap)")
     ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     ap.add_argument("--plot", type=Path, metavar="RESULTS_JSON",
                     help="draw the plots of a saved run (e.g. benchmarks/results/<run>.json) into --out and exit; "
@@ -84,9 +93,6 @@ def main(argv=None) -> int:
     limit = args.time_limit if args.time_limit is not None else (
         QUICK_TIME_LIMIT_S if args.quick and device == "cuda" else None)
     left = (lambda: limit - (time.monotonic() - start)) if limit else (lambda: float("inf"))
-    # With --quick and a cap, the first pass (everything but the compiled providers) leaves the compiled pass a share.
-    share = QUICK_COMPILED_SHARE_S if args.quick and limit and limit > 2 * QUICK_COMPILED_SHARE_S else 0
-    first_left = lambda: left() - share
     runner.allow_many_recompiles()
 
     env = report.environment(device)
@@ -96,22 +102,42 @@ def main(argv=None) -> int:
     if device != "cuda":
         notes.append("no CUDA device: kernel timings need a CUDA device; this run times the CPU fallback "
                      "(dlcv_fast's reference backend against torch and the reference libraries) at tiny sizes")
+        print(f"NOTE: {notes[-1]}", flush=True)
+    plan = [(b, b.available(), b.cases_for(device, args.quick)) for b in benches]
+    workers = args.warm_workers if args.warm_workers is not None else warm.default_workers(device, args.quick)
+    warmed = set()
+    if workers > 0:  # before anything is timed: the workers share the GPU
+        budget = args.warm_budget or (min(warm.WARM_BUDGET_S, warm.WARM_CAP_SHARE * limit) if limit
+                                      else 10 * warm.WARM_BUDGET_S)
+        items = warm.plan_items(plan, device, args.quick)
+        warmed = warm.warm(items, workers, budget, device, args.quick, log=lambda line: print(line, flush=True))
+        notes.append(f"warm-up before timing (benchmarks/warm.py): {workers} processes built and called "
+                     f"{len(warmed)} of {len(items)} provider x case items once, filling the Triton and "
+                     "torch.compile caches; its time counts against the cap")
+    # With --quick and a cap, the first pass (everything but the compiled providers) leaves the compiled pass a
+    # share: a smaller one when the warm-up compiled all of them (what is left is tracing and loading the caches).
+    compiled_share = QUICK_COMPILED_SHARE_S
+    if warmed and all(warm.item_key(b.name, b.label(cases[0]), p.name) in warmed
+                      for b, reason, cases in plan if not reason and cases for p in b.providers_for(device)
+                      if p.compiled):
+        compiled_share = WARMED_COMPILED_SHARE_S
+    share = compiled_share if args.quick and limit and limit > 2 * compiled_share else 0
+    first_left = lambda: left() - share
     if args.quick:
         notes.append("--quick: headline shapes only; compiled providers (FlexAttention, torch.compile) on each "
                      "benchmark's first case only, after all the others" + (
                          f"; time cap {limit:.0f} s (the first pass stops {share:.0f} s before it), "
                          "work past it reported as skipped" if limit else ""))
-    for n in notes:
+    for n in notes[1 if device != "cuda" else 0:]:
         print(f"NOTE: {n}", flush=True)
     roof = runner.roofline(device)
     print(f"ceilings measured now: {roof['matmul_tflops']:.4g} TFLOP/s ({roof['matmul']} matmul), "
           f"{roof['copy_gbps']:.4g} GB/s ({roof['copy']})", flush=True)
 
-    plan = [(b, b.available(), b.cases_for(device, args.quick)) for b in benches]
     total = sum(1 if reason or not cases else len(cases) * len(b.providers_for(device)) for b, reason, cases in plan)
     settings = {"suite": args.suite, "quick": args.quick, "device": device, "time_limit_s": limit,
-                "only": args.only}
-    session = Session(device, args.quick, first_left, roof, total, start)
+                "only": args.only, "warm_workers": workers, "warmed_items": len(warmed)}
+    session = Session(device, args.quick, first_left, roof, total, start, warmed)
 
     def save():  # after every case, so that partial results survive a kill
         report.add_speedups(session.rows)
@@ -164,14 +190,19 @@ def main(argv=None) -> int:
 class Session:
     """The rows of one run, its progress count and time cap."""
 
-    def __init__(self, device, quick, left, roof, total, start):
+    def __init__(self, device, quick, left, roof, total, start, warmed=()):
         self.device, self.quick, self.left, self.roof, self.total = device, quick, left, roof, total
         self.start = start
+        self.warmed = set(warmed)  # item keys (warm.item_key) the warm-up workers built and called
         self.rows = []
 
     def emit(self, row):
         self.rows.append(row)
         print(report.progress_line(len(self.rows), self.total, row, time.monotonic() - self.start), flush=True)
+
+    def compile_reserve(self, bench, case, provider) -> int:
+        warmed = warm.item_key(bench.name, bench.label(case), provider.name) in self.warmed
+        return WARMED_COMPILE_RESERVE_S if warmed else COMPILE_RESERVE_S
 
     def run_case(self, bench, case, providers, ours_ran=None) -> bool:
         """Parity-check and time ``providers`` (ours listed first) on one case, one row each; returns whether a
@@ -196,8 +227,8 @@ class Session:
                 row["note"] = "time cap"
             elif p not in ours and not ours_ran:
                 row["note"] = "no dlcv_fast provider can run this case: nothing to compare with"
-            elif p.compiled and self.left() < COMPILE_RESERVE_S:
-                row["note"] = f"time cap: under {COMPILE_RESERVE_S} s left for a torch.compile warm-up"
+            elif p.compiled and self.left() < (reserve := self.compile_reserve(bench, case, p)):
+                row["note"] = f"time cap: under {reserve} s left for a torch.compile warm-up"
             else:
                 row.update(measure(run, p, self.quick, self.roof, profile=bench.profile and not p.compiled))
                 ours_ran = ours_ran or (p in ours and row["status"] != "n/a")

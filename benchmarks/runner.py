@@ -74,12 +74,14 @@ class Trial:
 class CaseRun:
     """The inputs, shared context and parity reference of one (benchmark, case) on one device."""
 
-    def __init__(self, bench: Benchmark, case: dict, device: str):
+    def __init__(self, bench: Benchmark, case: dict, device: str, n_sets=None):
+        """``n_sets``: how many input sets to make (default: enough to rotate through twice the L2 cache)."""
         self.bench, self.case, self.device = bench, case, device
         self.dtype = getattr(torch, bench.dtype) if device == "cuda" else torch.float32
         torch.manual_seed(0)
         first = bench.make_inputs(case, device, self.dtype)
-        self.sets = [first] + [bench.make_inputs(case, device, self.dtype) for _ in range(self._n_sets(first) - 1)]
+        n_sets = self._n_sets(first) if n_sets is None else n_sets
+        self.sets = [first] + [bench.make_inputs(case, device, self.dtype) for _ in range(n_sets - 1)]
         self.ctx: dict = {}
         self._reference = None
 

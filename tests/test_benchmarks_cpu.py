@@ -266,3 +266,40 @@ def test_flex_providers_compute_the_same_attention(monkeypatch, bench_name, case
     run = runner.CaseRun(bench, case, "cpu")
     trial = run.trial(next(p for p in bench.providers if p.name == "flex"))
     assert trial.status == "ok", trial.note
+
+
+def test_warm_up_workers_call_every_item_once(monkeypatch):
+    """benchmarks/warm.py: the run's (benchmark, case, provider) items dealt to worker processes (compiled ones
+    first), each worker reporting what it built and called; a spent budget stops the workers, and the timed run
+    goes on."""
+    from benchmarks import registry, warm
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as the command runs: the workers pick their own backends
+    plan = [(b, b.available(), b.cases_for("cpu", True)) for b in registry.benchmarks("all", ["rope_fwd", "layer_norm"])]
+    items = warm.plan_items(plan, "cpu", True)
+    want = {warm.item_key(it["bench"], it["label"], it["provider"]) for it in items}
+    assert len(want) == len(items) == 8  # 4 benchmarks x (dlcv_fast, torch.eager) on the CPU
+    lines = []
+    assert warm.warm(items, 2, 300, "cpu", True, log=lines.append) == want
+    assert lines[0].startswith("warm-up: 2 processes built and called 8 of 8 ")
+    lines.clear()
+    assert warm.warm(items, 2, 0.0, "cpu", True, log=lines.append) == set()  # stopped before any item finished
+    assert "2 stopped at it" in lines[0]
+
+
+def test_warm_up_shares_the_compiled_items_out_first():
+    from benchmarks import warm
+
+    items = [dict(bench="b", case=c, label=str(c), provider=p, compiled=p.endswith("compile"))
+             for c in range(3) for p in ("ours", "peer", "ours.compile", "peer.compile")]
+    items = [it for it in items if not it["compiled"] or it["case"] == 0]  # --quick: compiled on case 0 only
+    lists = warm.share(items, 2)
+    assert [sum(it["compiled"] for it in lst) for lst in lists] == [1, 1]
+    for lst in lists:  # compiled items first, each part in run order
+        heavy = [it for it in lst if it["compiled"]]
+        assert lst[:len(heavy)] == heavy == sorted(heavy, key=items.index)
+        assert lst[len(heavy):] == sorted(lst[len(heavy):], key=items.index)
+    assert sorted(map(items.index, lists[0] + lists[1])) == list(range(len(items)))
+    assert [len(lst) for lst in warm.share(items, 20)] == [1] * len(items)  # no empty worker lists
+    assert warm.default_workers("cuda", True, cpus=16) == 8 and warm.default_workers("cuda", False, cpus=16) == 0
+    assert warm.default_workers("cpu", True, cpus=16) == 0

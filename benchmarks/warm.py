@@ -1,0 +1,145 @@
+"""Compile ahead in parallel: fill the on-disk Triton and torch.compile caches before the timed run.
+
+On a fresh GPU machine most of a ``--quick`` run's time is compiling: our Triton kernels' variants and the
+torch.compile / FlexAttention warm-ups of the peers, one after another in the timing process (the 2026-11-27
+H200 run reached its time cap with ten compiled rows never started). Before timing anything, the suite can
+start worker processes that each build and call once a share of the run's (benchmark, case, provider)
+items: Triton writes every compiled kernel to its cache folder (``~/.triton/cache``, ``TRITON_CACHE_DIR``) and
+Inductor its graphs and kernels to its own (``TORCHINDUCTOR_CACHE_DIR``), both shared by every process of the
+machine, so the timed pass that follows loads them instead of compiling. The workers get a wall-clock
+budget and are killed when it is spent (both caches write a file whole or not at all); what they finished is
+reported and nothing is timed while they run.
+
+``python -m benchmarks.warm FILE``: one worker; FILE is the JSON list of its items.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import registry, runner
+
+WARM_BUDGET_S = 45  # the warm-up's share of a capped --quick run (its time counts against the cap)
+WARM_CAP_SHARE = 0.35  # ... and at most this fraction of the cap
+
+
+def default_workers(device: str, quick: bool, cpus=None) -> int:
+    """Workers when ``--warm-workers`` is not given: half the cores up to 8 for a ``--quick`` run on a GPU (the GPU
+    check's machine has 16), none otherwise (a full run's compile time is small beside its timing)."""
+    cpus = cpus or os.cpu_count() or 1
+    return min(8, cpus // 2) if device == "cuda" and quick else 0
+
+
+def item_key(bench, label, provider) -> str:
+    return f"{bench}|{label}|{provider}"
+
+
+def plan_items(plan, device: str, quick: bool) -> list[dict]:
+    """The items a run will call, as ``{"bench", "case", "label", "provider", "compiled"}``: every provider of
+    every case, except that ``--quick`` runs the compiled providers on each benchmark's first case only."""
+    items = []
+    for bench, reason, cases in plan:
+        if reason:
+            continue
+        for index, case in enumerate(cases):
+            for p in bench.providers_for(device):
+                if quick and p.compiled and index:
+                    continue
+                items.append(dict(bench=bench.name, case=index, label=bench.label(case), provider=p.name,
+                                  compiled=p.compiled))
+    return items
+
+
+def share(items: list[dict], n: int) -> list[list[dict]]:
+    """``items`` in ``n`` lists: the compiled providers (the long warm-ups, the most worth doing before the budget
+    runs out) dealt out first and put first in each list, then the others dealt in run order; within each part a
+    list keeps run order, so that a worker builds each case's inputs once."""
+    heavy = [it for it in items if it["compiled"]]
+    light = [it for it in items if not it["compiled"]]
+    lists = [[] for _ in range(n)]
+    for i, it in enumerate(heavy + light):
+        lists[i % n].append(it)
+    return [lst for lst in lists if lst]
+
+
+def warm(items: list[dict], workers: int, budget_s: float, device: str, quick: bool, log=print) -> set[str]:
+    """Run ``items`` in ``workers`` processes for at most ``budget_s`` seconds; returns the keys
+    (:func:`item_key`) of the items that finished."""
+    lists = share(items, workers)
+    if not lists:
+        return set()
+    t0 = time.monotonic()
+    done: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="dlcv_fast_warm_") as tmp:
+        procs = []
+        # each worker's torch.compile gets its share of the cores for its own compile processes
+        env = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // len(lists))), **os.environ}
+        for i, lst in enumerate(lists):
+            spec = Path(tmp) / f"items{i}.json"
+            spec.write_text(json.dumps(dict(device=device, quick=quick, items=lst)))
+            out = Path(tmp) / f"done{i}.txt"
+            procs.append((subprocess.Popen([sys.executable, "-m", "benchmarks.warm", str(spec), str(out)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                           start_new_session=True), out))
+        for proc, _ in procs:
+            try:
+                proc.wait(timeout=max(0.0, budget_s - (time.monotonic() - t0)))
+            except subprocess.TimeoutExpired:
+                pass
+        killed = 0
+        for proc, _ in procs:
+            if proc.poll() is None:
+                killed += 1
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: inductor's compile workers too
+                proc.wait()
+        for _, out in procs:
+            if out.exists():
+                done.update(line for line in out.read_text().splitlines() if line)
+    log(f"warm-up: {len(lists)} processes built and called {len(done)} of {len(items)} provider x case items once "
+        f"in {time.monotonic() - t0:.0f} s (budget {budget_s:.0f} s{f', {killed} stopped at it' if killed else ''}),"
+        " filling the Triton and torch.compile caches for the timed pass")
+    return done
+
+
+def work(spec_path: str, out_path: str) -> int:
+    """One worker: build and call each of its items once (no timing, no parity), appending each finished
+    item's key to ``out_path``."""
+    spec = json.loads(Path(spec_path).read_text())
+    device, quick = spec["device"], spec["quick"]
+    runner.allow_many_recompiles()
+    benches = {b.name: b for b in registry.benchmarks("all")}
+    case_run, current = None, None
+    with open(out_path, "a") as out:
+        for it in spec["items"]:
+            bench = benches[it["bench"]]
+            if (it["bench"], it["case"]) != current:
+                case_run = None  # the previous case's inputs go before the next case's are made
+                current = (it["bench"], it["case"])
+                try:
+                    case_run = runner.CaseRun(bench, bench.cases_for(device, quick)[it["case"]], device, n_sets=1)
+                except Exception:
+                    continue
+            if case_run is None:
+                continue
+            provider = next(p for p in bench.providers_for(device) if p.name == it["provider"])
+            try:
+                case_run.caller(provider.build(case_run.case, case_run.sets[0], case_run.ctx))()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            except Exception:  # the timed pass reports it
+                continue
+            out.write(item_key(it["bench"], it["label"], it["provider"]) + "\n")
+            out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(work(sys.argv[1], sys.argv[2]))
