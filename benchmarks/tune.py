@@ -3,6 +3,9 @@
     python -m benchmarks.tune --out sweep.jsonl [--only table,bwd128,bwd64,fwd,split,rope64,rope128,window,linear]
     python -m benchmarks.tune --summarize sweep.jsonl   # default vs fastest per comparison, no GPU needed
 
+With several groups, each is first run once in its own process with ``--compile-only`` (``--warm-jobs``), so
+their candidates compile side by side before anything is timed (a fresh machine's sweep is mostly compiling).
+
 For each group (the backward tables' own entries, backward candidates at head dim 128 / 64, forward tiles at
 the suite's long and short shapes, the dK/dV query split and the key-major backward (dQ in the dK/dV kernel or
 not) at short key sides, forward with ``rope=`` at 64 /
@@ -20,6 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import torch
@@ -462,10 +469,67 @@ def summarize(rows):
     return lines
 
 
+def _call_once(fn, *args, **kwargs):
+    """do_bench's stand-in under ``--compile-only``: one call (compiling what it launches), no timing."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return float("nan")
+
+
+def compile_only():
+    """Make every sweep launch its candidates once instead of timing them (the sweeps import the timers from
+    triton.testing when they run)."""
+    import triton.testing
+
+    triton.testing.do_bench = triton.testing.do_bench_cudagraph = _call_once
+
+
+def default_warm_jobs(groups, cpus=None) -> int:
+    """Warm-up processes when ``--warm-jobs`` is not given: up to half the cores, one per group; none when that
+    is under two (one process compiling ahead of the sweep overlaps nothing)."""
+    cpus = cpus or os.cpu_count() or 1
+    jobs = min(8, cpus // 2, len(groups))
+    return jobs if jobs >= 2 else 0
+
+
+def warm_groups(groups, jobs: int, budget_s: float) -> list[str]:
+    """Compile ahead in parallel: each group's sweep runs once in its own process with ``--compile-only`` (at most
+    ``jobs`` at a time, all stopped after ``budget_s``), so Triton's on-disk cache holds every candidate's kernels
+    when the timed sweep starts here and timing waits for no compiler. Returns the groups that finished."""
+    t0, pending, running, done = time.monotonic(), list(groups), {}, []
+    while pending or running:
+        while pending and len(running) < jobs:
+            g = pending.pop(0)
+            running[g] = subprocess.Popen([sys.executable, "-m", "benchmarks.tune", "--only", g, "--compile-only",
+                                           "--warm-jobs", "0", "--out", os.devnull],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        for g, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[g]
+                if proc.returncode == 0:
+                    done.append(g)
+        if time.monotonic() - t0 > budget_s:
+            for proc in running.values():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            break
+        time.sleep(0.2)
+    print(f"# warm-up: {len(done)} of {len(groups)} groups compiled ahead by {jobs} processes in "
+          f"{time.monotonic() - t0:.0f} s ({', '.join(done) or 'none'})", flush=True)
+    return done
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="JSON-lines file the rows are appended to")
     ap.add_argument("--only", default=",".join(GROUPS))
+    ap.add_argument("--warm-jobs", type=int, default=None, metavar="N",
+                    help="compile the groups' candidates ahead in N processes, one group each, before timing "
+                         "(default: min(8, cores / 2, groups) when more than one group is asked for)")
+    ap.add_argument("--warm-budget", type=float, default=300, metavar="S", help="seconds the warm-up may take")
+    ap.add_argument("--compile-only", action="store_true", help="launch each candidate once, time nothing (what "
+                    "the warm-up's processes run)")
     ap.add_argument("--summarize", metavar="FILE", help="print the default-vs-fastest summary of a sweep file "
                     "(no GPU needed) and exit")
     args = ap.parse_args(argv)
@@ -475,10 +539,19 @@ def main(argv=None):
         return
     if not args.out:
         ap.error("--out is required to run a sweep")
+    groups = args.only.split(",")
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        ap.error(f"unknown group(s) {', '.join(unknown)}; groups: {', '.join(GROUPS)}")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.tune needs a CUDA GPU")
     header = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if args.compile_only:
+        compile_only()
+    jobs = default_warm_jobs(groups) if args.warm_jobs is None else args.warm_jobs
+    if jobs > 0 and not args.compile_only:
+        warm_groups(groups, jobs, args.warm_budget)
     with open(args.out, "a") as f:
         def emit(row):
             row = {k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
@@ -487,7 +560,7 @@ def main(argv=None):
             f.write(line + "\n")
             f.flush()
         emit(header)
-        for name in args.only.split(","):
+        for name in groups:
             t0 = time.time()
             GROUPS[name](emit)
             print(f"# {name}: {time.time() - t0:.0f} s", flush=True)

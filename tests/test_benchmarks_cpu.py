@@ -166,6 +166,32 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     assert len(lines) == 8 and all(": default " in line for line in lines), lines
 
 
+def test_tune_compile_only_launches_each_candidate_once(monkeypatch):
+    """The tune warm-up's processes (--compile-only) call every candidate once and time nothing."""
+    import triton.testing
+
+    from benchmarks import tune
+
+    for name in ("do_bench", "do_bench_cudagraph"):  # restored after the test
+        monkeypatch.setattr(triton.testing, name, getattr(triton.testing, name))
+    monkeypatch.setattr(tune, "DEVICE", "cpu")
+    monkeypatch.setattr(tune, "LINEAR_SHAPES", {"tiny": (40, 32, 48)})
+    monkeypatch.setattr(tune, "LINEAR_CANDIDATES", [(16, 32, 32, 4, 1)])
+    monkeypatch.setattr(tune, "LINEAR_DTYPE", torch.float16)
+    calls, real = [], tune._call_once
+    monkeypatch.setattr(tune, "_call_once", lambda fn, *a, **k: (calls.append(fn), real(fn, *a, **k))[1])
+    tune.compile_only()
+    rows = []
+    tune.sweep_linear(rows.append)
+    timed = [r for r in rows if "ms" in r]
+    assert len(timed) == len(calls) == 7 and all(r["ms"] != r["ms"] for r in timed)  # NaN: nothing timed
+    assert tune.default_warm_jobs(["linear", "fwd", "split", "window"], cpus=16) == 4
+    assert tune.default_warm_jobs(["linear"], cpus=16) == 0  # one group: nothing to overlap
+    assert tune.default_warm_jobs(["a", "b", "c"], cpus=2) == 0
+    # the warm-up's orchestration: a group whose process fails (here: no GPU) is not counted as compiled
+    assert tune.warm_groups(["linear", "fwd"], 2, 120) == []
+
+
 def test_tune_summary_compares_the_default_with_the_fastest_passing_candidate():
     from benchmarks import tune
 
