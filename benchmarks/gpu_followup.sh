@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The second device call of a GPU session, after `bash .devcheck/run.sh all`: the config sweeps that decide
+# the off-by-default switches (Linear + GELU GEMM, key-major / TMA backward, window paths, forward tiles),
+# within a time limit, rows and summary written under $OUT. Works on a warm machine (the project already
+# installed) and on a fresh one (installs the carried wheels and the project first, as run.sh does).
+#
+#   bash benchmarks/gpu_followup.sh [SECONDS] [GROUPS]      # defaults: 420, linear,split,window,fwd
+set -uo pipefail
+limit=${1:-420}
+groups=${2:-linear,split,window,fwd}
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+if ! python3 -c "import dlcv_fast.kernels.attention" >/dev/null 2>&1; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "== install FAILED"
+fi
+echo "== $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null), commit" \
+     "$(git rev-parse --short HEAD 2>/dev/null), set-up $(( $(date +%s) - t0 )) s"
+left=$(( limit - ($(date +%s) - t0) ))
+timeout "$left" python3 -m benchmarks.tune --out "$out/tune.jsonl" --only "$groups" > "$out/tune.log" 2>&1
+echo "== benchmarks.tune --only $groups: rc=$? ($(( $(date +%s) - t0 )) s; 124 = stopped at the limit)"
+grep '^#' "$out/tune.log"
+[ -s "$out/tune.jsonl" ] && python3 -m benchmarks.tune --summarize "$out/tune.jsonl" | tee "$out/tune-summary.txt"
