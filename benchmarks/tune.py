@@ -24,13 +24,14 @@ import argparse
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.warm import stop_process
 
 # (dK/dV candidates, dQ candidates); the other kernel keeps the table's entry while one is swept.
 BWD_CANDIDATES = {
@@ -511,8 +512,7 @@ def warm_groups(groups, jobs: int, budget_s: float) -> list[str]:
                     done.append(g)
         if time.monotonic() - t0 > budget_s:
             for proc in running.values():
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                stop_process(proc)
             break
         time.sleep(0.2)
     print(f"# warm-up: {len(done)} of {len(groups)} groups compiled ahead by {jobs} processes in "

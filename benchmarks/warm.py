@@ -70,6 +70,16 @@ def share(items: list[dict], n: int) -> list[list[dict]]:
     return [lst for lst in lists if lst]
 
 
+def stop_process(proc):
+    """Stop a worker started with ``start_new_session=True`` and everything it started (inductor's compile
+    workers); it may have exited on its own meanwhile."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def warm(items: list[dict], workers: int, budget_s: float, device: str, quick: bool, log=print) -> set[str]:
     """Run ``items`` in ``workers`` processes for at most ``budget_s`` seconds; returns the keys
     (:func:`item_key`) of the items that finished."""
@@ -98,8 +108,7 @@ def warm(items: list[dict], workers: int, budget_s: float, device: str, quick: b
         for proc, _ in procs:
             if proc.poll() is None:
                 killed += 1
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: inductor's compile workers too
-                proc.wait()
+                stop_process(proc)
         for _, out in procs:
             if out.exists():
                 done.update(line for line in out.read_text().splitlines() if line)
