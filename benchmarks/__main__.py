@@ -46,8 +46,8 @@ def parse_args(argv):
     ap.add_argument("--save-results", action=argparse.BooleanOptionalAction, default=None,
                     help="also copy the CSV/JSON to benchmarks/results/ (default: on for GPU runs)")
     ap.add_argument("--warm-workers", type=int, default=None, metavar="N",
-                    help="before timing, N processes build and call every provider once to fill the Triton and "
-                         "torch.compile caches (benchmarks/warm.py; default: min(8, cores / 2) for --quick on a "
+                    help="before timing, N processes build and call once every provider that compiles (ours, Liger, "
+                         "torch.compile, FlexAttention) to fill the Triton and torch.compile caches (benchmarks/warm.py; default: min(8, cores / 2) for --quick on a "
                          "GPU, else 0)")
     ap.add_argument("--warm-budget", type=float, default=None, metavar="S",
                     help=f"seconds the warm-up may take (default: {warm.WARM_BUDGET_S} s, at most "

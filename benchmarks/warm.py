@@ -4,7 +4,7 @@ On a fresh GPU machine most of a ``--quick`` run's time is compiling: our Triton
 torch.compile / FlexAttention warm-ups of the peers, one after another in the timing process (the 2026-11-27
 H200 run reached its time cap with ten compiled rows never started). Before timing anything, the suite can
 start worker processes that each build and call once a share of the run's (benchmark, case, provider)
-items: Triton writes every compiled kernel to its cache folder (``~/.triton/cache``, ``TRITON_CACHE_DIR``) and
+items whose provider compiles something (:func:`compiles`): Triton writes every compiled kernel to its cache folder (``~/.triton/cache``, ``TRITON_CACHE_DIR``) and
 Inductor its graphs and kernels to its own (``TORCHINDUCTOR_CACHE_DIR``), both shared by every process of the
 machine, so the timed pass that follows loads them instead of compiling. The workers get a wall-clock
 budget and are killed when it is spent (both caches write a file whole or not at all); what they finished is
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import registry, runner
+from benchmarks.report import OURS
 
 WARM_BUDGET_S = 45  # the warm-up's share of a capped --quick run (its time counts against the cap)
 WARM_CAP_SHARE = 0.35  # ... and at most this fraction of the cap
@@ -42,16 +43,24 @@ def item_key(bench, label, provider) -> str:
     return f"{bench}|{label}|{provider}"
 
 
+def compiles(provider) -> bool:
+    """Whether a provider's first call compiles anything: torch.compile / FlexAttention, and the Triton kernels
+    of ours and Liger's. SDPA, cuBLAS and eager references compile nothing; warming them would only spend the
+    budget."""
+    return provider.compiled or provider.name.startswith(OURS) or provider.name.startswith("liger")
+
+
 def plan_items(plan, device: str, quick: bool) -> list[dict]:
-    """The items a run will call, as ``{"bench", "case", "label", "provider", "compiled"}``: every provider of
-    every case, except that ``--quick`` runs the compiled providers on each benchmark's first case only."""
+    """The items a run will call that compile something (:func:`compiles`), as ``{"bench", "case", "label",
+    "provider", "compiled"}``: every such provider of every case, except that ``--quick`` runs the compiled
+    providers on each benchmark's first case only."""
     items = []
     for bench, reason, cases in plan:
         if reason:
             continue
         for index, case in enumerate(cases):
             for p in bench.providers_for(device):
-                if quick and p.compiled and index:
+                if not compiles(p) or quick and p.compiled and index:
                     continue
                 items.append(dict(bench=bench.name, case=index, label=bench.label(case), provider=p.name,
                                   compiled=p.compiled))
