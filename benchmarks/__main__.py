@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     workers = args.warm_workers if args.warm_workers is not None else warm.default_workers(device, args.quick)
     warmed = set()
     if workers > 0:  # before anything is timed: the workers share the GPU
-        budget = args.warm_budget or (min(warm.WARM_BUDGET_S, warm.WARM_CAP_SHARE * limit) if limit
-                                      else 10 * warm.WARM_BUDGET_S)
+        budget = args.warm_budget if args.warm_budget is not None else (
+            min(warm.WARM_BUDGET_S, warm.WARM_CAP_SHARE * limit) if limit else 10 * warm.WARM_BUDGET_S)
         items = warm.plan_items(plan, device, args.quick)
         warmed = warm.warm(items, workers, budget, device, args.quick, log=lambda line: print(line, flush=True))
         notes.append(f"warm-up before timing (benchmarks/warm.py): {workers} processes built and called "

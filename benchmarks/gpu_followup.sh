@@ -16,12 +16,19 @@ if ! python3 -c "import dlcv_fast.kernels.attention" >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "== install FAILED"
+  timeout 150 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "== install FAILED"
 fi
 echo "== $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null), commit" \
      "$(git rev-parse --short HEAD 2>/dev/null), set-up $(( $(date +%s) - t0 )) s"
 left=$(( limit - ($(date +%s) - t0) ))
-timeout "$left" python3 -m benchmarks.tune --out "$out/tune.jsonl" --only "$groups" > "$out/tune.log" 2>&1
-echo "== benchmarks.tune --only $groups: rc=$? ($(( $(date +%s) - t0 )) s; 124 = stopped at the limit)"
+if (( left < 30 )); then echo "== no time left for a sweep ($left s)"; exit 1; fi
+# the warm-up (each group compiled in its own process first) gets at most half of what is left
+timeout "$left" python3 -m benchmarks.tune --out "$out/tune.jsonl" --only "$groups" --warm-budget $(( left / 2 )) \
+  > "$out/tune.log" 2>&1
+rc=$?
+echo "== benchmarks.tune --only $groups: rc=$rc ($(( $(date +%s) - t0 )) s; 124 = stopped at the limit)"
 grep '^#' "$out/tune.log"
-[ -s "$out/tune.jsonl" ] && python3 -m benchmarks.tune --summarize "$out/tune.jsonl" | tee "$out/tune-summary.txt"
+if [ -s "$out/tune.jsonl" ]; then
+  python3 -m benchmarks.tune --summarize "$out/tune.jsonl" | tee "$out/tune-summary.txt"
+fi
+exit $rc

@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.warm import stop_process
+from benchmarks.warm import workers_stopped_on_exit
 
 # (dK/dV candidates, dQ candidates); the other kernel keeps the table's entry while one is swept.
 BWD_CANDIDATES = {
@@ -499,22 +499,22 @@ def warm_groups(groups, jobs: int, budget_s: float) -> list[str]:
     ``jobs`` at a time, all stopped after ``budget_s``), so Triton's on-disk cache holds every candidate's kernels
     when the timed sweep starts here and timing waits for no compiler. Returns the groups that finished."""
     t0, pending, running, done = time.monotonic(), list(groups), {}, []
-    while pending or running:
-        while pending and len(running) < jobs:
-            g = pending.pop(0)
-            running[g] = subprocess.Popen([sys.executable, "-m", "benchmarks.tune", "--only", g, "--compile-only",
-                                           "--warm-jobs", "0", "--out", os.devnull],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        for g, proc in list(running.items()):
-            if proc.poll() is not None:
-                del running[g]
-                if proc.returncode == 0:
-                    done.append(g)
-        if time.monotonic() - t0 > budget_s:
-            for proc in running.values():
-                stop_process(proc)
-            break
-        time.sleep(0.2)
+    with workers_stopped_on_exit() as procs:
+        while pending or running:
+            while pending and len(running) < jobs:
+                g = pending.pop(0)
+                running[g] = subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.tune", "--only", g, "--compile-only", "--warm-jobs", "0",
+                     "--out", os.devnull], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                procs.append(running[g])
+            for g, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[g]
+                    if proc.returncode == 0:
+                        done.append(g)
+            if time.monotonic() - t0 > budget_s:
+                break  # the context stops what still runs
+            time.sleep(0.2)
     print(f"# warm-up: {len(done)} of {len(groups)} groups compiled ahead by {jobs} processes in "
           f"{time.monotonic() - t0:.0f} s ({', '.join(done) or 'none'})", flush=True)
     return done

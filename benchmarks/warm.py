@@ -14,12 +14,14 @@ reported and nothing is timed while they run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -89,6 +91,28 @@ def stop_process(proc):
     proc.wait()
 
 
+@contextlib.contextmanager
+def workers_stopped_on_exit():
+    """A list to append the started worker processes to: every one still running is stopped when the block
+    ends, however it ends (an exception, Ctrl-C, or SIGTERM, e.g. from ``timeout``, which would reach this
+    process's group only: the workers have their own sessions)."""
+    procs = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def terminate(signum, frame):
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                stop_process(proc)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def warm(items: list[dict], workers: int, budget_s: float, device: str, quick: bool, log=print) -> set[str]:
     """Run ``items`` in ``workers`` processes for at most ``budget_s`` seconds; returns the keys
     (:func:`item_key`) of the items that finished."""
@@ -97,28 +121,28 @@ def warm(items: list[dict], workers: int, budget_s: float, device: str, quick: b
         return set()
     t0 = time.monotonic()
     done: set[str] = set()
-    with tempfile.TemporaryDirectory(prefix="dlcv_fast_warm_") as tmp:
-        procs = []
+    killed = 0
+    with tempfile.TemporaryDirectory(prefix="dlcv_fast_warm_") as tmp, workers_stopped_on_exit() as procs:
+        outs = []
         # each worker's torch.compile gets its share of the cores for its own compile processes
         env = {"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // len(lists))), **os.environ}
         for i, lst in enumerate(lists):
             spec = Path(tmp) / f"items{i}.json"
             spec.write_text(json.dumps(dict(device=device, quick=quick, items=lst)))
-            out = Path(tmp) / f"done{i}.txt"
-            procs.append((subprocess.Popen([sys.executable, "-m", "benchmarks.warm", str(spec), str(out)],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                           start_new_session=True), out))
-        for proc, _ in procs:
+            outs.append(Path(tmp) / f"done{i}.txt")
+            procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.warm", str(spec), str(outs[-1])],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                          start_new_session=True))
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.0, budget_s - (time.monotonic() - t0)))
             except subprocess.TimeoutExpired:
                 pass
-        killed = 0
-        for proc, _ in procs:
+        killed = sum(proc.poll() is None for proc in procs)
+        for proc in procs:
             if proc.poll() is None:
-                killed += 1
                 stop_process(proc)
-        for _, out in procs:
+        for out in outs:
             if out.exists():
                 done.update(line for line in out.read_text().splitlines() if line)
     log(f"warm-up: {len(lists)} processes built and called {len(done)} of {len(items)} provider x case items once "

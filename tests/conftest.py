@@ -80,12 +80,28 @@ def pytest_runtest_setup(item):
 # in the GPU check (16 cores, one GPU) runs on pytest-xdist workers that compile side by side and share the
 # GPU: min(8, cores // 2) of them, each with its share of the cores for torch.compile's own compile workers.
 # DLCV_GPU_TEST_WORKERS sets the count on any CUDA machine (0 or 1: one process); `-n` on the command line wins.
+def selects_gpu_tests(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` selects a test marked ``gpu`` (and nothing else)."""
+    if not markexpr:
+        return False
+    try:
+        from _pytest.mark.expression import Expression
+
+        return bool(Expression.compile(markexpr).evaluate(lambda name, **kwargs: name == "gpu"))
+    except Exception:  # a pytest without that module, or an expression it rejects (pytest reports it itself)
+        return False
+
+
 def gpu_test_workers(markexpr: str, cpus: int, *, cuda: bool, gpu_check: bool, env=os.environ) -> int:
     """pytest-xdist workers to start for this run (0: none)."""
-    if not cuda or "gpu" not in (markexpr or "") or "not gpu" in markexpr:
+    if not cuda or not selects_gpu_tests(markexpr):
         return 0
     if "DLCV_GPU_TEST_WORKERS" in env:
-        n = int(env["DLCV_GPU_TEST_WORKERS"])
+        try:
+            n = int(env["DLCV_GPU_TEST_WORKERS"])
+        except ValueError:
+            raise pytest.UsageError(f"DLCV_GPU_TEST_WORKERS must be a whole number of workers, got "
+                                    f"{env['DLCV_GPU_TEST_WORKERS']!r}") from None
     else:
         n = min(8, cpus // 2) if gpu_check else 0
     return n if n >= 2 else 0
@@ -95,8 +111,11 @@ def gpu_test_workers(markexpr: str, cpus: int, *, cuda: bool, gpu_check: bool, e
 def pytest_cmdline_main(config):
     """Start the GPU set's workers (see :func:`gpu_test_workers`) unless xdist is missing, turned off, or told
     otherwise on the command line; runs before xdist's own hook, which then spawns them."""
-    if _IN_WORKER or getattr(config.option, "numprocesses", False) is not None or hasattr(config, "workerinput"):
-        return  # xdist absent / -p no:xdist (no such option), -n given, or a worker
+    option = config.option
+    if _IN_WORKER or hasattr(config, "workerinput") or getattr(option, "numprocesses", False) is not None:
+        return  # a worker; xdist absent or -p no:xdist (no such option); -n given
+    if getattr(option, "tx", None) or getattr(option, "usepdb", False) or getattr(option, "trace", False):
+        return  # the user's own --tx; --pdb / --trace debug one process
     cpus = os.cpu_count() or 1
     n = gpu_test_workers(config.option.markexpr, cpus, cuda=_HAS_CUDA, gpu_check=_GPU_CHECK)
     if n:
@@ -106,6 +125,7 @@ def pytest_cmdline_main(config):
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, cpus // n)))
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown has finalised the test's fixtures
 def pytest_runtest_teardown(item):
     if _HAS_CUDA and _IN_WORKER:  # workers share one GPU: each hands its cached blocks back after a test
         torch.cuda.empty_cache()

@@ -330,3 +330,38 @@ def test_warm_up_shares_the_compiled_items_out_first():
     assert [len(lst) for lst in warm.share(items, 20)] == [1] * len(items)  # no empty worker lists
     assert warm.default_workers("cuda", True, cpus=16) == 8 and warm.default_workers("cuda", False, cpus=16) == 0
     assert warm.default_workers("cpu", True, cpus=16) == 0
+
+
+def test_warm_up_workers_do_not_outlive_the_run():
+    """Workers run in their own sessions (so they can be killed with what they start); an exception, or SIGTERM
+    from `timeout` (which reaches only the run's process group), still stops them."""
+    import signal
+    import time
+
+    from benchmarks.warm import workers_stopped_on_exit
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    with pytest.raises(KeyboardInterrupt), workers_stopped_on_exit() as procs:
+        procs.append(subprocess.Popen(sleeper, start_new_session=True))
+        raise KeyboardInterrupt
+    assert procs[0].poll() is not None
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "from benchmarks.warm import workers_stopped_on_exit\n"
+         "with workers_stopped_on_exit() as procs:\n"
+         f"    procs.append(subprocess.Popen({sleeper!r}, start_new_session=True))\n"
+         "    print(procs[0].pid, flush=True)\n"
+         "    time.sleep(120)\n"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    for _ in range(100):  # reaped by the parent before it exited: no such process any more
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the worker outlived its parent")

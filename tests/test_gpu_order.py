@@ -1,6 +1,8 @@
 """The order of the GPU test set under the GPU check's time cap (tests/conftest.py)."""
 from types import SimpleNamespace
 
+import pytest
+
 from tests import conftest
 
 
@@ -30,6 +32,10 @@ def test_gpu_test_workers():
     assert workers("", 16, cuda=True, gpu_check=True, env={}) == 0  # not the GPU set
     assert workers("not gpu", 16, cuda=True, gpu_check=True, env={}) == 0
     assert workers("gpu and not slow", 16, cuda=True, gpu_check=True, env={}) == 8
+    assert workers("not (slow or gpu)", 16, cuda=True, gpu_check=True, env={}) == 0  # by meaning, not by text
+    assert workers("gpux", 16, cuda=True, gpu_check=True, env={}) == 0
+    with pytest.raises(pytest.UsageError, match="DLCV_GPU_TEST_WORKERS"):
+        workers("gpu", 16, cuda=True, gpu_check=True, env={"DLCV_GPU_TEST_WORKERS": "many"})
 
 
 def test_gpu_check_starts_xdist_workers(monkeypatch):
@@ -38,11 +44,13 @@ def test_gpu_check_starts_xdist_workers(monkeypatch):
     monkeypatch.setattr(conftest, "_GPU_CHECK", True)
     monkeypatch.setattr(conftest, "_IN_WORKER", False)
     monkeypatch.setattr(conftest.os, "cpu_count", lambda: 16)
-    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    monkeypatch.delenv("DLCV_GPU_TEST_WORKERS", raising=False)
+    for name in ("TORCHINDUCTOR_COMPILE_THREADS", "DLCV_GPU_TEST_WORKERS"):  # restored (or removed) afterwards
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
     def config(**option):
-        return SimpleNamespace(option=SimpleNamespace(**{"markexpr": "gpu", "dist": "no", "tx": [], **option}))
+        return SimpleNamespace(option=SimpleNamespace(**{"markexpr": "gpu", "dist": "no", "tx": [], "usepdb": False,
+                                                         "trace": False, **option}))
 
     c = config(numprocesses=None)
     conftest.pytest_cmdline_main(c)
@@ -57,3 +65,7 @@ def test_gpu_check_starts_xdist_workers(monkeypatch):
     c = config(numprocesses=None, markexpr="")  # the whole suite: as before
     conftest.pytest_cmdline_main(c)
     assert c.option.numprocesses is None
+    for debug in (dict(usepdb=True), dict(trace=True), dict(tx=["ssh=host"])):  # --pdb, --trace, the user's --tx
+        c = config(numprocesses=None, **debug)
+        conftest.pytest_cmdline_main(c)
+        assert c.option.numprocesses is None
