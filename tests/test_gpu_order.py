@@ -69,3 +69,28 @@ def test_gpu_check_starts_xdist_workers(monkeypatch):
         c = config(numprocesses=None, **debug)
         conftest.pytest_cmdline_main(c)
         assert c.option.numprocesses is None
+
+
+def test_gpu_set_runs_on_xdist_workers_end_to_end(tmp_path):
+    """`pytest -m gpu` where CUDA is present (faked here by a plugin) and workers are asked for: xdist starts
+    them through the hook, each reads the controller's start time for the budget, the controller prints the
+    per-test lines."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "fake_cuda.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTEST_XDIST", "DLCV_", "TRITON_INTERPRET", "PYTEST_ADDOPTS"))}
+    env.update(PYTHONPATH=str(tmp_path), DLCV_GPU_TEST_WORKERS="2")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "-p", "fake_cuda", "-m", "gpu or not gpu", "-v", "-p", "no:cacheprovider",
+           "tests/test_gpu_order.py::test_time_budget", "tests/test_gpu_order.py::test_gpu_test_workers"]
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "[gw0]" in run.stdout and "[gw1]" in run.stdout  # two workers ran them
+    assert "call     passed" in run.stdout and "2 passed" in run.stdout  # the controller's per-test lines
+    env["DLCV_GPU_TEST_BUDGET_S"] = "0.001"  # spent before any worker starts a test
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "2 skipped" in run.stdout and "time budget of 0 s spent" in run.stdout, run.stdout
