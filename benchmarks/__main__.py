@@ -74,7 +74,7 @@ def _row(bench, case, provider, status, note=""):
     return {"benchmark": bench.name, "issue": bench.issue, "case": label,
             "params": case or {}, "provider": provider, "status": status, "note": note, "ms": None, "timer": "",
             "ms_launch": None, "tflops": None, "gbps": None, "items_per_s": None, "matmul_frac": None,
-            "copy_frac": None, "speedup": None, "parity_err": None, "parity_tol": None,
+            "copy_frac": None, "speedup": None, "parity_err": None, "parity_tol": None, "peak_mib": None,
             "_key": f"{bench.name}|{label}"}
 
 
@@ -251,6 +251,10 @@ def measure(run, provider, quick, roof, profile=False) -> dict:
         return {**out, "status": "failed", "note": "out of memory while timing"}
     except Exception as e:
         return {**out, "status": "failed", "note": f"while timing: {runner.short_error(e)}"}
+    try:
+        out["peak_mib"] = runner.peak_memory_mib(run.caller(trial.fn), run.device)
+    except Exception as e:  # extra information, like the profile: its failure does not fail the row
+        why = "; ".join(n for n in (why, f"memory not measured: {runner.short_error(e)}") if n)
     if profile:
         try:
             out["_profile"] = runner.kernel_breakdown(run.caller(trial.fn), run.device)

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENV_COLUMNS = ("date", "commit", "gpu", "driver", "torch", "triton")
 ROW_COLUMNS = ("benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "ms_launch",
-               "tflops", "gbps", "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol")
+               "tflops", "gbps", "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol",
+               "peak_mib")
 CSV_COLUMNS = ENV_COLUMNS + ROW_COLUMNS
 OURS = "dlcv_fast"
 LIBRARIES = ("timm", "transformers", "diffusers", "open_clip_torch", "flash_attn", "liger_kernel", "numpy")
@@ -98,12 +99,13 @@ def roof_pct(row: dict) -> str:
 
 def table(rows: list) -> str:
     """The summary table, one block per benchmark."""
-    head = ("case", "provider", "status", "ms", "TFLOP/s", "GB/s", "items/s", "roofline", "speedup")
+    head = ("case", "provider", "status", "ms", "TFLOP/s", "GB/s", "items/s", "roofline", "speedup", "peak MiB")
     lines = []
     for bench, group in _by(rows, "benchmark").items():
         body = [(r["case"], r["provider"], r["status"] if r["status"] == "ok" else f"{r['status']}: {r['note'][:60]}",
                  _num(r["ms"], ".4g"), _num(r["tflops"], ".4g"), _num(r["gbps"], ".4g"), _num(r["items_per_s"], ".4g"),
-                 roof_pct(r) if r["status"] == "ok" else "", _num(r["speedup"], ".2f") + "x" if r["speedup"] else "")
+                 roof_pct(r) if r["status"] == "ok" else "", _num(r["speedup"], ".2f") + "x" if r["speedup"] else "",
+                 _num(r.get("peak_mib"), ".4g"))
                 for r in group]
         keep = [i for i, col in enumerate(zip(*body)) if i < 3 or any(col)]  # drop columns empty in this block
         cols = [[line[i] for i in keep] for line in (head, *body)]

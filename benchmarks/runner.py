@@ -162,6 +162,20 @@ def time_call(call: Callable[[], object], device: str, quick: bool) -> tuple[flo
     return ms, "do_bench", ms, ""
 
 
+def peak_memory_mib(call: Callable[[], object], device: str) -> Optional[float]:
+    """MiB allocated at the peak of one call above what was allocated before it (its outputs, gradients and
+    temporaries; the inputs excluded): the extra memory a provider needs. None off CUDA."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = call()
+    torch.cuda.synchronize()
+    del out
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
 PROFILE_ITERS = 3
 PROFILE_TOP = 15
 # Kinds of work a model's kernels (or, on the CPU, aten ops) do, by name, first match wins: matmuls (cuBLAS's

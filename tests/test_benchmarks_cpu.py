@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"date", "commit", "gpu", "driver", "torch", "triton"}
 ROW_KEYS = {"benchmark", "issue", "case", "params", "provider", "status", "note", "ms", "timer", "ms_launch", "tflops",
-            "gbps", "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol"}
+            "gbps", "items_per_s", "matmul_frac", "copy_frac", "speedup", "parity_err", "parity_tol", "peak_mib"}
 
 
 def test_benchmark_command_without_gpu(tmp_path):
@@ -31,6 +31,7 @@ def test_benchmark_command_without_gpu(tmp_path):
     timed = [r for r in doc["rows"] if r["status"] == "ok"]
     assert any(r["benchmark"] == "attn_fwd" and r["provider"] == "sdpa.math" for r in timed)
     assert all(r["ms"] > 0 and r["timer"] == "wallclock" and r["ms_launch"] is None for r in timed)
+    assert all(r["peak_mib"] is None for r in doc["rows"])  # GPU memory: measured on a GPU only
     # model rows carry a profile: where the time goes (aten ops on the CPU), heaviest first, shares summing to 1
     profiled = [p for p in doc["profiles"] if p["benchmark"] == "model_infer"]
     assert {p["provider"] for p in profiled} == {"dlcv_fast", "ref.eager"}

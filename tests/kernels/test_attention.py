@@ -585,6 +585,39 @@ def test_gpu_int64_offsets():
     torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize("kind", ["none", "causal+padding", "prefix"])
+def test_backward_saves_no_score_sized_tensor(kind, device):
+    """Extra memory O(B*H*L): what the forward keeps for the backward is q, k, v, the output, the logsumexp and
+    the masks; nothing of Lq x Lk (here 96 x 112 = 10752 per head, against 96 x 16 for q)."""
+    B, H, Lq, Lk, D = 2, 2, 96, 112, 16
+    q, k, v = make_inputs(B, H, H, Lq, Lk, D, torch.float16, device)
+    kw = make_mask_args(kind, B, H, Lq, Lk, torch.float16, device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = dlcv_fast.attention(*(t.requires_grad_() for t in (q, k, v)), **kw)
+    assert saved and max(saved) <= B * H * max(Lq, Lk) * D < B * H * Lq * Lk
+    out.float().sum().backward()
+    assert q.grad.shape == q.shape
+
+
+@pytest.mark.gpu
+def test_gpu_extra_memory_is_linear_in_length():
+    """Forward + backward at 8192 tokens allocate a few input-sized tensors (outputs, gradients, the fp32 dQ
+    accumulator, the logsumexp), not a score-sized buffer: that would be 2 GiB here, the inputs are 8 MiB each."""
+    B, H, L, D = 1, 8, 8192, 64
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    for causal in (False, True):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        dlcv_fast.attention(q, k, v, causal=causal).backward(do)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra < 16 * q.numel() * q.element_size(), f"{extra / 2**20:.0f} MiB at causal={causal}"
+        q.grad = k.grad = v.grad = None
+
+
 # ------------------------------------------------------------------------------------------------
 # RoPE fused into the kernel
 # ------------------------------------------------------------------------------------------------
