@@ -187,8 +187,11 @@ def padded_head_dim(d: int) -> int:
 
 
 def _pick(configs, Lq, BH):
-    """The long config, or the short one when the long one's BLOCK_M gives under ~2 waves of programs."""
-    if len(configs) > 1 and triton.cdiv(Lq, configs[0][0]) * BH < 2 * _sm_count():
+    """The long config, or the short one when the long one's BLOCK_M gives under ~2 waves of programs, or when
+    every query fits the short one's rows (the Q-Former's 32 queries: a 128-row tile would run the same number
+    of programs with twice the warps, the extra ones computing padding rows only; untimed on a GPU, and
+    ``benchmarks.tune --only fwd`` times both tiles at that shape)."""
+    if len(configs) > 1 and (Lq <= configs[1][0] or triton.cdiv(Lq, configs[0][0]) * BH < 2 * _sm_count()):
         return configs[1]
     return configs[0]
 

@@ -322,6 +322,22 @@ def test_key_tail_choice():
     assert A.key_tail(197, 64, 128) == 16 and A.key_tail(197, 64, 128, A.DQ_TAIL_MAX_BLOCK_D) == 0
 
 
+def test_forward_tile_choice(monkeypatch):
+    """The long forward tile, the short one for under two waves of programs or when all queries fit it."""
+    from dlcv_fast.kernels import attention as A
+
+    monkeypatch.setattr(A, "_sm_count", lambda: 132)
+    monkeypatch.setattr(A, "_interpreting", lambda: False)
+    for arch in A.ARCHS:
+        long, short = A.fwd_configs(64, torch.float16, "plain", arch)
+        assert short[0] < long[0]
+        assert A._pick([long, short], 197, 256 * 12) == long  # ViT-B at batch 256: 6144 programs
+        assert A._pick([long, short], 197, 8) == short  # 16 programs
+        assert A._pick([long, short], 32, 256 * 12) == short  # the Q-Former's queries fit 64 rows
+        assert A._pick([long, short], 65, 256 * 12) == long
+        assert A._pick([long], 32, 1) == long
+
+
 def test_deterministic(device):
     B, H, L, D = 2, 4, 97, 64
     q, k, v = make_inputs(B, H, 2, L, L, D, torch.float16, device)
