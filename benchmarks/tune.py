@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.warm import workers_stopped_on_exit
+from benchmarks.warm import gpu_takes_several_processes, workers_stopped_on_exit
 
 # (dK/dV candidates, dQ candidates); the other kernel keeps the table's entry while one is swept.
 BWD_CANDIDATES = {
@@ -486,12 +486,15 @@ def compile_only():
     triton.testing.do_bench = triton.testing.do_bench_cudagraph = _call_once
 
 
-def default_warm_jobs(groups, cpus=None) -> int:
+def default_warm_jobs(groups, cpus=None, shared=None) -> int:
     """Warm-up processes when ``--warm-jobs`` is not given: up to half the cores, one per group; none when that
-    is under two (one process compiling ahead of the sweep overlaps nothing)."""
+    is under two (one process compiling ahead of the sweep overlaps nothing) or when the GPU's compute mode lets
+    only one process use it."""
     cpus = cpus or os.cpu_count() or 1
     jobs = min(8, cpus // 2, len(groups))
-    return jobs if jobs >= 2 else 0
+    if jobs < 2 or not (gpu_takes_several_processes() if shared is None else shared):
+        return 0
+    return jobs
 
 
 def warm_groups(groups, jobs: int, budget_s: float) -> list[str]:

@@ -34,11 +34,28 @@ WARM_BUDGET_S = 45  # the warm-up's share of a capped --quick run (its time coun
 WARM_CAP_SHARE = 0.35  # ... and at most this fraction of the cap
 
 
-def default_workers(device: str, quick: bool, cpus=None) -> int:
+def gpu_takes_several_processes(query=None) -> bool:
+    """Whether every GPU is in the "Default" compute mode, where several processes may hold a context at once
+    (in "Exclusive_Process" a second process could not use it at all). Read with nvidia-smi; False when that
+    cannot be read. ``query`` replaces the nvidia-smi call (tests)."""
+    try:
+        out = query() if query else subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader"], capture_output=True, text=True,
+            timeout=30, check=True).stdout
+    except Exception:
+        return False
+    modes = [line.strip() for line in out.splitlines() if line.strip()]
+    return bool(modes) and all(m == "Default" for m in modes)
+
+
+def default_workers(device: str, quick: bool, cpus=None, shared=None) -> int:
     """Workers when ``--warm-workers`` is not given: half the cores up to 8 for a ``--quick`` run on a GPU (the GPU
-    check's machine has 16), none otherwise (a full run's compile time is small beside its timing)."""
+    check's machine has 16) that several processes may share, none otherwise (a full run's compile time is
+    small beside its timing)."""
     cpus = cpus or os.cpu_count() or 1
-    return min(8, cpus // 2) if device == "cuda" and quick else 0
+    if device != "cuda" or not quick or cpus < 4:
+        return 0
+    return min(8, cpus // 2) if (gpu_takes_several_processes() if shared is None else shared) else 0
 
 
 def item_key(bench, label, provider) -> str:

@@ -78,7 +78,8 @@ def pytest_runtest_setup(item):
 # Most of a GPU test's time on a fresh machine is Triton compiling its kernel variants, one at a time per
 # process (the 2026-11-27 H200 check ran 34 attention and window-attention tests in 125 s). So `pytest -m gpu`
 # in the GPU check (16 cores, one GPU) runs on pytest-xdist workers that compile side by side and share the
-# GPU: min(8, cores // 2) of them, each with its share of the cores for torch.compile's own compile workers.
+# GPU (when its compute mode lets several processes use it): min(8, cores // 2) of them, each with its share of
+# the cores for torch.compile's own compile workers.
 # DLCV_GPU_TEST_WORKERS sets the count on any CUDA machine (0 or 1: one process); `-n` on the command line wins.
 def selects_gpu_tests(markexpr: str) -> bool:
     """Whether ``-m markexpr`` selects a test marked ``gpu`` (and nothing else)."""
@@ -103,8 +104,15 @@ def gpu_test_workers(markexpr: str, cpus: int, *, cuda: bool, gpu_check: bool, e
             raise pytest.UsageError(f"DLCV_GPU_TEST_WORKERS must be a whole number of workers, got "
                                     f"{env['DLCV_GPU_TEST_WORKERS']!r}") from None
     else:
-        n = min(8, cpus // 2) if gpu_check else 0
+        n = min(8, cpus // 2) if gpu_check and gpu_takes_several_processes() else 0
     return n if n >= 2 else 0
+
+
+def gpu_takes_several_processes() -> bool:
+    """Whether the GPU's compute mode lets the workers share it (see benchmarks/warm.py)."""
+    from benchmarks.warm import gpu_takes_several_processes as shared
+
+    return shared()
 
 
 @pytest.hookimpl(tryfirst=True)

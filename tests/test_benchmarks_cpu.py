@@ -186,9 +186,10 @@ def test_tune_compile_only_launches_each_candidate_once(monkeypatch):
     tune.sweep_linear(rows.append)
     timed = [r for r in rows if "ms" in r]
     assert len(timed) == len(calls) == 7 and all(r["ms"] != r["ms"] for r in timed)  # NaN: nothing timed
-    assert tune.default_warm_jobs(["linear", "fwd", "split", "window"], cpus=16) == 4
-    assert tune.default_warm_jobs(["linear"], cpus=16) == 0  # one group: nothing to overlap
-    assert tune.default_warm_jobs(["a", "b", "c"], cpus=2) == 0
+    assert tune.default_warm_jobs(["linear", "fwd", "split", "window"], cpus=16, shared=True) == 4
+    assert tune.default_warm_jobs(["linear", "fwd"], cpus=16, shared=False) == 0
+    assert tune.default_warm_jobs(["linear"], cpus=16, shared=True) == 0  # one group: nothing to overlap
+    assert tune.default_warm_jobs(["a", "b", "c"], cpus=2, shared=True) == 0
     # the warm-up's orchestration: a group whose process fails (here: no GPU) is not counted as compiled
     assert tune.warm_groups(["linear", "fwd"], 2, 120) == []
 
@@ -329,8 +330,19 @@ def test_warm_up_shares_the_compiled_items_out_first():
         assert lst[len(heavy):] == sorted(lst[len(heavy):], key=items.index)
     assert sorted(map(items.index, lists[0] + lists[1])) == list(range(len(items)))
     assert [len(lst) for lst in warm.share(items, 20)] == [1] * len(items)  # no empty worker lists
-    assert warm.default_workers("cuda", True, cpus=16) == 8 and warm.default_workers("cuda", False, cpus=16) == 0
-    assert warm.default_workers("cpu", True, cpus=16) == 0
+    assert warm.default_workers("cuda", True, cpus=16, shared=True) == 8
+    assert warm.default_workers("cuda", True, cpus=16, shared=False) == 0  # one process per GPU at a time
+    assert warm.default_workers("cuda", False, cpus=16, shared=True) == 0
+    assert warm.default_workers("cpu", True, cpus=16, shared=True) == 0
+    # nvidia-smi's compute modes: several processes only in "Default" on every GPU
+    assert warm.gpu_takes_several_processes(lambda: "Default\n")
+    assert not warm.gpu_takes_several_processes(lambda: "Default\nExclusive_Process\n")
+    assert not warm.gpu_takes_several_processes(lambda: "")
+
+    def no_nvidia_smi():
+        raise FileNotFoundError("nvidia-smi")
+
+    assert not warm.gpu_takes_several_processes(no_nvidia_smi)
 
 
 def test_warm_up_workers_do_not_outlive_the_run():

@@ -20,7 +20,8 @@ def test_time_budget():
     assert conftest.budget_spent(now=conftest._T0 + 161, budget=160)
 
 
-def test_gpu_test_workers():
+def test_gpu_test_workers(monkeypatch):
+    monkeypatch.setattr(conftest, "gpu_takes_several_processes", lambda: True)
     workers = conftest.gpu_test_workers
     assert workers("gpu", 16, cuda=True, gpu_check=True, env={}) == 8  # the GPU check's 16 cores
     assert workers("gpu", 6, cuda=True, gpu_check=True, env={}) == 3
@@ -34,6 +35,8 @@ def test_gpu_test_workers():
     assert workers("gpu and not slow", 16, cuda=True, gpu_check=True, env={}) == 8
     assert workers("not (slow or gpu)", 16, cuda=True, gpu_check=True, env={}) == 0  # by meaning, not by text
     assert workers("gpux", 16, cuda=True, gpu_check=True, env={}) == 0
+    monkeypatch.setattr(conftest, "gpu_takes_several_processes", lambda: False)  # an Exclusive_Process GPU
+    assert workers("gpu", 16, cuda=True, gpu_check=True, env={}) == 0
     with pytest.raises(pytest.UsageError, match="DLCV_GPU_TEST_WORKERS"):
         workers("gpu", 16, cuda=True, gpu_check=True, env={"DLCV_GPU_TEST_WORKERS": "many"})
 
@@ -44,6 +47,7 @@ def test_gpu_check_starts_xdist_workers(monkeypatch):
     monkeypatch.setattr(conftest, "_GPU_CHECK", True)
     monkeypatch.setattr(conftest, "_IN_WORKER", False)
     monkeypatch.setattr(conftest.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(conftest, "gpu_takes_several_processes", lambda: True)
     for name in ("TORCHINDUCTOR_COMPILE_THREADS", "DLCV_GPU_TEST_WORKERS"):  # restored (or removed) afterwards
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
