@@ -4,13 +4,14 @@ On a fresh GPU machine most of a ``--quick`` run's time is compiling: our Triton
 torch.compile / FlexAttention warm-ups of the peers, one after another in the timing process (the 2026-11-27
 H200 run reached its time cap with ten compiled rows never started). Before timing anything, the suite can
 start worker processes that each build and call once a share of the run's (benchmark, case, provider)
-items whose provider compiles something (:func:`compiles`): Triton writes every compiled kernel to its cache folder (``~/.triton/cache``, ``TRITON_CACHE_DIR``) and
-Inductor its graphs and kernels to its own (``TORCHINDUCTOR_CACHE_DIR``), both shared by every process of the
-machine, so the timed pass that follows loads them instead of compiling. The workers get a wall-clock
-budget and are killed when it is spent (both caches write a file whole or not at all); what they finished is
-reported and nothing is timed while they run.
+items whose provider compiles something (:func:`compiles`): Triton writes every compiled kernel to its cache
+folder (``~/.triton/cache``, ``TRITON_CACHE_DIR``) and Inductor its graphs and kernels to its own
+(``TORCHINDUCTOR_CACHE_DIR``), both shared by every process of the machine, so the timed pass that follows
+loads them instead of compiling. The workers get a wall-clock budget and are killed when it is spent (both
+caches write a file whole or not at all); what they finished is reported and nothing is timed while they run.
 
-``python -m benchmarks.warm FILE``: one worker; FILE is the JSON list of its items.
+``python -m benchmarks.warm ITEMS.json DONE.txt``: one worker; ITEMS.json holds its items, DONE.txt gets the
+key of each item it finished, one per line.
 """
 from __future__ import annotations
 
