@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The second device call of a GPU session, after `bash .devcheck/run.sh all`: the config sweeps that decide
-# the off-by-default switches (Linear + GELU GEMM, key-major / TMA backward, window paths, forward tiles),
-# within a time limit, rows and summary written under $OUT. Works on a warm machine (the project already
+# the off-by-default switches, most telling first (table: the shipped backward tiles against key-major and TMA
+# loads; fwd: forward tiles, tail block, exp2 split, K/V by TMA; split: short key sides; window; linear: the
+# Linear + GELU GEMM against cuBLAS), within a time limit, rows and summary written under $OUT. Works on a warm machine (the project already
 # installed) and on a fresh one (installs the carried wheels and the project first, as run.sh does).
 #
-#   bash benchmarks/gpu_followup.sh [SECONDS] [GROUPS]      # defaults: 420, linear,split,window,fwd
+#   bash benchmarks/gpu_followup.sh [SECONDS] [GROUPS]      # defaults: 420, table,fwd,split,window,linear
 set -uo pipefail
 limit=${1:-420}
-groups=${2:-linear,split,window,fwd}
+groups=${2:-table,fwd,split,window,linear}
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
