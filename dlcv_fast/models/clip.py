@@ -62,19 +62,37 @@ class TextTransformer(nn.Module):
             return text.argmax(dim=-1)
         return (text == self.eos_token_id).int().argmax(dim=-1)
 
-    def forward_features(self, text, attention_mask=None):
-        """Normed token features ``(B, L, width)``; ``attention_mask`` ``(B, L)`` (1/True = real token) or None."""
+    def _embed(self, text):
         L = text.shape[1]
         if L > self.context_length:
             raise ValueError(f"text has {L} tokens, more than context_length={self.context_length}")
-        x = self.token_embedding(text) + self.pos_embed[:, :L]
+        return self.token_embedding(text) + self.pos_embed[:, :L]
+
+    def forward_features(self, text, attention_mask=None):
+        """Normed token features ``(B, L, width)``; ``attention_mask`` ``(B, L)`` (1/True = real token) or None."""
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         kwargs = dict(causal=True, key_padding_mask=key_padding_mask)
-        return run_blocks(self.blocks, x, self.norm, [kwargs] * len(self.blocks))
+        return run_blocks(self.blocks, self._embed(text), self.norm, [kwargs] * len(self.blocks))
 
     def forward(self, text, attention_mask=None):
-        x = self.forward_features(text, attention_mask)
-        return self.head(x[torch.arange(x.shape[0], device=x.device), self.eot_index(text)])
+        """Token ids ``(B, L)`` -> the end-of-text token's projected features ``(B, output_dim)``.
+
+        The last block computes only the end-of-text rows (after every token's keys and values; their causal
+        mask becomes a key padding mask: keys up to that token, and real tokens only when ``attention_mask`` is
+        given): the same result as pooling :meth:`forward_features` (up to rounding), for about 6% less matmul
+        work (:func:`~dlcv_fast.nn.block.run_blocks`' ``readout``)."""
+        B, L = text.shape
+        x = self._embed(text)
+        eot = self.eot_index(text)
+        rows = torch.arange(B, device=text.device)
+        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
+        kwargs = dict(causal=True, key_padding_mask=key_padding_mask)
+        last_keys = torch.arange(L, device=text.device)[None, :] <= eot[:, None]  # what the eot query sees
+        if key_padding_mask is not None:
+            last_keys = last_keys & key_padding_mask
+        x = run_blocks(self.blocks, x, self.norm, [kwargs] * len(self.blocks), readout=lambda t: t[rows, eot][:, None],
+                       readout_kwargs=dict(key_padding_mask=last_keys))
+        return self.head(x[:, 0])
 
 
 class CLIP(nn.Module):

@@ -155,7 +155,15 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+        """Images -> logits, ``forward_head(forward_features(x))``. With class-token pooling (no RoPE) the last
+        block computes only the prefix tokens' rows, the only ones the head reads, after its keys and values
+        (:func:`~dlcv_fast.nn.block.run_blocks`' ``readout``): the same logits up to rounding, for about 6%
+        less matmul work in ViT-B/16 (three quarters of one block of twelve)."""
+        if self.global_pool != "token" or self.rope is not None:
+            return self.forward_head(self.forward_features(x))
+        x, _ = self._embed(x)
+        P = self.num_prefix_tokens
+        return self.forward_head(run_blocks(self.blocks, x, self.norm, readout=lambda t: t[:, :P]))
 
     def forward_attention_maps(self, x, layer=-1):
         """The class token's attention over the patches in block ``layer``: ``(B, heads, gh, gw)`` float32.

@@ -8,6 +8,7 @@ one ``(Lk, D)`` product per head (:func:`attention_row`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import dlcv_fast
@@ -82,6 +83,25 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         o = dlcv_fast.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
                                 scale=self.scale, rope=rope)
+        return self._out(o)
+
+    def forward_rows(self, x, select, *, key_padding_mask=None):
+        """:meth:`forward`'s output at the rows ``select`` picks (a function ``(B, N, C) -> (B, n, C)``, e.g. the
+        class token), computing queries and the projection for those rows only; keys and values come from every
+        row, so the result is the same (up to rounding). ``key_padding_mask`` ``(B, N)`` as in :meth:`forward`;
+        a causal mask is the caller's to express through it (the selected rows' positions are its to know).
+        A model that reads out a few tokens (ViT's class token, CLIP's end-of-text token) saves two thirds of
+        its last block's work this way (:func:`dlcv_fast.nn.block.run_blocks`' ``readout``)."""
+        B, N, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(select(x), w[:H * D], None if b is None else b[:H * D])
+        n = q.shape[1]
+        q = q.view(B, n, H, D).transpose(1, 2)
+        kv = F.linear(x, w[H * D:], None if b is None else b[H * D:])
+        k, v = kv.view(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        o = dlcv_fast.attention(self.q_norm(q), self.k_norm(k), v, key_padding_mask=key_padding_mask,
+                                scale=self.scale)
         return self._out(o)
 
     def forward_with_attn_map(self, x, query_index=0, *, causal=False, key_padding_mask=None, attn_bias=None,

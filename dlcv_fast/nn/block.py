@@ -60,6 +60,16 @@ class Block(nn.Module):
         return x, self.drop_path(self.mlp(y))
 
 
+    def forward_readout(self, x, branch, select, **attn_kwargs):
+        """:meth:`forward_residual` restricted to the rows ``select`` picks (``(B, N, C) -> (B, n, C)``): keys and
+        values from every row, queries, the projection, the second norm and the MLP for the selected rows only.
+        ``attn_kwargs`` go to :meth:`Attention.forward_rows` (``key_padding_mask``). Returns ``(x', branch')``
+        for those rows."""
+        y, x = fused_add_norm(self.norm1, x, branch)
+        y, x = fused_add_norm(self.norm2, select(x), self.drop_path(self.attn.forward_rows(y, select, **attn_kwargs)))
+        return x, self.drop_path(self.mlp(y))
+
+
 def fused_add_norm(norm, x, branch):
     """``(norm(x + branch), x + branch)`` with the add inside the norm's kernel where ``norm`` is a
     :class:`~dlcv_fast.nn.LayerNorm`; ``branch`` None adds nothing."""
@@ -79,19 +89,33 @@ def has_forward_hooks(module) -> bool:
                 or m._global_forward_pre_hooks)
 
 
-def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None):
+def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None, readout=None, readout_kwargs=None):
     """``final_norm(blocks[-1](...blocks[0](x)))`` (no norm when None), each block run with
     :meth:`forward_residual` so that its last residual add is fused into the next norm; ``kwargs_per_block``:
     one dict of keyword arguments per block, or None. When a block has forward hooks (feature extraction,
-    activation statistics), the blocks are called one by one instead, so the hooks see each block's output."""
+    activation statistics), the blocks are called one by one instead, so the hooks see each block's output.
+
+    ``readout``: a function picking the rows the caller will use, ``(B, N, C) -> (B, n, C)`` (a classifier's
+    class token, CLIP's end-of-text token); the result is then ``readout`` of the above, and the last block
+    computes only those rows after its keys and values (:meth:`Block.forward_readout`, with ``readout_kwargs``
+    as its attention's keyword arguments instead of ``kwargs_per_block[-1]``): for ViT-B at 197 tokens that
+    leaves out three quarters of the last block's matmul work. Not where the last block or one of its modules,
+    or the final norm, has forward hooks: they would see other shapes."""
     kwargs_per_block = kwargs_per_block or [{}] * len(blocks)
     if any(has_forward_hooks(blk) for blk in blocks):
         for blk, kw in zip(blocks, kwargs_per_block):
             x = blk(x, **kw)
-        return final_norm(x) if final_norm is not None else x
+        x = final_norm(x) if final_norm is not None else x
+        return readout(x) if readout is not None else x
+    if readout is not None and (not len(blocks) or any(has_forward_hooks(m) for m in blocks[-1].modules())
+                                or final_norm is not None and has_forward_hooks(final_norm)):
+        return readout(run_blocks(blocks, x, final_norm, kwargs_per_block))
     branch = None
     for i, blk in enumerate(blocks):
-        x, branch = blk.forward_residual(x, branch, **kwargs_per_block[i])
+        if readout is not None and i == len(blocks) - 1:
+            x, branch = blk.forward_readout(x, branch, readout, **(readout_kwargs or {}))
+        else:
+            x, branch = blk.forward_residual(x, branch, **kwargs_per_block[i])
     if final_norm is None:
         return x if branch is None else x + branch
     return fused_add_norm(final_norm, x, branch)[0]

@@ -140,5 +140,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     out_path = tmp_path / "grads.pt"
     mp.spawn(_ddp_worker, args=(2, _free_port(), model.state_dict(), x, y, str(out_path)), nprocs=2)
     ddp_grads = torch.load(out_path)
+    # equal up to float32 rounding: a batch of 4 and two of 2 (averaged by DDP) sum in different orders, which
+    # moved single elements by up to ~1e-7 here (1.05e-7 in head.weight, 6e-8 without the class-token readout)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,97 @@
+"""The last block computed for the read-out tokens only (run_blocks' ``readout``): a classifier's class token,
+CLIP's end-of-text token. Same outputs and gradients as computing every token and picking afterwards."""
+import pytest
+import torch
+from torch import nn
+
+import dlcv_fast
+from dlcv_fast.models import create_model
+from dlcv_fast.models.clip import TextTransformer
+from dlcv_fast.nn import Block
+from dlcv_fast.nn.block import run_blocks
+from dlcv_fast.nn.norm import LayerNorm
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_run_blocks_readout_equals_picking_afterwards(train, device):
+    """Prefix rows and one gathered row per sample (with its causal mask as a key padding mask); in training
+    with stochastic depth the random draws are the same, and so are the input gradients."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([Block(32, 2, 64, drop_path=0.2 if train else 0.0) for _ in range(3)])
+    blocks, norm = blocks.to(device).train(train), LayerNorm(32).to(device)
+    B, N = 3, 11
+    x = torch.randn(B, N, 32, device=device, requires_grad=True)
+    pos = torch.tensor([4, 10, 0], device=device)
+    rows = torch.arange(B, device=device)
+    cases = [(lambda t: t[:, :2], {}, {}),
+             (lambda t: t[rows, pos][:, None], dict(causal=True),
+              dict(key_padding_mask=torch.arange(N, device=device)[None] <= pos[:, None]))]
+    for select, kw, last_kw in cases:
+        torch.manual_seed(1)
+        got = run_blocks(blocks, x, norm, [kw] * 3, readout=select, readout_kwargs=last_kw)
+        torch.manual_seed(1)
+        want = select(run_blocks(blocks, x, norm, [kw] * 3))
+        assert got.shape == want.shape
+        _close(got, want)
+        g1, = torch.autograd.grad(got.square().sum(), x)
+        g2, = torch.autograd.grad(want.square().sum(), x)
+        _close(g1, g2)
+
+
+def test_readout_computes_only_the_read_rows(monkeypatch):
+    """The last block's attention runs with the prefix tokens as its only queries (ViT: 1, DeiT distilled: 2)."""
+    calls = []
+    real = dlcv_fast.attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[2], k.shape[2]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(dlcv_fast, "attention", spy)
+    for name, prefix in (("vit_tiny_patch16_224", 1), ("deit_tiny_distilled_patch16_224", 2)):
+        model = create_model(name, img_size=32, depth=3, num_classes=5).eval()
+        x = torch.randn(2, 3, 32, 32)
+        calls.clear()
+        with torch.no_grad():
+            logits = model(x)
+        assert calls == [(prefix + 4, prefix + 4)] * 2 + [(prefix, prefix + 4)]
+        with torch.no_grad():
+            _close(logits, model.forward_head(model.forward_features(x)))
+
+
+def test_readout_steps_aside_for_hooks():
+    """A forward hook anywhere in the last block sees the shapes of a full forward (the readout is not used)."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    handle = model.blocks[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        hooked = model(x)
+    handle.remove()
+    assert seen == [torch.Size([2, 5, 192])]  # every token (class + 2 x 2 patches), not the class token alone
+    with torch.no_grad():
+        _close(hooked, model(x))
+
+
+@pytest.mark.parametrize("eos_token_id", [None, 2])
+def test_clip_text_readout(eos_token_id, device):
+    """CLIP's text tower: the end-of-text row alone in the last block, with and without a padding mask."""
+    torch.manual_seed(0)
+    model = TextTransformer(context_length=16, vocab_size=50, width=32, heads=2, layers=3, output_dim=8,
+                            eos_token_id=eos_token_id).to(device).eval()
+    text = torch.randint(3, 40, (3, 16))
+    eos = 49 if eos_token_id is None else eos_token_id
+    text[0, 5], text[1, 15], text[2, 0] = eos, eos, eos
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, 9:] = 0
+    text, mask = text.to(device), mask.to(device)
+    for m in (None, mask):
+        with torch.no_grad():
+            got = model(text, m)
+            feats = model.forward_features(text, m)
+        _close(got, model.head(feats[torch.arange(3, device=device), model.eot_index(text)]))
