@@ -99,7 +99,7 @@ def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None, readout=None, 
     class token, CLIP's end-of-text token); the result is then ``readout`` of the above, and the last block
     computes only those rows after its keys and values (:meth:`Block.forward_readout`, with ``readout_kwargs``
     as its attention's keyword arguments instead of ``kwargs_per_block[-1]``): for ViT-B at 197 tokens that
-    leaves out three quarters of the last block's matmul work. Not where the last block or one of its modules,
+    leaves out five sixths of the last block's matmul work. Not where the last block or one of its modules,
     or the final norm, has forward hooks: they would see other shapes."""
     kwargs_per_block = kwargs_per_block or [{}] * len(blocks)
     if any(has_forward_hooks(blk) for blk in blocks):
