@@ -16,12 +16,12 @@ def _close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_run_blocks_readout_equals_picking_afterwards(train, device):
+@pytest.mark.parametrize("train,qk_norm", [(False, False), (True, False), (False, True)])
+def test_run_blocks_readout_equals_picking_afterwards(train, qk_norm, device):
     """Prefix rows and one gathered row per sample (with its causal mask as a key padding mask); in training
-    with stochastic depth the random draws are the same, and so are the input gradients."""
+    with stochastic depth the random draws are the same, and so are the input gradients; with q/k norms."""
     torch.manual_seed(0)
-    blocks = nn.ModuleList([Block(32, 2, 64, drop_path=0.2 if train else 0.0) for _ in range(3)])
+    blocks = nn.ModuleList([Block(32, 2, 64, qk_norm=qk_norm, drop_path=0.2 if train else 0.0) for _ in range(3)])
     blocks, norm = blocks.to(device).train(train), LayerNorm(32).to(device)
     B, N = 3, 11
     x = torch.randn(B, N, 32, device=device, requires_grad=True)
