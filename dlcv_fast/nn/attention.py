@@ -94,12 +94,16 @@ class Attention(nn.Module):
         its last block's work this way (:func:`dlcv_fast.nn.block.run_blocks`' ``readout``)."""
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(select(x), w[:H * D], None if b is None else b[:H * D])
+        if type(self.qkv) is nn.Linear:  # the query rows and the key/value rows, each from its part of the weight
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(select(x), w[:H * D], None if b is None else b[:H * D])
+            kv = F.linear(x, w[H * D:], None if b is None else b[H * D:])
+        else:  # a wrapped or quantised qkv (LoRA, int8, ...): called whole, as forward() calls it
+            qkv = self.qkv(x)
+            q, kv = select(qkv[..., :H * D]), qkv[..., H * D:]
         n = q.shape[1]
-        q = q.view(B, n, H, D).transpose(1, 2)
-        kv = F.linear(x, w[H * D:], None if b is None else b[H * D:])
-        k, v = kv.view(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q.reshape(B, n, H, D).transpose(1, 2)
+        k, v = kv.reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         o = dlcv_fast.attention(self.q_norm(q), self.k_norm(k), v, key_padding_mask=key_padding_mask,
                                 scale=self.scale)
         return self._out(o)

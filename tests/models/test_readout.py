@@ -95,3 +95,25 @@ def test_clip_text_readout(eos_token_id, device):
             got = model(text, m)
             feats = model.forward_features(text, m)
         _close(got, model.head(feats[torch.arange(3, device=device), model.eot_index(text)]))
+
+
+def test_readout_calls_a_wrapped_qkv_whole():
+    """A qkv Linear that is not a plain nn.Linear (a LoRA-style wrapper adding a low-rank delta) is called as a
+    module, not bypassed through its weight: the readout keeps its delta."""
+
+    class LoRALinear(nn.Linear):
+        def __init__(self, base, rank=2):
+            super().__init__(base.in_features, base.out_features)
+            self.load_state_dict(base.state_dict())
+            self.a = nn.Parameter(torch.randn(rank, base.in_features))
+            self.b = nn.Parameter(torch.randn(base.out_features, rank))
+
+        def forward(self, x):
+            return super().forward(x) + x @ self.a.t() @ self.b.t()
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5).eval()
+    model.blocks[-1].attn.qkv = LoRALinear(model.blocks[-1].attn.qkv)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _close(model(x), model.forward_head(model.forward_features(x)))
