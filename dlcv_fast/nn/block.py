@@ -6,6 +6,7 @@ from functools import partial
 from torch import nn
 
 from dlcv_fast.nn.attention import Attention
+from dlcv_fast.nn.hooks import has_forward_hooks
 from dlcv_fast.nn.mlp import Mlp
 from dlcv_fast.nn.norm import LayerNorm
 
@@ -79,14 +80,6 @@ def fused_add_norm(norm, x, branch):
         return norm(branch, residual=x)
     x = x + branch
     return norm(x), x
-
-
-def has_forward_hooks(module) -> bool:
-    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
-    from torch.nn.modules import module as m
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
-                or m._global_forward_pre_hooks)
 
 
 def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None, readout=None, readout_kwargs=None):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from dlcv_fast import backend as _backend
+from dlcv_fast.nn.hooks import has_forward_hooks
 from dlcv_fast.ops import linear_act as _linear_act_ops
 
 # Inference with fc1 and its activation in one Triton GEMM (dlcv_fast.ops.linear_act): off until timed on a GPU
@@ -41,10 +42,15 @@ class Mlp(nn.Module):
 
     def _fused(self, x):
         """Whether fc1 + act run as one GEMM: with FUSED_LINEAR_ACT on, where the Triton kernels run, in fp16/bf16
-        (fp32 stays on cuBLAS), outside torch.compile and autocast, and when autograd does not record (the fused
-        op keeps no pre-activation for a backward)."""
+        (fp32 stays on cuBLAS), outside torch.compile and autocast, when autograd does not record (the fused
+        op keeps no pre-activation for a backward), and when fc1 and act are the plain modules built here with no
+        forward hooks (a LoRA-wrapped or quantised fc1, a swapped activation or a hook must not be bypassed)."""
+        if not FUSED_LINEAR_ACT or type(self.fc1) is not nn.Linear or type(self.act) is not ACTIVATIONS[self.act_name]:
+            return False
+        if has_forward_hooks(self.fc1) or has_forward_hooks(self.act):
+            return False
         w = self.fc1.weight
-        return (FUSED_LINEAR_ACT and x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype
+        return (x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype
                 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and _backend.get_backend() in ("auto", "triton")

@@ -153,6 +153,38 @@ def test_mlp_flag(device, monkeypatch, act):
     assert calls == [act]
 
 
+def test_mlp_flag_leaves_wrapped_modules_and_hooks_alone(device, monkeypatch):
+    """The fused path reads fc1's weight directly, so it must not run when that would skip something: a fc1 that
+    is not a plain nn.Linear (a LoRA-style subclass adding a delta), a swapped activation, a forward hook."""
+
+    class Delta(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    x = make((3, 5, 32), torch.float16, device, 0)
+    monkeypatch.setattr(mlp_mod, "FUSED_LINEAR_ACT", True)
+    calls = []
+    real = ops._linear_act
+    monkeypatch.setattr(ops, "_linear_act", lambda *a: calls.append(a[3]) or real(*a))
+    m = mlp_mod.Mlp(32, 64).to(device).half()
+    with torch.no_grad():
+        m(x)
+        assert calls == ["gelu"]  # the plain module: fused
+        wrapped = mlp_mod.Mlp(32, 64).to(device).half()
+        wrapped.fc1 = Delta(32, 64).to(device).half()
+        wrapped.fc1.load_state_dict(m.fc1.state_dict())
+        wrapped.fc2.load_state_dict(m.fc2.state_dict())
+        torch.testing.assert_close(wrapped(x), m.fc2(m.act(m.fc1(x) + 1.0)))
+        swapped = mlp_mod.Mlp(32, 64).to(device).half()
+        swapped.act = nn.ReLU()
+        swapped(x)
+        seen = []
+        handle = m.fc1.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        m(x)
+        handle.remove()
+    assert calls == ["gelu"] and seen == [torch.Size([3, 5, 64])]
+
+
 def test_vit_with_fused_mlp_matches(device, monkeypatch):
     """A tiny ViT in fp16 inference gives the same logits with the fused MLP as without (within fp16 noise)."""
     from dlcv_fast.models import create_model
