@@ -86,7 +86,9 @@ def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None, readout=None, 
     """``final_norm(blocks[-1](...blocks[0](x)))`` (no norm when None), each block run with
     :meth:`forward_residual` so that its last residual add is fused into the next norm; ``kwargs_per_block``:
     one dict of keyword arguments per block, or None. When a block has forward hooks (feature extraction,
-    activation statistics), the blocks are called one by one instead, so the hooks see each block's output.
+    activation statistics), or one of them has no ``forward_residual`` (a block replaced by the user, or wrapped
+    for activation checkpointing), the blocks are called one by one instead, so hooks and replacements see each
+    block's output. Blocks: :class:`Block`, or any module with its ``forward_residual`` (Swin's block).
 
     ``readout``: a function picking the rows the caller will use, ``(B, N, C) -> (B, n, C)`` (a classifier's
     class token, CLIP's end-of-text token); the result is then ``readout`` of the above, and the last block
@@ -95,12 +97,13 @@ def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None, readout=None, 
     leaves out five sixths of the last block's matmul work. Not where the last block or one of its modules,
     or the final norm, has forward hooks: they would see other shapes."""
     kwargs_per_block = kwargs_per_block or [{}] * len(blocks)
-    if any(has_forward_hooks(blk) for blk in blocks):
+    if any(has_forward_hooks(blk) or not hasattr(blk, "forward_residual") for blk in blocks):  # hooked / replaced
         for blk, kw in zip(blocks, kwargs_per_block):
             x = blk(x, **kw)
         x = final_norm(x) if final_norm is not None else x
         return readout(x) if readout is not None else x
-    if readout is not None and (not len(blocks) or any(has_forward_hooks(m) for m in blocks[-1].modules())
+    if readout is not None and (not len(blocks) or not hasattr(blocks[-1], "forward_readout")
+                                or any(has_forward_hooks(m) for m in blocks[-1].modules())
                                 or final_norm is not None and has_forward_hooks(final_norm)):
         return readout(run_blocks(blocks, x, final_norm, kwargs_per_block))
     branch = None

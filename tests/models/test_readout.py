@@ -117,3 +117,26 @@ def test_readout_calls_a_wrapped_qkv_whole():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         _close(model(x), model.forward_head(model.forward_features(x)))
+
+
+def test_replaced_blocks_are_called_as_modules():
+    """A block the user replaced (here by a wrapper around the original) is called, not bypassed."""
+
+    class Wrapped(nn.Module):
+        def __init__(self, blk):
+            super().__init__()
+            self.blk, self.calls = blk, 0
+
+        def forward(self, x, **kw):
+            self.calls += 1
+            return self.blk(x, **kw)
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        model.blocks[-1] = Wrapped(model.blocks[-1])
+        got = model(x)
+    assert model.blocks[-1].calls == 1
+    _close(got, want)
