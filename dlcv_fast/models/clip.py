@@ -62,11 +62,13 @@ class TextTransformer(nn.Module):
             return text.argmax(dim=-1)
         return (text == self.eos_token_id).int().argmax(dim=-1)
 
+    def _check_length(self, text):
+        if text.shape[1] > self.context_length:
+            raise ValueError(f"text has {text.shape[1]} tokens, more than context_length={self.context_length}")
+
     def _embed(self, text):
-        L = text.shape[1]
-        if L > self.context_length:
-            raise ValueError(f"text has {L} tokens, more than context_length={self.context_length}")
-        return self.token_embedding(text) + self.pos_embed[:, :L]
+        self._check_length(text)
+        return self.token_embedding(text) + self.pos_embed[:, :text.shape[1]]
 
     def forward_features(self, text, attention_mask=None):
         """Normed token features ``(B, L, width)``; ``attention_mask`` ``(B, L)`` (1/True = real token) or None."""
@@ -77,13 +79,23 @@ class TextTransformer(nn.Module):
     def forward(self, text, attention_mask=None):
         """Token ids ``(B, L)`` -> the end-of-text token's projected features ``(B, output_dim)``.
 
-        The last block computes only the end-of-text rows (after every token's keys and values; their causal
-        mask becomes a key padding mask: keys up to that token, and real tokens only when ``attention_mask`` is
-        given): the same result as pooling :meth:`forward_features` (up to rounding), for about 7% less matmul
-        work (:func:`~dlcv_fast.nn.block.run_blocks`' ``readout``)."""
+        Two shortcuts, both exact up to rounding. The mask is causal, so no token after the last end-of-text
+        token of the batch can reach a pooled output: in eager mode the batch is cut there first (tokenizers
+        such as open_clip's pad every text to 77 tokens; a caption of 20 then costs a quarter), which reads that
+        position on the host; not under torch.compile or CUDA-graph capture, whose shapes must not depend on the
+        data. And the last block computes only the end-of-text rows (after every token's keys and values; their
+        causal mask becomes a key padding mask: keys up to that token, and real tokens only when
+        ``attention_mask`` is given), about 7% less matmul work (:func:`~dlcv_fast.nn.block.run_blocks`'
+        ``readout``)."""
+        self._check_length(text)  # before the cut, which could hide a text that is too long
+        eot = self.eot_index(text)
+        if text.shape[0] and not (torch.compiler.is_compiling()
+                                  or text.is_cuda and torch.cuda.is_current_stream_capturing()):
+            keep = int(eot.max()) + 1
+            text = text[:, :keep]
+            attention_mask = attention_mask[:, :keep] if attention_mask is not None else None
         B, L = text.shape
         x = self._embed(text)
-        eot = self.eot_index(text)
         rows = torch.arange(B, device=text.device)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         kwargs = dict(causal=True, key_padding_mask=key_padding_mask)

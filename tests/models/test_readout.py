@@ -140,3 +140,37 @@ def test_replaced_blocks_are_called_as_modules():
         got = model(x)
     assert model.blocks[-1].calls == 1
     _close(got, want)
+
+
+def test_clip_text_cut_after_the_last_end_of_text(monkeypatch):
+    """Tokens after the batch's last end-of-text token are not computed in eager mode (the mask is causal: they
+    cannot reach a pooled output); under torch.compile the full length runs. Same features either way."""
+    calls = []
+    real = dlcv_fast.attention
+
+    def spy(q, k, v, **kw):
+        calls.append(k.shape[2])
+        return real(q, k, v, **kw)
+
+    torch.manual_seed(0)
+    model = TextTransformer(context_length=16, vocab_size=50, width=32, heads=2, layers=2, output_dim=8).eval()
+    text = torch.randint(3, 40, (2, 16))
+    text[0, 5], text[1, 9] = 49, 49
+    text[:, 10:] = 0  # padding after the longest text, as open_clip's tokenizer writes it
+    mask = (text != 0).long()
+    monkeypatch.setattr(dlcv_fast, "attention", spy)
+    for m in (None, mask):
+        with torch.no_grad():
+            calls.clear()
+            cut = model(text, m)
+            assert calls == [10, 10]
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+            calls.clear()
+            full = model(text, m)
+            assert calls == [16, 16]
+            monkeypatch.undo()
+            monkeypatch.setattr(dlcv_fast, "attention", spy)
+        _close(cut, full)
+        with torch.no_grad():
+            feats = model.forward_features(text, m)
+        _close(cut, model.head(feats[torch.arange(2), model.eot_index(text)]))
