@@ -22,6 +22,7 @@ from torch import nn
 from dlcv_fast.models.registry import load_reference, register_model
 from dlcv_fast.models.vit import VisionTransformer, act_name
 from dlcv_fast.nn.block import Block, run_blocks
+from dlcv_fast.nn.hooks import plain_eager
 from dlcv_fast.nn.norm import LayerNorm
 
 
@@ -82,15 +83,17 @@ class TextTransformer(nn.Module):
         Two shortcuts, both exact up to rounding. The mask is causal, so no token after the last end-of-text
         token of the batch can reach a pooled output: in eager mode the batch is cut there first (tokenizers
         such as open_clip's pad every text to 77 tokens; a caption of 20 then costs a quarter), which reads that
-        position on the host; not under torch.compile or CUDA-graph capture, whose shapes must not depend on the
-        data. And the last block computes only the end-of-text rows (after every token's keys and values; their
+        position on the host; only in plain eager mode (not under torch.compile, torch.jit.trace, vmap, fake or
+        meta tensors, CUDA-graph capture: their shapes must not depend on the data). And the last block computes only the end-of-text rows (after every token's keys and values; their
         causal mask becomes a key padding mask: keys up to that token, and real tokens only when
         ``attention_mask`` is given), about 7% less matmul work (:func:`~dlcv_fast.nn.block.run_blocks`'
         ``readout``)."""
         self._check_length(text)  # before the cut, which could hide a text that is too long
         eot = self.eot_index(text)
-        if text.shape[0] and not (torch.compiler.is_compiling()
-                                  or text.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if type(self).forward_features is not TextTransformer.forward_features:  # a subclass's own features
+            x = self.forward_features(text, attention_mask)
+            return self.head(x[torch.arange(x.shape[0], device=x.device), eot])
+        if text.shape[0] and plain_eager(text, attention_mask):
             keep = int(eot.max()) + 1
             text = text[:, :keep]
             attention_mask = attention_mask[:, :keep] if attention_mask is not None else None

@@ -159,7 +159,8 @@ class VisionTransformer(nn.Module):
         block computes only the prefix tokens' rows, the only ones the head reads, after its keys and values
         (:func:`~dlcv_fast.nn.block.run_blocks`' ``readout``): the same logits up to rounding, for about 7%
         less matmul work in ViT-B/16 (five sixths of one block of twelve)."""
-        if self.global_pool != "token" or self.rope is not None:
+        if (self.global_pool != "token" or self.rope is not None
+                or type(self).forward_features is not VisionTransformer.forward_features):  # a subclass's own
             return self.forward_head(self.forward_features(x))
         x, _ = self._embed(x)
         P = self.num_prefix_tokens

@@ -82,6 +82,11 @@ def fused_add_norm(norm, x, branch):
     return norm(x), x
 
 
+def _reads_out(blk) -> bool:
+    """Whether :meth:`Block.forward_readout` computes what calling ``blk`` would: exactly our Block and Attention."""
+    return type(blk) is Block and type(blk.attn) is Attention
+
+
 def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None, readout=None, readout_kwargs=None):
     """``final_norm(blocks[-1](...blocks[0](x)))`` (no norm when None), each block run with
     :meth:`forward_residual` so that its last residual add is fused into the next norm; ``kwargs_per_block``:
@@ -94,15 +99,16 @@ def run_blocks(blocks, x, final_norm=None, kwargs_per_block=None, readout=None, 
     class token, CLIP's end-of-text token); the result is then ``readout`` of the above, and the last block
     computes only those rows after its keys and values (:meth:`Block.forward_readout`, with ``readout_kwargs``
     as its attention's keyword arguments instead of ``kwargs_per_block[-1]``): for ViT-B at 197 tokens that
-    leaves out five sixths of the last block's matmul work. Not where the last block or one of its modules,
-    or the final norm, has forward hooks: they would see other shapes."""
+    leaves out five sixths of the last block's matmul work. Only when the last block is a :class:`Block` with an
+    :class:`Attention` (not subclasses, whose own forward would be bypassed, nor replacements), and not where
+    that block or one of its modules, or the final norm, has forward hooks: they would see other shapes."""
     kwargs_per_block = kwargs_per_block or [{}] * len(blocks)
     if any(has_forward_hooks(blk) or not hasattr(blk, "forward_residual") for blk in blocks):  # hooked / replaced
         for blk, kw in zip(blocks, kwargs_per_block):
             x = blk(x, **kw)
         x = final_norm(x) if final_norm is not None else x
         return readout(x) if readout is not None else x
-    if readout is not None and (not len(blocks) or not hasattr(blocks[-1], "forward_readout")
+    if readout is not None and (not len(blocks) or not _reads_out(blocks[-1])
                                 or any(has_forward_hooks(m) for m in blocks[-1].modules())
                                 or final_norm is not None and has_forward_hooks(final_norm)):
         return readout(run_blocks(blocks, x, final_norm, kwargs_per_block))

@@ -49,12 +49,13 @@ class Mlp(nn.Module):
             return False
         if has_forward_hooks(self.fc1) or has_forward_hooks(self.act):
             return False
+        if not (x.device.type == "cuda" or x.device.type == "cpu" and _backend.interpreting()):
+            return False  # meta tensors, other devices: eager
         w = self.fc1.weight
         return (x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype
                 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and _backend.get_backend() in ("auto", "triton")
-                and (x.device.type == "cuda" or _backend.interpreting()))
+                and _backend.get_backend() in ("auto", "triton"))
 
     def forward(self, x):
         if self._fused(x):

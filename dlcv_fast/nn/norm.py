@@ -30,7 +30,7 @@ class LayerNorm(nn.LayerNorm):
         if x.device.type == "cuda":
             if x.numel() < self.FUSED_MIN_ELEMENTS:
                 return False
-        elif not _backend.interpreting():
+        elif x.device.type != "cpu" or not _backend.interpreting():  # e.g. meta tensors: eager
             return False
         ok = _ln_ops.SUPPORTED_DTYPES
         return (x.dtype in ok and x.shape[-1] <= _ln_ops.MAX_N

@@ -174,3 +174,66 @@ def test_clip_text_cut_after_the_last_end_of_text(monkeypatch):
         with torch.no_grad():
             feats = model.forward_features(text, m)
         _close(cut, model.head(feats[torch.arange(2), model.eot_index(text)]))
+
+
+def test_clip_text_cut_only_in_plain_eager_mode():
+    """The cut reads a position on the host, so it must not happen where shapes must not depend on the data:
+    a trace taken on short texts still serves longer ones; meta and fake tensors run the full length."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    model = TextTransformer(context_length=12, vocab_size=50, width=32, heads=2, layers=2, output_dim=8).eval()
+    short, long = torch.randint(3, 40, (2, 12)), torch.randint(3, 40, (2, 12))
+    short[0, 3], short[1, 4], long[0, 10], long[1, 11] = 49, 49, 49, 49
+    with dlcv_fast.use_backend("torch"), torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, (short,), check_trace=False)
+        _close(traced(long), model(long))
+        with torch.device("meta"):
+            meta = TextTransformer(context_length=12, vocab_size=50, width=32, heads=2, layers=2, output_dim=8)
+            assert meta(torch.zeros(2, 12, dtype=torch.long)).shape == (2, 8)
+        with FakeTensorMode():
+            fake = TextTransformer(context_length=12, vocab_size=50, width=32, heads=2, layers=2, output_dim=8)
+            assert fake(torch.zeros(2, 12, dtype=torch.long)).shape == (2, 8)
+
+
+def test_readout_leaves_subclasses_and_replaced_attention_alone():
+    """A last block whose attention was replaced or subclassed, a Block subclass, or a model subclass with its own
+    forward_features: the readout would bypass their code, so the model runs them as they are."""
+    from dlcv_fast.nn.attention import Attention
+    from dlcv_fast.models.vit import VisionTransformer
+
+    class Recording(nn.Module):
+        def __init__(self, attn):
+            super().__init__()
+            self.attn, self.calls = attn, 0
+
+        def forward(self, x, **kw):
+            self.calls += 1
+            return self.attn(x, **kw)
+
+    class Scaled(Attention):
+        def forward(self, x, **kw):
+            return 2 * super().forward(x, **kw)
+
+    class Features(VisionTransformer):
+        def forward_features(self, x):
+            return super().forward_features(x) + 1
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    full = lambda m: m.forward_head(m.forward_features(x))  # noqa: E731
+    with torch.no_grad():
+        model.blocks[-1].attn = Recording(model.blocks[-1].attn)
+        _close(model(x), full(model))
+        assert model.blocks[-1].attn.calls == 2
+        scaled = Scaled(192, 3, qkv_bias=True)
+        scaled.load_state_dict(model.blocks[-1].attn.attn.state_dict())
+        model.blocks[-1].attn = scaled
+        _close(model(x), full(model))
+        sub = Features(img_size=32, patch_size=16, embed_dim=192, depth=2, num_heads=3, num_classes=5).eval()
+        _close(sub(x), full(sub))
