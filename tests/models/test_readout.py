@@ -16,6 +16,18 @@ def _close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+class Counting(nn.Module):
+    """A user's wrapper around a module (a block, an attention): counts its calls."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x, **kw):
+        self.calls += 1
+        return self.inner(x, **kw)
+
+
 @pytest.mark.parametrize("train,qk_norm", [(False, False), (True, False), (False, True)])
 def test_run_blocks_readout_equals_picking_afterwards(train, qk_norm, device):
     """Prefix rows and one gathered row per sample (with its causal mask as a key padding mask); in training
@@ -122,21 +134,12 @@ def test_readout_calls_a_wrapped_qkv_whole():
 def test_replaced_blocks_are_called_as_modules():
     """A block the user replaced (here by a wrapper around the original) is called, not bypassed."""
 
-    class Wrapped(nn.Module):
-        def __init__(self, blk):
-            super().__init__()
-            self.blk, self.calls = blk, 0
-
-        def forward(self, x, **kw):
-            self.calls += 1
-            return self.blk(x, **kw)
-
     torch.manual_seed(0)
     model = create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = model(x)
-        model.blocks[-1] = Wrapped(model.blocks[-1])
+        model.blocks[-1] = Counting(model.blocks[-1])
         got = model(x)
     assert model.blocks[-1].calls == 1
     _close(got, want)
@@ -206,15 +209,6 @@ def test_readout_leaves_subclasses_and_replaced_attention_alone():
     from dlcv_fast.nn.attention import Attention
     from dlcv_fast.models.vit import VisionTransformer
 
-    class Recording(nn.Module):
-        def __init__(self, attn):
-            super().__init__()
-            self.attn, self.calls = attn, 0
-
-        def forward(self, x, **kw):
-            self.calls += 1
-            return self.attn(x, **kw)
-
     class Scaled(Attention):
         def forward(self, x, **kw):
             return 2 * super().forward(x, **kw)
@@ -228,11 +222,11 @@ def test_readout_leaves_subclasses_and_replaced_attention_alone():
     x = torch.randn(2, 3, 32, 32)
     full = lambda m: m.forward_head(m.forward_features(x))  # noqa: E731
     with torch.no_grad():
-        model.blocks[-1].attn = Recording(model.blocks[-1].attn)
+        model.blocks[-1].attn = Counting(model.blocks[-1].attn)
         _close(model(x), full(model))
         assert model.blocks[-1].attn.calls == 2
         scaled = Scaled(192, 3, qkv_bias=True)
-        scaled.load_state_dict(model.blocks[-1].attn.attn.state_dict())
+        scaled.load_state_dict(model.blocks[-1].attn.inner.state_dict())
         model.blocks[-1].attn = scaled
         _close(model(x), full(model))
         sub = Features(img_size=32, patch_size=16, embed_dim=192, depth=2, num_heads=3, num_classes=5).eval()
