@@ -47,8 +47,8 @@ def parse_args(argv):
                     help="also copy the CSV/JSON to benchmarks/results/ (default: on for GPU runs)")
     ap.add_argument("--warm-workers", type=int, default=None, metavar="N",
                     help="before timing, N processes build and call once every provider that compiles (ours, Liger, "
-                         "torch.compile, FlexAttention) to fill the Triton and torch.compile caches (benchmarks/warm.py; default: min(8, cores / 2) for --quick on a "
-                         "GPU, else 0)")
+                         "torch.compile, FlexAttention) to fill the Triton and torch.compile caches "
+                         "(benchmarks/warm.py; default: min(8, cores / 2) for --quick on a GPU, else 0)")
     ap.add_argument("--warm-budget", type=float, default=None, metavar="S",
                     help=f"seconds the warm-up may take (default: {warm.WARM_BUDGET_S} s, at most "
                          f"{warm.WARM_CAP_SHARE * 100:.0f}%% of a time cap)")
@@ -99,37 +99,38 @@ def main(argv=None) -> int:
     print(f"dlcv_fast benchmarks: {env['gpu'] or 'CPU'} driver {env['driver'] or '-'}, torch {env['torch']}, "
           f"triton {env['triton']}, commit {env['commit'][:12]}, {env['date']}", flush=True)
     notes = []
+
+    def note(text):
+        notes.append(text)
+        print(f"NOTE: {text}", flush=True)
+
     if device != "cuda":
-        notes.append("no CUDA device: kernel timings need a CUDA device; this run times the CPU fallback "
-                     "(dlcv_fast's reference backend against torch and the reference libraries) at tiny sizes")
-        print(f"NOTE: {notes[-1]}", flush=True)
+        note("no CUDA device: kernel timings need a CUDA device; this run times the CPU fallback "
+             "(dlcv_fast's reference backend against torch and the reference libraries) at tiny sizes")
     plan = [(b, b.available(), b.cases_for(device, args.quick)) for b in benches]
     workers = args.warm_workers if args.warm_workers is not None else warm.default_workers(device, args.quick)
-    warmed = set()
+    warmed, items = set(), []
     if workers > 0:  # before anything is timed: the workers share the GPU
         budget = args.warm_budget if args.warm_budget is not None else (
             min(warm.WARM_BUDGET_S, warm.WARM_CAP_SHARE * limit) if limit else 10 * warm.WARM_BUDGET_S)
         items = warm.plan_items(plan, device, args.quick)
         warmed = warm.warm(items, workers, budget, device, args.quick, log=lambda line: print(line, flush=True))
-        notes.append(f"warm-up before timing (benchmarks/warm.py): {workers} processes built and called "
-                     f"{len(warmed)} of {len(items)} provider x case items once, filling the Triton and "
-                     "torch.compile caches; its time counts against the cap")
+        note(f"warm-up before timing (benchmarks/warm.py): {workers} processes built and called {len(warmed)} of "
+             f"{len(items)} provider x case items once, filling the Triton and torch.compile caches; its time "
+             "counts against the cap")
     # With --quick and a cap, the first pass (everything but the compiled providers) leaves the compiled pass a
     # share: a smaller one when the warm-up compiled all of them (what is left is tracing and loading the caches).
     compiled_share = QUICK_COMPILED_SHARE_S
-    if warmed and all(warm.item_key(b.name, b.label(cases[0]), p.name) in warmed
-                      for b, reason, cases in plan if not reason and cases for p in b.providers_for(device)
-                      if p.compiled):
+    if warmed and all(warm.item_key(it["bench"], it["label"], it["provider"]) in warmed
+                      for it in items if it["compiled"]):
         compiled_share = WARMED_COMPILED_SHARE_S
     share = compiled_share if args.quick and limit and limit > 2 * compiled_share else 0
     first_left = lambda: left() - share
     if args.quick:
-        notes.append("--quick: headline shapes only; compiled providers (FlexAttention, torch.compile) on each "
-                     "benchmark's first case only, after all the others" + (
-                         f"; time cap {limit:.0f} s (the first pass stops {share:.0f} s before it), "
-                         "work past it reported as skipped" if limit else ""))
-    for n in notes[1 if device != "cuda" else 0:]:
-        print(f"NOTE: {n}", flush=True)
+        note("--quick: headline shapes only; compiled providers (FlexAttention, torch.compile) on each "
+             "benchmark's first case only, after all the others" + (
+                 f"; time cap {limit:.0f} s (the first pass stops {share:.0f} s before it), "
+                 "work past it reported as skipped" if limit else ""))
     roof = runner.roofline(device)
     print(f"ceilings measured now: {roof['matmul_tflops']:.4g} TFLOP/s ({roof['matmul']} matmul), "
           f"{roof['copy_gbps']:.4g} GB/s ({roof['copy']})", flush=True)

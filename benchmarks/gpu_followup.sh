@@ -2,8 +2,9 @@
 # The second device call of a GPU session, after `bash .devcheck/run.sh all`: the config sweeps that decide
 # the off-by-default switches, most telling first (table: the shipped backward tiles against key-major and TMA
 # loads; fwd: forward tiles, tail block, exp2 split, K/V by TMA; split: short key sides; window; linear: the
-# Linear + GELU GEMM against cuBLAS), within a time limit, rows and summary written under $OUT. Works on a warm machine (the project already
-# installed) and on a fresh one (installs the carried wheels and the project first, as run.sh does).
+# Linear + GELU GEMM against cuBLAS), within a time limit, rows and summary written under $OUT. Works on a warm
+# machine (the project already installed) and on a fresh one (installs the carried wheels and the project
+# first, as run.sh does).
 #
 #   bash benchmarks/gpu_followup.sh [SECONDS] [GROUPS]      # defaults: 420, table,fwd,split,window,linear
 set -uo pipefail

@@ -71,11 +71,14 @@ class TextTransformer(nn.Module):
         self._check_length(text)
         return self.token_embedding(text) + self.pos_embed[:, :text.shape[1]]
 
+    def _block_kwargs(self, attention_mask):
+        """The key padding mask (None without ``attention_mask``) and every block's attention arguments."""
+        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
+        return key_padding_mask, [dict(causal=True, key_padding_mask=key_padding_mask)] * len(self.blocks)
+
     def forward_features(self, text, attention_mask=None):
         """Normed token features ``(B, L, width)``; ``attention_mask`` ``(B, L)`` (1/True = real token) or None."""
-        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
-        kwargs = dict(causal=True, key_padding_mask=key_padding_mask)
-        return run_blocks(self.blocks, self._embed(text), self.norm, [kwargs] * len(self.blocks))
+        return run_blocks(self.blocks, self._embed(text), self.norm, self._block_kwargs(attention_mask)[1])
 
     def forward(self, text, attention_mask=None):
         """Token ids ``(B, L)`` -> the end-of-text token's projected features ``(B, output_dim)``.
@@ -84,10 +87,10 @@ class TextTransformer(nn.Module):
         token of the batch can reach a pooled output: in eager mode the batch is cut there first (tokenizers
         such as open_clip's pad every text to 77 tokens; a caption of 20 then costs a quarter), which reads that
         position on the host; only in plain eager mode (not under torch.compile, torch.jit.trace, vmap, fake or
-        meta tensors, CUDA-graph capture: their shapes must not depend on the data). And the last block computes only the end-of-text rows (after every token's keys and values; their
-        causal mask becomes a key padding mask: keys up to that token, and real tokens only when
-        ``attention_mask`` is given), about 7% less matmul work (:func:`~dlcv_fast.nn.block.run_blocks`'
-        ``readout``)."""
+        meta tensors, CUDA-graph capture: their shapes must not depend on the data). And the last block computes
+        only the end-of-text rows (after every token's keys and values; their causal mask becomes a key padding
+        mask: keys up to that token, and real tokens only when ``attention_mask`` is given), about 7% less matmul
+        work (:func:`~dlcv_fast.nn.block.run_blocks`' ``readout``)."""
         self._check_length(text)  # before the cut, which could hide a text that is too long
         eot = self.eot_index(text)
         if type(self).forward_features is not TextTransformer.forward_features:  # a subclass's own features
@@ -100,12 +103,11 @@ class TextTransformer(nn.Module):
         B, L = text.shape
         x = self._embed(text)
         rows = torch.arange(B, device=text.device)
-        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
-        kwargs = dict(causal=True, key_padding_mask=key_padding_mask)
+        key_padding_mask, kwargs = self._block_kwargs(attention_mask)
         last_keys = torch.arange(L, device=text.device)[None, :] <= eot[:, None]  # what the eot query sees
         if key_padding_mask is not None:
             last_keys = last_keys & key_padding_mask
-        x = run_blocks(self.blocks, x, self.norm, [kwargs] * len(self.blocks), readout=lambda t: t[rows, eot][:, None],
+        x = run_blocks(self.blocks, x, self.norm, kwargs, readout=lambda t: t[rows, eot][:, None],
                        readout_kwargs=dict(key_padding_mask=last_keys))
         return self.head(x[:, 0])
 

@@ -90,8 +90,8 @@ class Attention(nn.Module):
         class token), computing queries and the projection for those rows only; keys and values come from every
         row, so the result is the same (up to rounding). ``key_padding_mask`` ``(B, N)`` as in :meth:`forward`;
         a causal mask is the caller's to express through it (the selected rows' positions are its to know).
-        A model that reads out a few tokens (ViT's class token, CLIP's end-of-text token) saves two thirds of
-        its last block's work this way (:func:`dlcv_fast.nn.block.run_blocks`' ``readout``)."""
+        A model that reads out a few tokens (ViT's class token, CLIP's end-of-text token) saves five sixths of
+        its last block's matmul work this way (:func:`dlcv_fast.nn.block.run_blocks`' ``readout``)."""
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
         if type(self.qkv) is nn.Linear:  # the query rows and the key/value rows, each from its part of the weight

@@ -60,14 +60,14 @@ class Block(nn.Module):
         y, x = fused_add_norm(self.norm2, x, self.drop_path(self.attn(y, **attn_kwargs)))
         return x, self.drop_path(self.mlp(y))
 
-
     def forward_readout(self, x, branch, select, **attn_kwargs):
         """:meth:`forward_residual` restricted to the rows ``select`` picks (``(B, N, C) -> (B, n, C)``): keys and
         values from every row, queries, the projection, the second norm and the MLP for the selected rows only.
         ``attn_kwargs`` go to :meth:`Attention.forward_rows` (``key_padding_mask``). Returns ``(x', branch')``
         for those rows."""
         y, x = fused_add_norm(self.norm1, x, branch)
-        y, x = fused_add_norm(self.norm2, select(x), self.drop_path(self.attn.forward_rows(y, select, **attn_kwargs)))
+        branch = self.drop_path(self.attn.forward_rows(y, select, **attn_kwargs))
+        y, x = fused_add_norm(self.norm2, select(x), branch)
         return x, self.drop_path(self.mlp(y))
 
 
