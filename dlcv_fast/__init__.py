@@ -120,6 +120,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 from dlcv_fast import models  # noqa: E402  (last: the models are built on the functions above)
+from dlcv_fast.integrations import patch, unpatch  # noqa: E402
 
 __all__ = ["attention", "scaled_dot_product_attention", "apply_rope", "rope_2d", "window_attention", "layer_norm",
-           "use_backend", "get_backend", "models"]
+           "use_backend", "get_backend", "models", "patch", "unpatch"]

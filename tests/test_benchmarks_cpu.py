@@ -34,7 +34,7 @@ def test_benchmark_command_without_gpu(tmp_path):
     assert all(r["peak_mib"] is None for r in doc["rows"])  # GPU memory: measured on a GPU only
     # model rows carry a profile: where the time goes (aten ops on the CPU), heaviest first, shares summing to 1
     profiled = [p for p in doc["profiles"] if p["benchmark"] == "model_infer"]
-    assert {p["provider"] for p in profiled} == {"dlcv_fast", "ref.eager"}
+    assert {p["provider"] for p in profiled} == {"dlcv_fast", "ref.eager", "dlcv_fast.patch"}
     for p in profiled:
         ms = [k["ms"] for k in p["kernels"]]
         assert ms[:-1] == sorted(ms[:-1], reverse=True) and p["total_ms"] > 0

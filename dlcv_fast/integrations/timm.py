@@ -1,0 +1,168 @@
+"""timm: ``Attention`` and ``AttentionRope`` (ViT, DeiT, EVA, ...) and Swin's ``SwinTransformerBlock``.
+
+The patched classes are subclasses of timm's, swapped in with ``module.__class__`` (parameters, buffers,
+names and ``isinstance`` unchanged; only modules of exactly timm's class are swapped, a user's subclass is left
+alone). What each one does differently:
+
+- ``Attention`` / ``AttentionRope``: the attention step (timm's ``F.scaled_dot_product_attention`` call or its
+  eager softmax) runs through :func:`dlcv_fast.scaled_dot_product_attention`, with timm's ``attn_mask`` and
+  ``is_causal`` as they are; the qkv split, q/k norms, RoPE (timm's own rotation), gate, output norm and
+  projection are timm's. Grouped-query ``AttentionRope`` passes its k/v heads unrepeated.
+- ``SwinTransformerBlock``: its whole attention step (cyclic shift, padding, window partition, attention with
+  the relative position bias and the shifted-window mask, merge, reverse shift) runs as one
+  :func:`dlcv_fast.window_attention` between the block's ``attn.qkv`` and ``attn.proj``; no partitioned copy,
+  no bias or mask tensor. Padding tokens carry the qkv bias, as in timm.
+
+A call falls back to timm's own code when the kernels cannot reproduce it: attention dropout active in
+training, a head dim out of the kernels' range, forward hooks on the Swin block's ``attn`` module (the fused
+step does not call it), a qkv layer that is not a plain ``nn.Linear`` (Swin's padding tokens need its bias),
+or an attention module of another type inside the Swin block.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+import dlcv_fast
+from dlcv_fast.nn.hooks import has_forward_hooks
+
+MAX_HEAD_DIM = 256  # dlcv_fast.attention
+MAX_WINDOW_HEAD_DIM = 64  # the Triton window kernels
+
+
+def _dropout_active(module, dropout):
+    return module.training and dropout.p > 0
+
+
+def _attend(module, q, k, v, attn_mask, is_causal):
+    """The attention step of timm's Attention / AttentionRope on (B, H, N, D) tensors -> (B, N, H * D)."""
+    B, H, N, D = q.shape
+    x = dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               scale=module.scale, enable_gqa=k.shape[1] != H)
+    return x.transpose(1, 2).reshape(B, N, H * D)
+
+
+def _finish(module, x, gate):
+    x = module.norm(x)
+    if gate is not None:
+        x = x * gate
+    return module.proj_drop(module.proj(x))
+
+
+def _attention_classes():
+    from timm.layers import attention
+
+    return attention.Attention, attention.AttentionRope
+
+
+def _swin_classes():
+    from timm.models import swin_transformer
+
+    return swin_transformer.SwinTransformerBlock, swin_transformer.WindowAttention
+
+
+def _make_patched():
+    """The patched subclasses (timm imported here, not when dlcv_fast is)."""
+    timm_attention, timm_attention_rope = _attention_classes()
+    timm_swin_block, timm_window_attention = _swin_classes()
+
+    class PatchedAttention(timm_attention):
+        _dlcv_patched = True
+
+        def forward(self, x, attn_mask=None, is_causal=False):
+            if _dropout_active(self, self.attn_drop) or not 1 <= self.head_dim <= MAX_HEAD_DIM:
+                return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            B, N, _ = x.shape
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            x = _attend(self, self.q_norm(q), self.k_norm(k), v, attn_mask, is_causal)
+            return _finish(self, x, gate)
+
+    class PatchedAttentionRope(timm_attention_rope):
+        _dlcv_patched = True
+
+        def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+            if _dropout_active(self, self.attn_drop) or not 1 <= self.head_dim <= MAX_HEAD_DIM:
+                return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+            B, N, _ = x.shape
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            if self.qkv is not None:
+                q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            else:
+                q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+                k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+                v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:  # timm's rotation, prefix tokens unrotated
+                p, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+                q, k = (torch.cat([t[:, :, :p], apply_rot_embed_cat(t[:, :, p:], rope, half=half)], dim=2).type_as(v)
+                        for t in (q, k))
+            return _finish(self, _attend(self, q, k, v, attn_mask, is_causal), gate)
+
+    class PatchedSwinTransformerBlock(timm_swin_block):
+        _dlcv_patched = True
+
+        def _attn(self, x):
+            attn = self.attn
+            head_dim = attn.qkv.out_features // (3 * attn.num_heads) if type(attn.qkv) is nn.Linear else 0
+            if (type(attn) is not timm_window_attention or not 1 <= head_dim <= MAX_WINDOW_HEAD_DIM
+                    or _dropout_active(attn, attn.attn_drop) or has_forward_hooks(attn)):
+                return super()._attn(x)
+            out = dlcv_fast.window_attention(attn.qkv(x), num_heads=attn.num_heads,
+                                             window_size=tuple(self.window_size), shift_size=tuple(self.shift_size),
+                                             rel_pos_bias_table=attn.relative_position_bias_table,
+                                             qkv_bias=attn.qkv.bias, scale=attn.scale)
+            return attn.proj_drop(attn.proj(out))
+
+    table = {timm_attention: PatchedAttention, timm_attention_rope: PatchedAttentionRope,
+             timm_swin_block: PatchedSwinTransformerBlock}
+    for cls in table.values():  # importable as dlcv_fast.integrations.timm.<name> (module __getattr__), so
+        cls.__qualname__, cls.__module__ = cls.__name__, __name__  # a patched model pickles
+    return table
+
+
+_PATCHED = None
+
+
+def patched_classes():
+    """``{timm class: its patched subclass}``."""
+    global _PATCHED
+    if _PATCHED is None:
+        _PATCHED = _make_patched()
+    return _PATCHED
+
+
+def __getattr__(name):
+    if name in ("PatchedAttention", "PatchedAttentionRope", "PatchedSwinTransformerBlock"):
+        return next(cls for cls in patched_classes().values() if cls.__name__ == name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def patch(model: nn.Module) -> int:
+    if "timm" not in sys.modules:
+        return 0
+    table = patched_classes()
+    changed = 0
+    for m in model.modules():
+        new = table.get(type(m))
+        if new is not None:
+            m.__class__ = new
+            changed += 1
+    return changed
+
+
+def unpatch(model: nn.Module) -> int:
+    if "timm" not in sys.modules:
+        return 0
+    originals = {new: old for old, new in patched_classes().items()}
+    restored = 0
+    for m in model.modules():
+        old = originals.get(type(m))
+        if old is not None:
+            m.__class__ = old
+            restored += 1
+    return restored

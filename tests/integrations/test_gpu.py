@@ -1,0 +1,39 @@
+"""bf16 on a GPU: reference-library models patched with dlcv_fast.patch, held to issue 6's model rule
+(``max|patched_bf16 - theirs_fp32| <= 2 * max|theirs_bf16 - theirs_fp32| + 1e-2``), full size. The GPU machine has
+timm and transformers (no open_clip, no diffusers)."""
+import copy
+
+import pytest
+import torch
+
+import dlcv_fast
+from tests.models.test_gpu import bf16_check
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_timm_patched_bf16(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False).eval()
+    patched = dlcv_fast.patch(copy.deepcopy(ref))
+    bf16_check(patched, ref, torch.randn(8, 3, 224, 224), name=name)
+
+
+def test_transformers_clip_patched_bf16():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(vision_config=dict(patch_size=32))
+    ref = transformers.CLIPModel(cfg).eval()
+    ids = torch.randint(1, 49406, (8, 77))
+    ids[:, 0], ids[:, 20] = 49406, 49407
+    mask = torch.ones(8, 77, dtype=torch.long)
+    mask[:, 21:] = 0
+    images = torch.randn(4, 3, 224, 224)
+    patched = dlcv_fast.patch(copy.deepcopy(ref))
+
+    def logits(m, image, text, attention_mask):
+        return m(input_ids=text, pixel_values=image, attention_mask=attention_mask).logits_per_image
+
+    bf16_check(patched, ref, images, ids, mask, call=logits, name="logits_per_image")
