@@ -37,3 +37,16 @@ def test_transformers_clip_patched_bf16():
         return m(input_ids=text, pixel_values=image, attention_mask=attention_mask).logits_per_image
 
     bf16_check(patched, ref, images, ids, mask, call=logits, name="logits_per_image")
+
+
+def test_transformers_blip2_qformer_patched_bf16():
+    """BLIP-2's Q-Former at full size: 32 queries over 257 image tokens (issue 2's Q-Former shape), hidden 768."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ref = transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig()).eval()
+    patched = dlcv_fast.patch(copy.deepcopy(ref))
+
+    def features(m, queries, image):
+        return m(query_embeds=queries, encoder_hidden_states=image).last_hidden_state
+
+    bf16_check(patched, ref, torch.randn(8, 32, 768), torch.randn(8, 257, 1408), call=features, name="Q-Former")

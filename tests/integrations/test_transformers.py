@@ -113,6 +113,27 @@ def test_decoder_gqa_causal_and_padding(spy, device):
                 assert all(not c["causal"] and c["attn_bias"] is not None for c in spy)
 
 
+def test_blip2_qformer_self_and_cross_attention(spy):
+    """BLIP-2's Q-Former: learned queries attend to themselves and, every layer here, to the image tokens
+    (Lq = 8 queries over Lk = 17 image tokens; the full-size shape is 32 over 257)."""
+    torch.manual_seed(0)
+    cfg = transformers.Blip2QFormerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=128, encoder_hidden_size=48, cross_attention_frequency=1)
+    lp = transformers.Blip2QFormerModel(cfg).eval()
+    golden, patched = copy.deepcopy(lp).double(), dlcv_fast.patch(copy.deepcopy(lp))
+    queries, image = torch.randn(2, 8, 64), torch.randn(2, 17, 48)
+    image_mask = torch.ones(2, 17, dtype=torch.long)
+    image_mask[1, 12:] = 0
+    with torch.no_grad():
+        for mask in (None, image_mask):
+            spy.clear()
+            outs = [m(query_embeds=queries.to(dtype), encoder_hidden_states=image.to(dtype),
+                      encoder_attention_mask=mask).last_hidden_state
+                    for m, dtype in ((patched, torch.float32), (lp, torch.float32), (golden, torch.float64))]
+            check_model(*outs, name="Q-Former output" + (", padded image tokens" if mask is not None else ""))
+            assert sorted(c["k"].shape[2] for c in spy) == [8, 8, 17, 17]  # two self- and two cross-attentions
+
+
 def test_gradients(spy):
     torch.manual_seed(0)
     lp = tiny_llama("sdpa", layers=1).model  # a LlamaModel on its own
