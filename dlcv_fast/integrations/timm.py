@@ -1,13 +1,15 @@
-"""timm: ``Attention`` and ``AttentionRope`` (ViT, DeiT, EVA, ...) and Swin's ``SwinTransformerBlock``.
+"""timm: ``Attention``, ``AttentionRope`` and ``EvaAttention`` (ViT, DeiT, EVA-02, ...) and Swin's
+``SwinTransformerBlock``.
 
 The patched classes are subclasses of timm's, swapped in with ``module.__class__`` (parameters, buffers,
 names and ``isinstance`` unchanged; only modules of exactly timm's class are swapped, a user's subclass is left
 alone). What each one does differently:
 
-- ``Attention`` / ``AttentionRope``: the attention step (timm's ``F.scaled_dot_product_attention`` call or its
-  eager softmax) runs through :func:`dlcv_fast.scaled_dot_product_attention`, with timm's ``attn_mask`` and
+- ``Attention`` / ``AttentionRope`` / ``EvaAttention``: the attention step (timm's
+  ``F.scaled_dot_product_attention`` call or its eager softmax) runs through :func:`dlcv_fast.scaled_dot_product_attention`, with timm's ``attn_mask`` and
   ``is_causal`` as they are; the qkv split, q/k norms, RoPE (timm's own rotation), gate, output norm and
-  projection are timm's. Grouped-query ``AttentionRope`` passes its k/v heads unrepeated.
+  projection are timm's (EVA's q / v biases with its zero k bias included). Grouped-query ``AttentionRope`` passes
+  its k/v heads unrepeated.
 - ``SwinTransformerBlock``: its whole attention step (cyclic shift, padding, window partition, attention with
   the relative position bias and the shifted-window mask, merge, reverse shift) runs as one
   :func:`dlcv_fast.window_attention` between the block's ``attn.qkv`` and ``attn.proj``; no partitioned copy,
@@ -23,6 +25,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import dlcv_fast
@@ -44,6 +47,19 @@ def _attend(module, q, k, v, attn_mask, is_causal):
     return x.transpose(1, 2).reshape(B, N, H * D)
 
 
+def _rope_attend(module, q, k, v, rope, attn_mask, is_causal, gate):
+    """AttentionRope's and EvaAttention's common tail: q/k norms, timm's rotation (prefix tokens unrotated), the
+    attention step, output norm, gate and projection."""
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    q, k = module.q_norm(q), module.k_norm(k)
+    if rope is not None:
+        p, half = module.num_prefix_tokens, getattr(module, "rotate_half", False)
+        q, k = (torch.cat([t[:, :, :p], apply_rot_embed_cat(t[:, :, p:], rope, half=half)], dim=2).type_as(v)
+                for t in (q, k))
+    return _finish(module, _attend(module, q, k, v, attn_mask, is_causal), gate)
+
+
 def _finish(module, x, gate):
     x = module.norm(x)
     if gate is not None:
@@ -57,6 +73,12 @@ def _attention_classes():
     return attention.Attention, attention.AttentionRope
 
 
+def _eva_attention_class():
+    from timm.models import eva
+
+    return eva.EvaAttention
+
+
 def _swin_classes():
     from timm.models import swin_transformer
 
@@ -67,6 +89,7 @@ def _make_patched():
     """The patched subclasses (timm imported here, not when dlcv_fast is)."""
     timm_attention, timm_attention_rope = _attention_classes()
     timm_swin_block, timm_window_attention = _swin_classes()
+    timm_eva_attention = _eva_attention_class()
 
     class PatchedAttention(timm_attention):
         _dlcv_patched = True
@@ -86,8 +109,6 @@ def _make_patched():
         def forward(self, x, rope=None, attn_mask=None, is_causal=False):
             if _dropout_active(self, self.attn_drop) or not 1 <= self.head_dim <= MAX_HEAD_DIM:
                 return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-            from timm.layers.pos_embed_sincos import apply_rot_embed_cat
-
             B, N, _ = x.shape
             gate = self.gate(x).sigmoid() if self.gate is not None else None
             if self.qkv is not None:
@@ -96,12 +117,28 @@ def _make_patched():
                 q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
                 k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
                 v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.q_norm(q), self.k_norm(k)
-            if rope is not None:  # timm's rotation, prefix tokens unrotated
-                p, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
-                q, k = (torch.cat([t[:, :, :p], apply_rot_embed_cat(t[:, :, p:], rope, half=half)], dim=2).type_as(v)
-                        for t in (q, k))
-            return _finish(self, _attend(self, q, k, v, attn_mask, is_causal), gate)
+            return _rope_attend(self, q, k, v, rope, attn_mask, is_causal, gate)
+
+    class PatchedEvaAttention(timm_eva_attention):
+        _dlcv_patched = True
+
+        def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+            if _dropout_active(self, self.attn_drop) or not 1 <= self.head_dim <= MAX_HEAD_DIM:
+                return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            B, N, _ = x.shape
+            H, D = self.num_heads, self.head_dim
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            if self.qkv is None:
+                q, k, v = (proj(x).view(B, N, H, D).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+            else:
+                if self.q_bias is None:
+                    qkv = self.qkv(x)
+                elif self.qkv_bias_separate:
+                    qkv = self.qkv(x) + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+                else:
+                    qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+                q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+            return _rope_attend(self, q, k, v, rope, attn_mask, is_causal, gate)
 
     class PatchedSwinTransformerBlock(timm_swin_block):
         _dlcv_patched = True
@@ -119,7 +156,7 @@ def _make_patched():
             return attn.proj_drop(attn.proj(out))
 
     table = {timm_attention: PatchedAttention, timm_attention_rope: PatchedAttentionRope,
-             timm_swin_block: PatchedSwinTransformerBlock}
+             timm_eva_attention: PatchedEvaAttention, timm_swin_block: PatchedSwinTransformerBlock}
     for cls in table.values():  # importable as dlcv_fast.integrations.timm.<name> (module __getattr__), so
         cls.__qualname__, cls.__module__ = cls.__name__, __name__  # a patched model pickles
     return table
@@ -137,7 +174,7 @@ def patched_classes():
 
 
 def __getattr__(name):
-    if name in ("PatchedAttention", "PatchedAttentionRope", "PatchedSwinTransformerBlock"):
+    if name in ("PatchedAttention", "PatchedAttentionRope", "PatchedEvaAttention", "PatchedSwinTransformerBlock"):
         return next(cls for cls in patched_classes().values() if cls.__name__ == name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
