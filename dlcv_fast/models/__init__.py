@@ -1,8 +1,10 @@
-"""Weight-compatible models on dlcv_fast kernels: ViT/DeiT, Swin, CLIP.
+"""Weight-compatible models on dlcv_fast kernels: ViT/DeiT, Swin, CLIP, the BLIP-2 Q-Former and the
+latent-diffusion U-Net.
 
 ``create_model(name, **kw)`` builds a registered model (``list_models()``) with random weights;
-``from_timm(m)``, ``from_open_clip(m)`` and ``from_transformers(m)`` build ours from a reference model,
-weights included. ViT/DeiT and Swin use timm's state_dict keys, so timm checkpoints load directly.
+``from_timm(m)``, ``from_open_clip(m)``, ``from_transformers(m)`` and ``from_diffusers(m)`` build ours from a
+reference model, weights included. ViT/DeiT and Swin use timm's state_dict keys, the Q-Former transformers' and
+the U-Net diffusers', so their checkpoints load directly.
 """
 from dlcv_fast.models.clip import CLIP, TextTransformer, clip_from_open_clip, clip_from_transformers
 from dlcv_fast.models.plotting import save_attention_overlay
@@ -29,12 +31,29 @@ def from_open_clip(m):
 
 
 def from_transformers(m):
-    """Our :class:`CLIP` with the configuration and weights of a Hugging Face ``CLIPModel``."""
+    """Our model with the configuration and weights of a Hugging Face ``CLIPModel`` (:class:`CLIP`) or
+    ``Blip2QFormerModel`` (:class:`QFormer`)."""
     name = type(m).__name__
-    if name != "CLIPModel":
-        raise NotImplementedError(f"from_transformers: {name} is not supported (CLIPModel)")
-    return clip_from_transformers(m)
+    if name == "CLIPModel":
+        return clip_from_transformers(m)
+    if name == "Blip2QFormerModel":
+        from dlcv_fast.models.qformer import qformer_from_transformers
+
+        return qformer_from_transformers(m)
+    raise NotImplementedError(f"from_transformers: {name} is not supported (CLIPModel, Blip2QFormerModel)")
 
 
-__all__ = ["CLIP", "SwinTransformer", "TextTransformer", "VisionTransformer", "create_model", "from_open_clip",
-           "from_timm", "from_transformers", "list_models", "register_model", "save_attention_overlay"]
+def from_diffusers(m):
+    """Our :class:`UNet2DConditionModel` with the configuration and weights of a diffusers
+    ``UNet2DConditionModel`` (the latent-diffusion U-Net)."""
+    name = type(m).__name__
+    if name != "UNet2DConditionModel":
+        raise NotImplementedError(f"from_diffusers: {name} is not supported (UNet2DConditionModel)")
+    from dlcv_fast.models.unet import unet_from_diffusers
+
+    return unet_from_diffusers(m)
+
+
+__all__ = ["CLIP", "SwinTransformer", "TextTransformer", "VisionTransformer", "create_model", "from_diffusers",
+           "from_open_clip", "from_timm", "from_transformers", "list_models", "register_model",
+           "save_attention_overlay"]
