@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dlcv_fast
+from dlcv_fast.integrations._swap import swap_classes
 from dlcv_fast.nn.hooks import plain_eager
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -318,23 +319,9 @@ def _swaps():
 def patch(model: nn.Module) -> int:
     """Swap the class of every module of ``model`` whose type is exactly ``nn.MultiheadAttention`` (or open_clip's
     ``Attention``) for its patched subclass; returns how many were swapped (already patched ones are not)."""
-    swaps = dict(_swaps())
-    count = 0
-    for module in model.modules():
-        patched = swaps.get(type(module))
-        if patched is not None:
-            module.__class__ = patched
-            count += 1
-    return count
+    return swap_classes(model, dict(_swaps()))
 
 
 def unpatch(model: nn.Module) -> int:
     """Give every patched module of ``model`` its original class back; returns how many were restored."""
-    originals = {patched: original for original, patched in _swaps()}
-    count = 0
-    for module in model.modules():
-        original = originals.get(type(module))
-        if original is not None:
-            module.__class__ = original
-            count += 1
-    return count
+    return swap_classes(model, {patched: original for original, patched in _swaps()})

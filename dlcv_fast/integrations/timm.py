@@ -6,10 +6,10 @@ names and ``isinstance`` unchanged; only modules of exactly timm's class are swa
 alone). What each one does differently:
 
 - ``Attention`` / ``AttentionRope`` / ``EvaAttention``: the attention step (timm's
-  ``F.scaled_dot_product_attention`` call or its eager softmax) runs through :func:`dlcv_fast.scaled_dot_product_attention`, with timm's ``attn_mask`` and
-  ``is_causal`` as they are; the qkv split, q/k norms, RoPE (timm's own rotation), gate, output norm and
-  projection are timm's (EVA's q / v biases with its zero k bias included). Grouped-query ``AttentionRope`` passes
-  its k/v heads unrepeated.
+  ``F.scaled_dot_product_attention`` call or its eager softmax) runs through
+  :func:`dlcv_fast.scaled_dot_product_attention`, with timm's ``attn_mask`` and ``is_causal`` as they are; the qkv
+  split, q/k norms, RoPE (timm's own rotation), gate, output norm and projection are timm's (EVA's q / v biases
+  with its zero k bias included). Grouped-query ``AttentionRope`` passes its k/v heads unrepeated.
 - ``SwinTransformerBlock``: its whole attention step (cyclic shift, padding, window partition, attention with
   the relative position bias and the shifted-window mask, merge, reverse shift) runs as one
   :func:`dlcv_fast.window_attention` between the block's ``attn.qkv`` and ``attn.proj``; no partitioned copy,
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dlcv_fast
+from dlcv_fast.integrations._swap import swap_classes
 from dlcv_fast.nn.hooks import has_forward_hooks
 
 MAX_HEAD_DIM = 256  # dlcv_fast.attention
@@ -67,6 +68,24 @@ def _finish(module, x, gate):
     return module.proj_drop(module.proj(x))
 
 
+def _falls_back(module) -> bool:
+    return _dropout_active(module, module.attn_drop) or not 1 <= module.head_dim <= MAX_HEAD_DIM
+
+
+class _RopeForward:
+    """The patched forward of ``AttentionRope`` and ``EvaAttention``: the class's own q/k/v projection
+    (``_qkv``), then :func:`_rope_attend`; timm's forward (next in the MRO) for what falls back."""
+
+    _dlcv_patched = True
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        if _falls_back(self):
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self._qkv(x)
+        return _rope_attend(self, q, k, v, rope, attn_mask, is_causal, gate)
+
+
 def _attention_classes():
     from timm.layers import attention
 
@@ -95,7 +114,7 @@ def _make_patched():
         _dlcv_patched = True
 
         def forward(self, x, attn_mask=None, is_causal=False):
-            if _dropout_active(self, self.attn_drop) or not 1 <= self.head_dim <= MAX_HEAD_DIM:
+            if _falls_back(self):
                 return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
             B, N, _ = x.shape
             gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -103,42 +122,28 @@ def _make_patched():
             x = _attend(self, self.q_norm(q), self.k_norm(k), v, attn_mask, is_causal)
             return _finish(self, x, gate)
 
-    class PatchedAttentionRope(timm_attention_rope):
-        _dlcv_patched = True
-
-        def forward(self, x, rope=None, attn_mask=None, is_causal=False):
-            if _dropout_active(self, self.attn_drop) or not 1 <= self.head_dim <= MAX_HEAD_DIM:
-                return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+    class PatchedAttentionRope(_RopeForward, timm_attention_rope):
+        def _qkv(self, x):
             B, N, _ = x.shape
-            gate = self.gate(x).sigmoid() if self.gate is not None else None
             if self.qkv is not None:
-                q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            else:
-                q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-                k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-                v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            return _rope_attend(self, q, k, v, rope, attn_mask, is_causal, gate)
+                return self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+            return (self.q_proj(x).view(B, N, H, D).transpose(1, 2), self.k_proj(x).view(B, N, Hkv, D).transpose(1, 2),
+                    self.v_proj(x).view(B, N, Hkv, D).transpose(1, 2))
 
-    class PatchedEvaAttention(timm_eva_attention):
-        _dlcv_patched = True
-
-        def forward(self, x, rope=None, attn_mask=None, is_causal=False):
-            if _dropout_active(self, self.attn_drop) or not 1 <= self.head_dim <= MAX_HEAD_DIM:
-                return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+    class PatchedEvaAttention(_RopeForward, timm_eva_attention):
+        def _qkv(self, x):
             B, N, _ = x.shape
             H, D = self.num_heads, self.head_dim
-            gate = self.gate(x).sigmoid() if self.gate is not None else None
             if self.qkv is None:
-                q, k, v = (proj(x).view(B, N, H, D).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+                return tuple(p(x).view(B, N, H, D).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            if self.q_bias is None:
+                qkv = self.qkv(x)
+            elif self.qkv_bias_separate:
+                qkv = self.qkv(x) + torch.cat((self.q_bias, self.k_bias, self.v_bias))
             else:
-                if self.q_bias is None:
-                    qkv = self.qkv(x)
-                elif self.qkv_bias_separate:
-                    qkv = self.qkv(x) + torch.cat((self.q_bias, self.k_bias, self.v_bias))
-                else:
-                    qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
-                q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-            return _rope_attend(self, q, k, v, rope, attn_mask, is_causal, gate)
+                qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+            return qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
 
     class PatchedSwinTransformerBlock(timm_swin_block):
         _dlcv_patched = True
@@ -180,26 +185,10 @@ def __getattr__(name):
 
 
 def patch(model: nn.Module) -> int:
-    if "timm" not in sys.modules:
-        return 0
-    table = patched_classes()
-    changed = 0
-    for m in model.modules():
-        new = table.get(type(m))
-        if new is not None:
-            m.__class__ = new
-            changed += 1
-    return changed
+    return swap_classes(model, patched_classes()) if "timm" in sys.modules else 0
 
 
 def unpatch(model: nn.Module) -> int:
     if "timm" not in sys.modules:
         return 0
-    originals = {new: old for old, new in patched_classes().items()}
-    restored = 0
-    for m in model.modules():
-        old = originals.get(type(m))
-        if old is not None:
-            m.__class__ = old
-            restored += 1
-    return restored
+    return swap_classes(model, {new: old for old, new in patched_classes().items()})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dlcv_fast
-from tests.models.test_gpu import bf16_check
+from tests.models.test_gpu import bf16_check, hf_clip_b32_case
 
 pytestmark = pytest.mark.gpu
 
@@ -22,21 +22,12 @@ def test_timm_patched_bf16(name):
 
 
 def test_transformers_clip_patched_bf16():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(vision_config=dict(patch_size=32))
-    ref = transformers.CLIPModel(cfg).eval()
-    ids = torch.randint(1, 49406, (8, 77))
-    ids[:, 0], ids[:, 20] = 49406, 49407
-    mask = torch.ones(8, 77, dtype=torch.long)
-    mask[:, 21:] = 0
-    images = torch.randn(4, 3, 224, 224)
-    patched = dlcv_fast.patch(copy.deepcopy(ref))
+    ref, inputs = hf_clip_b32_case()
 
     def logits(m, image, text, attention_mask):
         return m(input_ids=text, pixel_values=image, attention_mask=attention_mask).logits_per_image
 
-    bf16_check(patched, ref, images, ids, mask, call=logits, name="logits_per_image")
+    bf16_check(dlcv_fast.patch(copy.deepcopy(ref)), ref, *inputs, call=logits, name="logits_per_image")
 
 
 def test_transformers_blip2_qformer_patched_bf16():

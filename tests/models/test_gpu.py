@@ -39,23 +39,30 @@ def test_timm_bf16(name):
     bf16_check(from_timm(ref), ref, torch.randn(8, 3, 224, 224), name=name)
 
 
-def test_clip_b32_bf16():
+def hf_clip_b32_case():
+    """A Hugging Face CLIPModel in the ViT-B/32 configuration (openai/clip-vit-base-patch32) with random weights,
+    and its inputs: 4 images, 8 texts of 21 tokens padded to 77 with their attention mask."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(vision_config=dict(patch_size=32))  # ViT-B/32 (openai/clip-vit-base-patch32)
-    ref = transformers.CLIPModel(cfg).eval()
+    ref = transformers.CLIPModel(transformers.CLIPConfig(vision_config=dict(patch_size=32))).eval()
     ids = torch.randint(1, 49406, (8, 77))
     ids[:, 0], ids[:, 20] = 49406, 49407
     mask = torch.ones(8, 77, dtype=torch.long)
     mask[:, 21:] = 0
-    images = torch.randn(4, 3, 224, 224)
+    return ref, (torch.randn(4, 3, 224, 224), ids, mask)
+
+
+def test_clip_b32_bf16():
+    import transformers
+
+    ref, inputs = hf_clip_b32_case()
 
     def logits(m, image, text, attention_mask):
         if isinstance(m, transformers.CLIPModel):
             return m(input_ids=text, pixel_values=image, attention_mask=attention_mask).logits_per_image
         return m(image, text, attention_mask)[0]
 
-    bf16_check(from_transformers(ref), ref, images, ids, mask, call=logits, name="logits_per_image")
+    bf16_check(from_transformers(ref), ref, *inputs, call=logits, name="logits_per_image")
 
 
 @pytest.mark.parametrize("name", ["vit_base_patch16_224", "swin_tiny_patch4_window7_224"])
