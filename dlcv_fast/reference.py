@@ -12,6 +12,29 @@ import torch
 # Dense attention
 # --------------------------------------------------------------------------------------------------
 
+# The kernels run the softmax in base 2 (scores times log2(e)) in float32, where a score below float32's lowest
+# value / log2(e) overflows to -inf: a key scored that low (a mask written with finfo(float32).min, as Hugging Face
+# models write theirs) counts as masked out. Its softmax weight underflows to zero anyway unless every key of the
+# row is that low, and then the row is fully masked: zeros, in every backend.
+MASKED_SCORE = -torch.finfo(torch.float32).max / 1.4426950408889634
+
+
+def _masked_scores(s, mask):
+    s = s.masked_fill(s <= MASKED_SCORE, float("-inf"))
+    return s if mask is None else s.masked_fill(~mask, float("-inf"))
+
+
+def _softmax_with_lse(s):
+    """``(p, lse)`` of scores ``s``: the softmax over the last dim with the row max subtracted first (so rows of
+    huge negative scores keep their log(n) term), zeros for a fully masked row; lse -inf there."""
+    m = s.amax(dim=-1, keepdim=True)
+    finite = torch.isfinite(m)
+    e = torch.exp(s - torch.where(finite, m, 0))
+    total = e.sum(dim=-1, keepdim=True)
+    p = torch.where(finite, e / total, 0)
+    lse = torch.where(finite, m + torch.log(total), float("-inf")).squeeze(-1)
+    return p, lse
+
 
 def attention_mask(Lq: int, Lk: int, *, causal=False, prefix_len=None, key_padding_mask=None, device=None):
     """The boolean "may attend" mask (True = key takes part) implied by the index-based masks.
@@ -64,7 +87,8 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
     """Eager attention returning ``(out, lse)``.
 
     q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lk, D)`` with Hq % Hkv == 0 (GQA/MQA repeat each kv head).
-    Scores ``s = scale * q k^T + attn_bias`` (scale defaults to D**-0.5) with masked keys at -inf;
+    Scores ``s = scale * q k^T + attn_bias`` (scale defaults to D**-0.5) with masked keys at -inf (also keys
+    scored at or below ``MASKED_SCORE``, as the kernels' base-2 softmax sees them);
     ``lse`` (B, Hq, Lq), float32 (float64 for float64 inputs), is the natural log-sum-exp of each row of s
     (-inf for a fully masked row); out = softmax(s) v, and a fully masked row gives zeros. The matmuls run in
     the input dtype and the softmax in float32 (float64 for float64 inputs), as torch does, so running this
@@ -85,12 +109,7 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
         s = s + attn_bias.to(acc)
     mask = attention_mask(Lq, Lk, causal=causal, prefix_len=prefix_len, key_padding_mask=key_padding_mask,
                           device=q.device)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    finite = torch.isfinite(lse)[..., None]
-    p = torch.exp(s - torch.where(finite, lse[..., None], torch.zeros_like(lse[..., None])))
-    p = torch.where(finite, p, torch.zeros_like(p))
+    p, lse = _softmax_with_lse(_masked_scores(s, mask))
     out = torch.matmul(p.to(v.dtype), v)
     return out, lse.expand(B, Hq, Lq)
 
@@ -117,10 +136,7 @@ def attention_backward(do, q, k, v, *, causal=False, key_padding_mask=None, attn
         s = s + attn_bias.to(acc)
     mask = attention_mask(q.shape[2], k.shape[2], causal=causal, prefix_len=prefix_len,
                           key_padding_mask=key_padding_mask, device=q.device)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    finite = torch.isfinite(lse)[..., None]
-    p = torch.where(finite, torch.exp(s - torch.where(finite, lse[..., None], 0)), 0)
+    p = _softmax_with_lse(_masked_scores(s, mask))[0]
     do = do.to(acc)
     dv = torch.matmul(p.transpose(-1, -2), do)
     dp = torch.matmul(do, vr.transpose(-1, -2))

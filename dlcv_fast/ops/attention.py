@@ -237,11 +237,23 @@ def fusable_rope(q, k, rope) -> bool:
             and q.shape[2] == k.shape[2] == cos.shape[-2])
 
 
+def _autocast(*tensors):
+    """torch SDPA's autocast rule (it is a lower-precision op): floating tensors cast to the autocast dtype."""
+    device = getattr(tensors[0], "device", None)
+    if device is None or device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, prefix_len=None,
                        scale=None, rope=None, backend=None):
     """Checked attention returning ``(out, lse)``; see :func:`dlcv_fast.attention`.
 
-    ``rope`` here must be fusable (see :func:`fusable_rope`) and already checked (dlcv_fast.attention does both)."""
+    ``rope`` here must be fusable (see :func:`fusable_rope`) and already checked (dlcv_fast.attention does both).
+    Under autocast for the tensors' device, q, k and v run in the autocast dtype, as torch's SDPA does (a qk norm
+    in float32 under CUDA autocast otherwise leaves q and k float32 and v bfloat16)."""
+    q, k, v = _autocast(q, k, v)
     check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, prefix_len=prefix_len,
                            scale=scale)
     if backend is not None:

@@ -288,3 +288,37 @@ def test_reference_backward_matches_autograd(kw):
     dq, dk, dv, ds = reference.attention_backward(do, q, k, v, attn_bias=bias, key_padding_mask=kpm, **kw)
     for a, b in zip((dq, dk, dv, ds.sum(1, keepdim=True)), expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_casts_q_k_v_like_sdpa(backend):
+    """Under autocast q, k and v run in the autocast dtype, as in torch's SDPA (an autocast lower-precision op):
+    timm's qk_norm under CUDA autocast hands over float32 q, k and a half-precision v. fp16 (bf16 is garbage in the
+    interpreter); outside autocast the same mixed dtypes are rejected."""
+    q, k = torch.randn(2, 2, 7, 16), torch.randn(2, 2, 9, 16)
+    v = torch.randn(2, 2, 9, 16).half()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = dlcv_fast.attention(q, k, v, backend=backend)
+        sdpa = dlcv_fast.scaled_dot_product_attention(q, k, v)
+        expected = F.scaled_dot_product_attention(q, k, v.float())
+    assert out.dtype == sdpa.dtype == expected.dtype == torch.float16
+    torch.testing.assert_close(out, dlcv_fast.attention(q.half(), k.half(), v, backend=backend), rtol=0, atol=0)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-3, atol=2e-3)
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        dlcv_fast.attention(q, k, v, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_finfo_min_bias_masks_keys(backend):
+    """A bias written with finfo(float32).min (Hugging Face's masks) masks its keys in every backend: rows with
+    some kept keys equal torch's SDPA, a row whose every key has it is fully masked (zeros). The reference used to
+    lose the row's log(n) there and return n times the mean of v."""
+    q, k, v = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    bias = torch.zeros(2, 1, 5, 6)
+    bias[0, :, :, 4:] = torch.finfo(torch.float32).min  # batch 0: the last two keys masked for every query
+    bias[1, :, 2] = torch.finfo(torch.float32).min  # batch 1: query 2 sees no key
+    out = dlcv_fast.attention(q, k, v, attn_bias=bias, backend=backend)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1, :, [0, 1, 3, 4]], expected[1, :, [0, 1, 3, 4]], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1, :, 2], torch.zeros_like(out[1, :, 2]))
