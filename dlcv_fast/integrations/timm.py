@@ -16,9 +16,12 @@ alone). What each one does differently:
   no bias or mask tensor. Padding tokens carry the qkv bias, as in timm.
 
 A call falls back to timm's own code when the kernels cannot reproduce it: attention dropout active in
-training, a head dim out of the kernels' range, forward hooks on the Swin block's ``attn`` module (the fused
-step does not call it), a qkv layer that is not a plain ``nn.Linear`` (Swin's padding tokens need its bias),
-or an attention module of another type inside the Swin block.
+training, a head dim out of the kernels' range, torch.fx symbolic tracing (timm's feature extraction traces
+timm's code), a forward hook on a module the fused step would not call as timm does (the Swin block's ``attn``
+or anything inside it, whose qkv / proj would see whole maps instead of windows; the ``attn_drop`` of a module
+set to timm's unfused path, ``fused_attn = False``, the usual way to read attention maps), a qkv layer that is
+not a plain ``nn.Linear`` (Swin's padding tokens need its bias), or an attention module of another type inside
+the Swin block.
 """
 from __future__ import annotations
 
@@ -68,8 +71,21 @@ def _finish(module, x, gate):
     return module.proj_drop(module.proj(x))
 
 
+def _tracing() -> bool:
+    """Under torch.fx symbolic tracing (timm's feature extraction), where timm's own code traces and ours would not."""
+    return torch.fx._symbolic_trace.is_fx_tracing()
+
+
+def _hooked(module) -> bool:
+    """Whether a forward hook sits on ``module`` or any module inside it."""
+    return any(has_forward_hooks(m) for m in module.modules())
+
+
 def _falls_back(module) -> bool:
-    return _dropout_active(module, module.attn_drop) or not 1 <= module.head_dim <= MAX_HEAD_DIM
+    """timm's forward runs instead: dropout active, a head dim the kernel does not take, FX tracing, or timm's
+    unfused path (``fused_attn = False``, e.g. for attention maps) with a hook on the ``attn_drop`` it would call."""
+    return (_dropout_active(module, module.attn_drop) or not 1 <= module.head_dim <= MAX_HEAD_DIM or _tracing()
+            or (not module.fused_attn and _hooked(module.attn_drop)))
 
 
 class _RopeForward:
@@ -152,7 +168,7 @@ def _make_patched():
             attn = self.attn
             head_dim = attn.qkv.out_features // (3 * attn.num_heads) if type(attn.qkv) is nn.Linear else 0
             if (type(attn) is not timm_window_attention or not 1 <= head_dim <= MAX_WINDOW_HEAD_DIM
-                    or _dropout_active(attn, attn.attn_drop) or has_forward_hooks(attn)):
+                    or _dropout_active(attn, attn.attn_drop) or _hooked(attn) or _tracing()):
                 return super()._attn(x)
             out = dlcv_fast.window_attention(attn.qkv(x), num_heads=attn.num_heads,
                                              window_size=tuple(self.window_size), shift_size=tuple(self.shift_size),

@@ -52,6 +52,8 @@ NAME = "dlcv_fast"
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 # A model's code that compares its implementation name with "sdpa" behaves differently under another name.
 _NAMES_SDPA = re.compile(r"_attn_implementation\b[^\n]*[\"']sdpa[\"']")
+# The eager function a modeling file's attention layers fall back to (the fallback here assumes the standard one).
+_EAGER_DEFAULTS = re.compile(r"get_interface\(\s*[^,()]*_attn_implementation\s*,\s*(\w+)\s*\)")
 
 # id(config) -> (weak reference to the config, its implementation before the patch), for the fallback.
 _previous: dict[int, tuple[weakref.ref, str | None]] = {}
@@ -150,18 +152,39 @@ def _register() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _source_names_sdpa(module_name: str) -> bool:
+def _source_unsuitable(module_name: str) -> bool:
+    """Whether a modeling file branches on the name "sdpa" or gives its attention layers another eager default
+    than ``eager_attention_forward`` (e.g. a vision tower's own): the name "dlcv_fast" or the eager fallback would
+    then not do what the file does."""
     try:
-        return bool(_NAMES_SDPA.search(inspect.getsource(sys.modules[module_name])))
+        source = inspect.getsource(sys.modules[module_name])
     except (KeyError, OSError, TypeError):
         return True  # source unknown: cannot tell, leave the model alone
+    return bool(_NAMES_SDPA.search(source)) or any(name != "eager_attention_forward"
+                                                   for name in _EAGER_DEFAULTS.findall(source))
 
 
 def _patchable(model) -> bool:
     cls = type(model)
     uses_interface = getattr(cls, "_can_set_attn_implementation", None)  # transformers' own test
     return (uses_interface is not None and uses_interface() and bool(getattr(model, "_supports_sdpa", False))
-            and not _source_names_sdpa(cls.__module__))
+            and not _source_unsuitable(cls.__module__))
+
+
+class _Registered:
+    """The ``_dlcv_patched`` mark of a switched model: true, and when a patched model is unpickled (another process,
+    ``torch.load``, ``mp.spawn``) it registers "dlcv_fast" with transformers again before the model can run."""
+
+    def __bool__(self):
+        return True
+
+    def __reduce__(self):
+        return _registered_mark, ()
+
+
+def _registered_mark() -> _Registered:
+    _register()
+    return _Registered()
 
 
 def patch(model: nn.Module) -> int:
@@ -184,7 +207,7 @@ def patch(model: nn.Module) -> int:
         _previous[key] = (weakref.ref(config, lambda _, key=key: _previous.pop(key, None)), previous)
         config._attn_implementation_internal = NAME  # this config only (the property's setter recurses)
         m._dlcv_previous_attn_implementation = previous
-        m._dlcv_patched = True
+        m._dlcv_patched = _Registered()
         count += 1
     return count
 

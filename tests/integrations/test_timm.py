@@ -242,3 +242,43 @@ def test_eva02_with_rope(spy, fused_qkv):
                 use_rot_pos_emb=True, ref_feat_shape=(4, 4), swiglu_mlp=True, scale_mlp=True).eval()
     patched = _parity(_sharpen(model), torch.randn(2, 3, 32, 32))
     assert type(patched.blocks[0].attn).__name__ == "PatchedEvaAttention" and spy["attention"] == 1
+
+
+def test_unfused_attention_with_a_hook_on_attn_drop_falls_back(spy):
+    """The attention-map recipe (fused_attn = False and a hook on attn_drop, which then sees the probabilities):
+    the hooked module runs timm's code; without the hook the unfused setting alone keeps our kernel."""
+    model = dlcv_fast.patch(_vit(depth=2))
+    x = torch.randn(1, 3, 32, 32)
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    model(x)
+    assert spy["attention"] == 2
+    maps = []
+    model.blocks[1].attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(o))
+    out = model(x)
+    assert spy["attention"] == 3 and len(maps) == 1 and maps[0].shape == (1, 2, 17, 17)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(1, 2, 17))
+    unpatched = dlcv_fast.unpatch(copy.deepcopy(model))
+    check_model(out, unpatched(x), copy.deepcopy(unpatched).double()(x.double()))
+
+
+def test_swin_hook_inside_attn_falls_back(spy):
+    """A hook on a module inside the Swin block's attention (here timm's softmax): timm's windowed code runs, so
+    the hook sees the (windows, heads, N, N) probabilities it expects."""
+    model = dlcv_fast.patch(_swin((14, 14)))
+    seen = []
+    model.layers[0].blocks[0].attn.softmax.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model(torch.randn(1, 3, 14, 14))
+    assert seen == [(1, 1, 49, 49)] and spy["window"] == 1  # a 7 x 7 map: one window
+
+
+def test_fx_feature_extraction(spy):
+    """timm's FX feature extractor traces a patched model (timm's own code is traced) and gives its features."""
+    from timm.models import create_feature_extractor
+
+    model = _vit(depth=2)
+    x = torch.randn(1, 3, 32, 32)
+    expected = create_feature_extractor(copy.deepcopy(model), ["blocks.1"])(x)["blocks.1"]
+    extractor = create_feature_extractor(dlcv_fast.patch(model), ["blocks.1"])
+    torch.testing.assert_close(extractor(x)["blocks.1"], expected)
+    assert spy["attention"] == 0

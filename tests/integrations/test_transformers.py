@@ -260,7 +260,40 @@ def test_models_naming_sdpa_left_alone():
     import transformers.models.clip.modeling_clip as clip
 
     deepseek = pytest.importorskip("transformers.models.deepseek_v32.modeling_deepseek_v32")
-    assert hf_rules._source_names_sdpa(deepseek.__name__) and not hf_rules._source_names_sdpa(clip.__name__)
+    assert hf_rules._source_unsuitable(deepseek.__name__) and not hf_rules._source_unsuitable(clip.__name__)
+
+
+def test_models_with_their_own_eager_function_left_alone():
+    """A modeling file whose attention layers default to another eager function than eager_attention_forward
+    (Llama 4's vision tower: vision_eager_attention_forward, called with scaling=None) is left alone: the eager
+    fallback would call the wrong one."""
+    llama4 = pytest.importorskip("transformers.models.llama4.modeling_llama4")
+    assert hf_rules._source_unsuitable(llama4.__name__)
+    import transformers.models.blip_2.modeling_blip_2 as blip2
+
+    assert not hf_rules._source_unsuitable(blip2.__name__)
+
+
+def test_patched_model_runs_after_unpickling_in_a_new_process(tmp_path):
+    """torch.save of a patched model, torch.load in a fresh interpreter (spawned workers, checkpoints of whole
+    models): the model carries "dlcv_fast" in its config, and unpickling it registers the name again."""
+    import subprocess
+    import sys
+
+    model = tiny_clip("sdpa")
+    hf_rules.patch(model)
+    ids, mask = clip_text()
+    with torch.no_grad():
+        expected = model.get_text_features(input_ids=ids, attention_mask=mask)
+    torch.save({"model": model, "ids": ids, "mask": mask, "expected": expected}, tmp_path / "m.pt")
+    script = (f"import torch; d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False); m = d['model']\n"
+              "assert m.config._attn_implementation == 'dlcv_fast'\n"
+              "with torch.no_grad(): out = m.get_text_features(input_ids=d['ids'], attention_mask=d['mask'])\n"
+              "out = out if isinstance(out, torch.Tensor) else out.pooler_output\n"
+              "exp = d['expected'] if isinstance(d['expected'], torch.Tensor) else d['expected'].pooler_output\n"
+              "torch.testing.assert_close(out, exp)\nprint('ran')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-3000:]
 
 
 class Plain(nn.Module):
