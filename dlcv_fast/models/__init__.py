@@ -8,8 +8,10 @@ the U-Net diffusers', so their checkpoints load directly.
 """
 from dlcv_fast.models.clip import CLIP, TextTransformer, clip_from_open_clip, clip_from_transformers
 from dlcv_fast.models.plotting import save_attention_overlay
+from dlcv_fast.models.qformer import QFormer, qformer_from_transformers
 from dlcv_fast.models.registry import create_model, list_models, register_model
 from dlcv_fast.models.swin import SwinTransformer, swin_from_timm
+from dlcv_fast.models.unet import UNet2DConditionModel, unet_from_diffusers
 from dlcv_fast.models.vit import VisionTransformer, vit_from_timm
 
 
@@ -37,8 +39,6 @@ def from_transformers(m):
     if name == "CLIPModel":
         return clip_from_transformers(m)
     if name == "Blip2QFormerModel":
-        from dlcv_fast.models.qformer import qformer_from_transformers
-
         return qformer_from_transformers(m)
     raise NotImplementedError(f"from_transformers: {name} is not supported (CLIPModel, Blip2QFormerModel)")
 
@@ -49,11 +49,10 @@ def from_diffusers(m):
     name = type(m).__name__
     if name != "UNet2DConditionModel":
         raise NotImplementedError(f"from_diffusers: {name} is not supported (UNet2DConditionModel)")
-    from dlcv_fast.models.unet import unet_from_diffusers
-
     return unet_from_diffusers(m)
 
 
-__all__ = ["CLIP", "SwinTransformer", "TextTransformer", "VisionTransformer", "create_model", "from_diffusers",
+__all__ = ["CLIP", "QFormer", "SwinTransformer", "TextTransformer", "UNet2DConditionModel", "VisionTransformer",
+           "create_model", "from_diffusers",
            "from_open_clip", "from_timm", "from_transformers", "list_models", "register_model",
            "save_attention_overlay"]
