@@ -2,8 +2,9 @@
 on the same weights, eager and under torch.compile, and a Swin-T training step (forward + backward).
 
 Reference libraries: timm for ViT/DeiT/Swin; open_clip for CLIP when installed, else transformers' CLIPModel
-(ViT-B/32 is its default config). Ours is converted from the reference model (``dlcv_fast.models.from_timm``,
-``from_open_clip``, ``from_transformers``), so both carry the same random weights. On a GPU everything runs in
+(ViT-B/32 is its default config); transformers for BLIP-2's Q-Former and diffusers for the SD 1.5 U-Net (both
+in the full suite only). Ours is converted from the reference model (``dlcv_fast.models.from_timm``,
+``from_open_clip``, ``from_transformers``, ``from_diffusers``), so both carry the same random weights. On a GPU everything runs in
 bfloat16 at batch 256; without one, in float32 at batch 2 with ours on its reference backend. Parity: the first
 images' outputs against the reference model in float32 (float64 on the CPU).
 """
@@ -26,6 +27,9 @@ def _case(model, batch, train=False):
 
 INFER = [_case(m, 256) for m in ("vit_base_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224",
                                  *CLIP_TOWERS)]
+# BLIP-2's Q-Former (32 queries over EVA-CLIP-g's 257 image states) and one SD 1.5 U-Net step at 512 px (64 x 64
+# latents, 77 text states): the models behind issue 2's Q-Former and U-Net attention shapes. Full suite only.
+VLM_DIFFUSION = [_case("blip2_qformer", 256), _case("unet_sd15", 8)]
 INFER_CPU = [_case(m, 2) for m in ("vit_tiny_patch16_224", "deit_tiny_patch16_224", *CLIP_TOWERS)]
 TRAIN = [_case("swin_tiny_patch4_window7_224", 256, train=True)]
 
@@ -39,7 +43,9 @@ def clip_library() -> str:
 
 
 def library(c) -> str:
-    return clip_library() if c["model"] in CLIP_TOWERS else "timm"
+    if c["model"] in CLIP_TOWERS:
+        return clip_library()
+    return {"blip2_qformer": "transformers", "unet_sd15": "diffusers"}.get(c["model"], "timm")
 
 
 def label(c):
@@ -51,7 +57,16 @@ def available():
 
 
 def make_inputs(c, device, dtype):
+    """``x`` (images, token ids, queries or latents) and, for the Q-Former and the U-Net, ``t`` (timesteps) and
+    ``ctx`` (image or text states); ``do`` for a training step."""
     B = c["batch"]
+    if c["model"] == "blip2_qformer":
+        return {"x": torch.randn(B, 32, 768, device=device, dtype=dtype),
+                "ctx": torch.randn(B, 257, 1408, device=device, dtype=dtype)}
+    if c["model"] == "unet_sd15":
+        return {"x": torch.randn(B, 4, 64, 64, device=device, dtype=dtype),
+                "t": torch.randint(0, 1000, (B,), device=device),
+                "ctx": torch.randn(B, 77, 768, device=device, dtype=dtype)}
     if c["model"].endswith("_text"):
         # Token ids as a tokenizer gives them: random words, the end-of-text token (the largest id) at a random
         # position, zeros after it.
@@ -81,6 +96,14 @@ def reference_model(c, device):
         import open_clip
 
         m = open_clip.create_model("ViT-B-32", pretrained=None)
+    elif c["model"] == "blip2_qformer":
+        import transformers
+
+        m = transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig())
+    elif c["model"] == "unet_sd15":
+        import diffusers
+
+        m = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.5's configuration
     else:
         import transformers
 
@@ -88,8 +111,17 @@ def reference_model(c, device):
     return m.to(device).eval()
 
 
+def args(x) -> list:
+    """The model's positional inputs from an input set (``do`` is the training step's output gradient)."""
+    return [x[k] for k in ("x", "t", "ctx") if k in x]
+
+
 def forward(c, model, ours: bool):
-    """``fn(x) -> tensor`` running the model the way its library is used for this case."""
+    """``fn(*args) -> tensor`` running the model the way its library is used for this case."""
+    if c["model"] == "blip2_qformer" and not ours:
+        return lambda q, image: model(query_embeds=q, encoder_hidden_states=image).last_hidden_state
+    if c["model"] == "unet_sd15" and not ours:
+        return lambda latents, t, text: model(latents, t, text).sample
     tower = c["model"][len("clip_vit_b32_"):] if c["model"] in CLIP_TOWERS else None
     if tower is None:
         return model
@@ -119,16 +151,15 @@ def _step(c, model, ours, dtype, device):
         params = [p for p in model.parameters() if p.requires_grad]
 
         def train_step(x):
-            out = run(x["x"])
+            out = run(*args(x))
             torch.autograd.grad(out, params, x["do"])
             return out
         return train_step
     model.eval()
 
     def infer(x):
-        inp = x["x"] if x["x"].dtype == torch.long else x["x"].to(dtype)
         with torch.no_grad():
-            return run(inp)
+            return run(*(a.to(dtype) if a.is_floating_point() else a for a in args(x)))
     if ours and device.type == "cpu":
         import dlcv_fast
 
@@ -149,7 +180,8 @@ def provider(ours: bool, compiled: bool, patched: bool = False):
         if ours:
             import dlcv_fast.models as M
 
-            convert = {"timm": M.from_timm, "open_clip": M.from_open_clip, "transformers": M.from_transformers}
+            convert = {"timm": M.from_timm, "open_clip": M.from_open_clip, "transformers": M.from_transformers,
+                       "diffusers": M.from_diffusers}
             model = convert[library(c)](copy.deepcopy(ref)).to(dtype)
         else:
             model = copy.deepcopy(ref).to(dtype)
@@ -199,14 +231,14 @@ PROVIDERS = [
 
 def reference(c, x, ctx):
     ref = _shared(c, x, ctx)
-    inp = x["x"][:PARITY_ITEMS]
-    golden_dtype = torch.float64 if inp.device.type == "cpu" else torch.float32
-    lp_dtype = torch.bfloat16 if inp.device.type == "cuda" else torch.float32
+    inputs = [a[:PARITY_ITEMS] for a in args(x)]
+    golden_dtype = torch.float64 if inputs[0].device.type == "cpu" else torch.float32
+    lp_dtype = torch.bfloat16 if inputs[0].device.type == "cuda" else torch.float32
     outs = []
     for dtype in (golden_dtype, lp_dtype):
         model = copy.deepcopy(ref).to(dtype)
         with torch.no_grad():
-            outs.append(forward(c, model, ours=False)(inp if inp.dtype == torch.long else inp.to(dtype)))
+            outs.append(forward(c, model, ours=False)(*(a.to(dtype) if a.is_floating_point() else a for a in inputs)))
         del model
     return [(outs[0], outs[1], 2.0)]
 
@@ -217,7 +249,7 @@ def view(c, out):
 
 register(Benchmark(
     name="model_infer", suite="models", issue=6, title="inference throughput, ours vs the reference library",
-    cases=INFER, quick=INFER, cpu_cases=INFER_CPU, providers=PROVIDERS, make_inputs=make_inputs,
+    cases=INFER + VLM_DIFFUSION, quick=INFER, cpu_cases=INFER_CPU, providers=PROVIDERS, make_inputs=make_inputs,
     reference=reference, view=view, label=label, items=lambda c: c["batch"], available=available, profile=True))
 register(Benchmark(
     name="model_train", suite="models", issue=6, title="training step (forward + backward), ours vs timm eager",
