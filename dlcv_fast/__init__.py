@@ -42,7 +42,9 @@ def attention(q, k, v, *, causal=False, key_padding_mask=None, attn_bias=None, p
 
     Returns ``(B, Hq, Lq, D)`` in q's dtype (a view of a ``(B, Lq, Hq, D)`` buffer, so
     ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` needs no copy). A fully masked query row (or Lk = 0)
-    gives zeros and zero gradients, never NaN. NaN in the inputs propagates as in torch.
+    gives zeros and zero gradients, never NaN; a key scored below float32's lowest / log2(e) with its bias (a
+    ``finfo(float32).min`` mask) counts as masked. NaN in the inputs propagates as in torch. Under autocast
+    q, k and v run in the autocast dtype, as with torch's SDPA.
     fp32 inputs use IEEE fp32 dot products unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
     """
     if rope is not None:
