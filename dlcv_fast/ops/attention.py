@@ -7,6 +7,8 @@ without graph breaks, and ``register_autograd`` connects them. The Triton kernel
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -86,6 +88,8 @@ def check_attention_inputs(q, k, v, *, key_padding_mask=None, attn_bias=None, pr
         raise ValueError(f"prefix_len must be a non-negative int or None, got {prefix_len!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,8 +189,13 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, attn_bias, key_padding_mask, cos, sin)
     ctx.causal, ctx.prefix_len, ctx.scale, ctx.backend = causal, prefix_len, scale, backend
-    ctx.bias_grad = attn_bias is not None and ctx.needs_input_grad[3]
     ctx.bias_shape = None if attn_bias is None else tuple(attn_bias.shape)
+    # A bias constant along the keys (last dim 1, or a scalar) shifts every score of a row alike, which softmax
+    # ignores: its gradient is exactly zero. The kernel's sum of dS over the keys would give rounding noise
+    # instead (dS uses delta = rowsum(dO * O) with O rounded to the input dtype), so it is not computed.
+    ctx.bias_zero_grad = attn_bias is not None and ctx.needs_input_grad[3] and (attn_bias.dim() == 0
+                                                                               or attn_bias.shape[-1] == 1)
+    ctx.bias_grad = attn_bias is not None and ctx.needs_input_grad[3] and not ctx.bias_zero_grad
 
 
 def reduce_to_shape(grad: Tensor, shape: tuple) -> Tensor:
@@ -215,6 +224,8 @@ def _grads(ctx, do, bwd):
     if cos is not None:
         dq, dk = (rotate(t, cos, sin, False, True, ctx.backend) for t in (dq, dk))
     dbias = reduce_to_shape(ds, ctx.bias_shape).to(attn_bias.dtype) if ctx.bias_grad else None
+    if ctx.bias_zero_grad:
+        dbias = torch.zeros_like(attn_bias)
     return dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
@@ -259,6 +270,10 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
     if backend is not None:
         _backend.resolve(q.device, backend)  # validate early, with a clear message
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if scale <= 0:
+        # The kernels take the row max of the unscaled scores and fold a positive scale into the exponent; a zero
+        # or negative scale (uniform or reversed attention) is applied to q instead.
+        q, scale = q * scale, 1.0
     masked = bool(causal) or prefix_len is not None
     cos, sin = rope if rope is not None else (None, None)
     return _attention(q, k, v, attn_bias, key_padding_mask, masked, int(prefix_len or 0), scale, cos, sin,

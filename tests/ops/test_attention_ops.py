@@ -322,3 +322,34 @@ def test_finfo_min_bias_masks_keys(backend):
     torch.testing.assert_close(out[0], expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1, :, [0, 1, 3, 4]], expected[1, :, [0, 1, 3, 4]], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[1, :, 2], torch.zeros_like(out[1, :, 2]))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_and_negative_scales(scale, backend):
+    """scale = 0 (uniform attention) and a negative scale match the reference, forward and backward (the kernels
+    fold only a positive scale into the exponent; these go through q). They used to give NaN."""
+    q, k, v = (torch.randn(1, 2, 7, 16, requires_grad=True) for _ in range(3))
+    out = dlcv_fast.attention(q, k, v, scale=scale, causal=True, backend=backend)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    golden = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference.attention(*golden, scale=scale, causal=True)
+    expected_grads = torch.autograd.grad(expected.sum(), golden)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        dlcv_fast.attention(q, k, v, scale=float("nan"))
+
+
+@pytest.mark.parametrize("shape", [(), (1, 2, 1, 1), (2, 1, 9, 1), (9, 1)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bias_constant_along_the_keys_has_zero_gradient(shape, backend):
+    """A bias constant along the keys shifts whole rows, which softmax ignores: its gradient is exactly zero (the
+    kernel's sum of dS over the keys gave rounding noise above the reference's error; found by fuzzing)."""
+    q, k, v = (torch.randn(2, 2, 9, 16).half().requires_grad_() for _ in range(3))
+    bias = torch.randn(shape).half().requires_grad_()
+    out = dlcv_fast.attention(q, k, v, attn_bias=bias, backend=backend)
+    dq, dbias = torch.autograd.grad(out, (q, bias), torch.randn_like(out))
+    assert dbias.shape == bias.shape and dbias.dtype == bias.dtype and not dbias.any()
+    assert dq.abs().sum() > 0
