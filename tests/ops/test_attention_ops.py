@@ -201,6 +201,10 @@ def sdpa_cases():
         "float": ({"attn_mask": torch.randn(1, H, L, S, generator=g)}, {}),
         "gqa": ({"enable_gqa": True}, {"Hkv": 2}),
         "3-D": ({}, {"three_d": True}),
+        # 3-D inputs broadcast a mask against (N, L, S): its first dim is the batch (found by fuzzing: it was
+        # taken as the head dim)
+        "3-D, bool (N, L, S)": ({"attn_mask": torch.rand(B, L, S, generator=g) > 0.2}, {"three_d": True}),
+        "3-D, float (N, 1, S)": ({"attn_mask": torch.randn(B, 1, S, generator=g)}, {"three_d": True}),
     }
 
 
@@ -230,6 +234,8 @@ def test_sdpa_rejections():
     with pytest.raises(TypeError, match="attn_mask must be bool or floating point"):
         dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(7, 7, dtype=torch.int32),
                                                enable_gqa=True)
+    with pytest.raises(ValueError, match="at most 3 dims"):
+        dlcv_fast.scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0], attn_mask=torch.zeros(2, 1, 7, 7))
 
 
 # ------------------------------------------------------------------------------------------------
