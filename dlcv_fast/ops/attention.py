@@ -299,8 +299,10 @@ def sdpa(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=False, s
     if squeeze:
         query, key, value = query[:, None], key[:, None], value[:, None]
         if isinstance(attn_mask, Tensor):  # (N, L, S) broadcasting, as torch: a head dim goes in after N
+            while attn_mask.dim() > 3 and attn_mask.shape[0] == 1:  # leading size-1 dims broadcast away
+                attn_mask = attn_mask[0]
             if attn_mask.dim() > 3:
-                raise ValueError(f"attn_mask for 3-D query/key/value must have at most 3 dims (N, L, S), got shape "
+                raise ValueError(f"attn_mask for 3-D query/key/value must broadcast to (N, L, S), got shape "
                                  f"{tuple(attn_mask.shape)}")
             attn_mask = attn_mask.reshape((1,) * (3 - attn_mask.dim()) + tuple(attn_mask.shape)).unsqueeze(1)
     if query.shape[1] != key.shape[1] and not enable_gqa:

@@ -205,6 +205,7 @@ def sdpa_cases():
         # taken as the head dim)
         "3-D, bool (N, L, S)": ({"attn_mask": torch.rand(B, L, S, generator=g) > 0.2}, {"three_d": True}),
         "3-D, float (N, 1, S)": ({"attn_mask": torch.randn(B, 1, S, generator=g)}, {"three_d": True}),
+        "3-D, bool (1, 1, L, S)": ({"attn_mask": torch.rand(1, 1, L, S, generator=g) > 0.2}, {"three_d": True}),
     }
 
 
@@ -234,7 +235,7 @@ def test_sdpa_rejections():
     with pytest.raises(TypeError, match="attn_mask must be bool or floating point"):
         dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(7, 7, dtype=torch.int32),
                                                enable_gqa=True)
-    with pytest.raises(ValueError, match="at most 3 dims"):
+    with pytest.raises(ValueError, match="must broadcast to"):
         dlcv_fast.scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0], attn_mask=torch.zeros(2, 1, 7, 7))
 
 
