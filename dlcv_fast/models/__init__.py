@@ -40,7 +40,8 @@ def from_transformers(m):
         return clip_from_transformers(m)
     if name == "Blip2QFormerModel":
         return qformer_from_transformers(m)
-    raise NotImplementedError(f"from_transformers: {name} is not supported (CLIPModel, Blip2QFormerModel)")
+    hint = "; for BLIP-2 pass the model's .qformer" if hasattr(m, "qformer") else ""
+    raise NotImplementedError(f"from_transformers: {name} is not supported (CLIPModel, Blip2QFormerModel){hint}")
 
 
 def from_diffusers(m):

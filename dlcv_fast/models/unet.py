@@ -414,14 +414,19 @@ class UNet2DConditionModel(nn.Module):
 
     @staticmethod
     def key_padding_mask(encoder_attention_mask, batch, length):
-        """diffusers' ``encoder_attention_mask`` ``(B, Lk)`` (1/True = keep) as the kernel's bool mask; a prompt
-        with nothing kept keeps everything (diffusers' -10000 bias on every key is no mask at all)."""
+        """diffusers' ``encoder_attention_mask`` ``(B, Lk)`` or ``(B, 1, Lk)`` (1/True = keep) as the kernel's bool
+        mask; a prompt with nothing kept keeps everything (diffusers' -10000 bias on every key is no mask at all).
+        diffusers turns a mask m into a ``(1 - m) * -10000`` bias, so only 0/1 masks mean anything: a float value
+        above 0.5 keeps its token (0.5 would already be a -5000 bias there)."""
         if encoder_attention_mask is None:
             return None
-        if tuple(encoder_attention_mask.shape) != (batch, length):
-            raise ValueError(f"encoder_attention_mask must have shape (B, Lk) = {(batch, length)}, got "
+        m = encoder_attention_mask
+        if m.dim() == 3 and m.shape[1] == 1:
+            m = m[:, 0]
+        if tuple(m.shape) != (batch, length):
+            raise ValueError(f"encoder_attention_mask must have shape (B, Lk) = {(batch, length)} or (B, 1, Lk), got "
                              f"{tuple(encoder_attention_mask.shape)}")
-        keep = encoder_attention_mask.bool()
+        keep = m if m.dtype == torch.bool else m > 0.5
         return keep | ~keep.any(dim=-1, keepdim=True)
 
     def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None):
@@ -519,9 +524,13 @@ def unet_config_from_diffusers(config):
 def unet_from_diffusers(m):
     """A :class:`UNet2DConditionModel` with the configuration and weights of diffusers' ``UNet2DConditionModel``
     ``m`` (on m's device and dtype, in m's train/eval mode). NotImplementedError for a config outside the SD
-    1.x / 2.x family, for FreeU switched on and for gradient checkpointing (not done here: switch it off first)."""
+    1.x / 2.x family, for FreeU switched on, fused q/k/v projections and gradient checkpointing (switch them off
+    first)."""
     if any(getattr(b, name, None) for b in m.up_blocks for name in ("s1", "s2", "b1", "b2")):
         raise NotImplementedError("FreeU is enabled on the diffusers U-Net (m.disable_freeu() first): not supported")
+    if any(getattr(a, "fused_projections", False) for a in m.modules()):
+        raise NotImplementedError("the diffusers U-Net has fused q/k/v projections (to_qkv / to_kv): call "
+                                  "m.unfuse_qkv_projections() before converting")
     if getattr(m, "is_gradient_checkpointing", False):
         raise NotImplementedError("gradient checkpointing is not supported by dlcv_fast's U-Net; call "
                                   "m.disable_gradient_checkpointing() before converting")

@@ -232,3 +232,11 @@ def test_registered_name_is_blip2s_qformer():
         ours = create_model("blip2_qformer")
         theirs = transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig())
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_whole_blip2_model_points_to_its_qformer():
+    class Blip2Model(torch.nn.Module):  # stands for transformers' Blip2Model: a model holding a .qformer
+        qformer = None
+
+    with pytest.raises(NotImplementedError, match="pass the model's .qformer"):
+        from_transformers(Blip2Model())

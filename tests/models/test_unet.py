@@ -281,3 +281,24 @@ def test_registered_names_are_the_stable_diffusion_unets(name, config):
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     heads = [(name, m.heads) for name, m in theirs.named_modules() if name.endswith(("attn1", "attn2"))]
     assert heads and [(name, ours.get_submodule(name).heads) for name, _ in heads] == heads
+
+
+def test_mask_forms_diffusers_accepts():
+    """A (B, 1, Lk) mask and a float mask run as in diffusers (which turns m into a (1 - m) * -10000 bias: 0/1
+    values; 0.25 is already a -7500 bias, i.e. masked)."""
+    ref = tiny_unet("sd1")
+    ours = from_diffusers(ref)
+    x, ctx, keep = make_inputs("sd1", mask="pad")
+    soft = keep.float() * 0.75 + 0.25 * (keep == 1).float()  # 1.0 where kept ...
+    soft[-1, -1] = 0.25  # ... and a masked token written as 0.25
+    with dlcv_fast.use_backend("torch"), torch.no_grad():
+        for mask in (keep[:, None, :], soft):
+            golden = fp64_copy(ref)(x.double(), 999, ctx.double(), encoder_attention_mask=mask.double()).sample
+            check_model(ours(x, 999, ctx, mask), ref(x, 999, ctx, encoder_attention_mask=mask).sample, golden)
+
+
+def test_fused_projections_refused_clearly():
+    ref = tiny_unet("sd1")
+    ref.fuse_qkv_projections()
+    with pytest.raises(NotImplementedError, match="unfuse_qkv_projections"):
+        from_diffusers(ref)
