@@ -127,8 +127,8 @@ def attention_backward(do, q, k, v, *, causal=False, key_padding_mask=None, attn
     group = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
-    out, lse = attention_with_lse(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
-                                  prefix_len=prefix_len, scale=scale)
+    out = attention_with_lse(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
+                             prefix_len=prefix_len, scale=scale)[0]
     kr = k.repeat_interleave(group, dim=1).to(acc)
     vr = v.repeat_interleave(group, dim=1).to(acc)
     s = torch.matmul(q.to(acc), kr.transpose(-1, -2)) * scale

@@ -40,9 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dlcv_fast
+from dlcv_fast.ops.attention import MAX_HEAD_DIM, SUPPORTED_DTYPES
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
 
 
 def _standard_processors():
@@ -65,8 +64,8 @@ def _understood(attn) -> bool:
 
 def _kernel_takes(q, k, v) -> bool:
     """Whether (B, H, L, D) q, k, v suit dlcv_fast's kernel as they are."""
-    return (q.dtype in _KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and 1 <= q.shape[-1] <= _MAX_HEAD_DIM and k.shape[-1] == q.shape[-1] and v.shape[-1] == q.shape[-1]
+    return (q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and 1 <= q.shape[-1] <= MAX_HEAD_DIM and k.shape[-1] == q.shape[-1] and v.shape[-1] == q.shape[-1]
             and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
             and k.device == q.device and v.device == q.device
             and all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in (q, k, v)))

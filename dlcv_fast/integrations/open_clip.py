@@ -41,9 +41,8 @@ from torch import nn
 import dlcv_fast
 from dlcv_fast.integrations._swap import swap_classes
 from dlcv_fast.nn.hooks import plain_eager
+from dlcv_fast.ops.attention import MAX_HEAD_DIM, SUPPORTED_DTYPES
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,8 +59,8 @@ def _compute_dtype(tensors) -> torch.dtype | None:
         return None
     if torch.is_autocast_enabled(first.device.type):
         dtype = torch.get_autocast_dtype(first.device.type)
-        return dtype if dtype in _DTYPES and all(t.dtype in _DTYPES for t in tensors) else None
-    return first.dtype if first.dtype in _DTYPES and all(t.dtype == first.dtype for t in tensors) else None
+        return dtype if dtype in SUPPORTED_DTYPES and all(t.dtype in SUPPORTED_DTYPES for t in tensors) else None
+    return first.dtype if first.dtype in SUPPORTED_DTYPES and all(t.dtype == first.dtype for t in tensors) else None
 
 
 def _mask_ok(mask, device, dtype, shapes) -> bool:
@@ -74,7 +73,7 @@ def _mask_ok(mask, device, dtype, shapes) -> bool:
     if mask.dtype == torch.bool:
         return True
     if torch.is_autocast_enabled(device.type):
-        return mask.dtype in _DTYPES
+        return mask.dtype in SUPPORTED_DTYPES
     return mask.dtype == dtype
 
 
@@ -150,7 +149,7 @@ def _mha_fusable(m, query, key, value, key_padding_mask, need_weights, attn_mask
     if dtype is None:
         return False
     E, H = m.embed_dim, m.num_heads
-    if not 1 <= E // H <= _MAX_HEAD_DIM:
+    if not 1 <= E // H <= MAX_HEAD_DIM:
         return False
     if m.batch_first:
         (N, L), (Nk, S) = query.shape[:2], key.shape[:2]
@@ -231,7 +230,7 @@ class PatchedMultiheadAttention(nn.MultiheadAttention):
 def _attention_fusable(m, x, attn_mask) -> bool:
     if m.logit_scale is not None or (m.training and m.attn_drop.p > 0):
         return False
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not 1 <= m.head_dim <= _MAX_HEAD_DIM:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not 1 <= m.head_dim <= MAX_HEAD_DIM:
         return False
     params = tuple(t for t in (m.in_proj_weight, m.in_proj_bias) if t is not None)
     if _compute_dtype((x,) + params) is None:
@@ -243,7 +242,7 @@ def _attention_fusable(m, x, attn_mask) -> bool:
         return True
     if not isinstance(attn_mask, torch.Tensor) or attn_mask.device != x.device:
         return False
-    if not (attn_mask.dtype == torch.bool or attn_mask.dtype in _DTYPES):
+    if not (attn_mask.dtype == torch.bool or attn_mask.dtype in SUPPORTED_DTYPES):
         return False
     if attn_mask.dim() == 2:
         return tuple(attn_mask.shape) == (L, L)

@@ -33,10 +33,9 @@ from torch import nn
 
 import dlcv_fast
 from dlcv_fast.integrations._swap import swap_classes
+from dlcv_fast.kernels.window_attention import MAX_HEAD_DIM as MAX_WINDOW_HEAD_DIM
 from dlcv_fast.nn.hooks import has_forward_hooks
-
-MAX_HEAD_DIM = 256  # dlcv_fast.attention
-MAX_WINDOW_HEAD_DIM = 64  # the Triton window kernels
+from dlcv_fast.ops.attention import MAX_HEAD_DIM
 
 
 def _dropout_active(module, dropout):

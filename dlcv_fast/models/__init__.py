@@ -54,6 +54,5 @@ def from_diffusers(m):
 
 
 __all__ = ["CLIP", "QFormer", "SwinTransformer", "TextTransformer", "UNet2DConditionModel", "VisionTransformer",
-           "create_model", "from_diffusers",
-           "from_open_clip", "from_timm", "from_transformers", "list_models", "register_model",
-           "save_attention_overlay"]
+           "create_model", "from_diffusers", "from_open_clip", "from_timm", "from_transformers", "list_models",
+           "register_model", "save_attention_overlay"]
