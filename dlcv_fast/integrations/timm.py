@@ -38,8 +38,8 @@ from dlcv_fast.nn.hooks import has_forward_hooks
 from dlcv_fast.ops.attention import MAX_HEAD_DIM
 
 
-def _dropout_active(module, dropout):
-    return module.training and dropout.p > 0
+def _dropout_active(module):
+    return module.training and module.attn_drop.p > 0
 
 
 def _attend(module, q, k, v, attn_mask, is_causal):
@@ -83,7 +83,7 @@ def _hooked(module) -> bool:
 def _falls_back(module) -> bool:
     """timm's forward runs instead: dropout active, a head dim the kernel does not take, FX tracing, or timm's
     unfused path (``fused_attn = False``, e.g. for attention maps) with a hook on the ``attn_drop`` it would call."""
-    return (_dropout_active(module, module.attn_drop) or not 1 <= module.head_dim <= MAX_HEAD_DIM or _tracing()
+    return (_dropout_active(module) or not 1 <= module.head_dim <= MAX_HEAD_DIM or _tracing()
             or (not module.fused_attn and _hooked(module.attn_drop)))
 
 
@@ -167,7 +167,7 @@ def _make_patched():
             attn = self.attn
             head_dim = attn.qkv.out_features // (3 * attn.num_heads) if type(attn.qkv) is nn.Linear else 0
             if (type(attn) is not timm_window_attention or not 1 <= head_dim <= MAX_WINDOW_HEAD_DIM
-                    or _dropout_active(attn, attn.attn_drop) or _hooked(attn) or _tracing()):
+                    or _dropout_active(attn) or _hooked(attn) or _tracing()):
                 return super()._attn(x)
             out = dlcv_fast.window_attention(attn.qkv(x), num_heads=attn.num_heads,
                                              window_size=tuple(self.window_size), shift_size=tuple(self.shift_size),
