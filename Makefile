@@ -2,7 +2,7 @@
 # make bench        same set-up, then the whole benchmark suite (results, plots in $(BENCH_OUT)/)
 # make bench-quick  same set-up, then the headline shapes only (python -m benchmarks --quick)
 # Each target does all its own set-up on a fresh machine; the install is redone only when
-# requirements-dev.txt, setup.py or pyproject.toml change (a stamp in .venv named after their hash).
+# requirements-dev.txt, setup.py, pyproject.toml or csrc/ change (a stamp in .venv named after their hash).
 # TEST_ARGS / BENCH_ARGS pass extra flags, e.g. make test TEST_ARGS='-m gpu'; TEST_WORKERS sets pytest-xdist's
 # process count (2: the CI machine's cores).
 
@@ -13,7 +13,7 @@ TEST_ARGS ?=
 TEST_WORKERS ?= 2
 BENCH_ARGS ?=
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements-dev.txt setup.py pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(shell cat requirements-dev.txt setup.py pyproject.toml csrc/* | sha256sum | cut -c1-16)
 
 .PHONY: test bench bench-quick install
 

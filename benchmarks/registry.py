@@ -95,6 +95,24 @@ class Benchmark:
         return [p for p in self.providers if device in p.devices]
 
 
+def cuda_backend(build):
+    """``build`` with our ops forced onto the hand-written CUDA kernels (backend "cuda"), for the provider
+    "dlcv_fast.cuda"; Unavailable where dlcv_fast._C was not built."""
+    def make(c, x0, ctx):
+        import dlcv_fast
+        from dlcv_fast import backend
+
+        if backend.cuda_extension() is None:
+            raise Unavailable("dlcv_fast was installed without its CUDA extension (dlcv_fast._C)")
+        fn = build(c, x0, ctx)
+
+        def run(x):
+            with dlcv_fast.use_backend("cuda"):
+                return fn(x)
+        return run
+    return make
+
+
 def with_backward(provider: Provider, *wrt: str) -> Provider:
     """The same provider timing forward + backward: its fn returns ``(*outputs, *grads)``, the gradients of the
     inputs named ``wrt`` for the output gradient(s) ``inputs["do"]`` (a tensor, or a tuple for tuple outputs)."""

@@ -3,7 +3,7 @@ fraction of the copy bandwidth measured in the same run) and RoPE fused into att
 attention without RoPE).
 
 Standalone providers rotate q and k, each ``(B, H, N, D)``, by half-split pairs with ``(N, D/2)`` float32
-tables: ours (``dlcv_fast.apply_rope``), the eager torch formula (``dlcv_fast.reference.apply_rope``), the same
+tables: ours (``dlcv_fast.apply_rope``; "dlcv_fast.cuda" on the CUDA kernel of csrc/), the eager torch formula (``dlcv_fast.reference.apply_rope``), the same
 under torch.compile, and Liger's ``liger_rotary_pos_emb`` when installed (it takes full-width ``(1, N, D)``
 tables, built once). Bytes: q and k read and written (twice that with the backward) plus the tables.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.registry import Benchmark, Provider, Unavailable, missing, register, torch_providers, with_backward
+from benchmarks.registry import (Benchmark, Provider, Unavailable, cuda_backend, missing, register, torch_providers,
+                                 with_backward)
 
 
 def tables(N, D, device, theta=10000.0):
@@ -84,6 +85,7 @@ def liger_pair(c, x0, ctx):
 
 PAIR_PROVIDERS = [
     Provider("dlcv_fast", ours_pair, devices=("cuda", "cpu")),
+    Provider("dlcv_fast.cuda", cuda_backend(ours_pair)),
     *torch_providers(_eager_pair, "q", "k", "cos", "sin"),
     Provider("liger", liger_pair),
 ]

@@ -4,7 +4,10 @@
 tensors, except that with ``TRITON_INTERPRET=1`` CPU tensors also go through the Triton kernels
 (run by Triton's interpreter; that is how the test suite exercises them without a GPU).
 ``"triton"`` forces the Triton kernels, ``"torch"`` forces the eager reference, and ``"cuda"``
-asks for the hand-written CUDA kernels of ``csrc/`` (raises where they are not built).
+asks for the hand-written CUDA kernels of ``csrc/`` (the extension ``dlcv_fast._C``): ops listed in
+:data:`CUDA_OPS` run them, on CUDA tensors, where the extension was built; anything else raises. "auto" does
+not pick them yet: the choice per shape waits for a GPU benchmark run that times them against the Triton
+kernels (benchmarks/, issue 3).
 """
 from __future__ import annotations
 
@@ -12,6 +15,13 @@ import contextlib
 import os
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
+# Ops with a hand-written CUDA kernel (csrc/), and what of each it covers; the rest of such an op, and every
+# other op, raises under backend "cuda".
+CUDA_OPS = {
+    "rope": "every input apply_rope takes (csrc/rope.cu)",
+    "window_attention": "the forward for fp16/bf16, windows of at most 64 tokens, head dims up to 64, sm_80 or "
+                        "later (csrc/window_attention.cu); its backward runs the Triton kernels",
+}
 
 
 # The backend in force, process-wide (like torch.backends' flags). A module global on purpose: torch.compile
@@ -61,10 +71,20 @@ def cuda_extension():
     return _C
 
 
-def resolve(device, backend: str | None = None) -> str:
+def cuda_op(name: str):
+    """The CUDA kernel ``torch.ops.dlcv_fast_cuda.<name>`` (importing dlcv_fast._C registers them). Callers
+    have passed :func:`resolve` with backend "cuda" first, so the extension is there."""
+    import torch
+
+    cuda_extension()
+    return getattr(torch.ops.dlcv_fast_cuda, name)
+
+
+def resolve(device, backend: str | None = None, op: str | None = None) -> str:
     """Pick the concrete backend ("triton", "cuda" or "torch") for tensors on ``device``.
 
-    ``backend`` (the per-call ``backend=`` keyword) overrides the context's choice.
+    ``backend`` (the per-call ``backend=`` keyword) overrides the context's choice. ``op`` names the op asking
+    (a key of :data:`CUDA_OPS`), for backend "cuda".
     """
     name = _check(backend) if backend is not None else _current
     is_cuda = getattr(device, "type", device) == "cuda"
@@ -78,7 +98,15 @@ def resolve(device, backend: str | None = None) -> str:
     if name == "cuda":
         if not is_cuda:
             raise RuntimeError("backend 'cuda' needs CUDA tensors")
-        raise NotImplementedError(
-            "backend 'cuda': no hand-written CUDA kernel is available for this op yet; use 'triton' or 'auto'"
-        )
+        if op not in CUDA_OPS:
+            raise NotImplementedError(
+                f"backend 'cuda': no hand-written CUDA kernel for {op or 'this op'}; CUDA kernels exist for "
+                f"{', '.join(sorted(CUDA_OPS))}. Use 'triton' or 'auto'"
+            )
+        if cuda_extension() is None:
+            raise RuntimeError(
+                "backend 'cuda': dlcv_fast was installed without its CUDA extension (dlcv_fast._C); reinstall "
+                "with nvcc and a CUDA build of torch present (DLCV_FAST_REQUIRE_CUDA=1 makes a failed build an "
+                "error), or use 'triton' or 'auto'"
+            )
     return name

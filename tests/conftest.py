@@ -37,11 +37,11 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
-# On a GPU the GPU check gives `pytest -m gpu` a time cap (3 minutes). Order: the attention and window-attention
-# kernels, then the other kernels in use (files not listed), then the models and patched library models (slow:
-# torch.compile warm-ups), then the kernels that are off by default (the fused MLP GEMM, the exp2 split), so a cap
-# cuts the latter first.
-GPU_ORDER = (("tests/kernels/test_attention.py", "tests/kernels/test_window_attention.py"), None,
+# On a GPU the GPU check gives `pytest -m gpu` a time cap (3 minutes). Order: the CUDA kernels (never run on a GPU
+# before), the attention and window-attention kernels, then the other kernels in use (files not listed), then the
+# models and patched library models (slow: torch.compile warm-ups), then the kernels that are off by default (the
+# fused MLP GEMM, the exp2 split), so a cap cuts the latter first.
+GPU_ORDER = (("tests/csrc/", "tests/kernels/test_attention.py", "tests/kernels/test_window_attention.py"), None,
              ("tests/models/", "tests/integrations/"),
              ("tests/kernels/test_linear_act.py", "tests/kernels/test_exp2_asm.py"))
 

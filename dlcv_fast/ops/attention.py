@@ -137,7 +137,7 @@ def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Ten
     if B * H * Lq == 0 or Lk == 0:
         # Nothing to attend to: every row is fully masked, so out = 0 and lse = -inf (documented).
         return _like_kernel(q).zero_(), torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
-    name = _backend.resolve(q.device, backend)
+    name = _backend.resolve(q.device, backend, "attention")
     rope = None if cos is None else (cos, sin)
     if name == "torch":
         return _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope)
@@ -162,7 +162,7 @@ def _attention_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, 
     if B * H * Lq == 0 or Lk == 0:
         ds = q.new_zeros((B, H, Lq, Lk), dtype=torch.float32) if bias_grad else _empty_ds(q)
         return _like_kernel(q).zero_(), _like_kernel(k).zero_(), _like_kernel(v).zero_(), ds
-    name = _backend.resolve(q.device, backend)
+    name = _backend.resolve(q.device, backend, "attention")
     if name == "torch":
         dq, dk, dv, ds = _bwd_torch(do, q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad)
     else:
@@ -268,7 +268,7 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
     check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, prefix_len=prefix_len,
                            scale=scale)
     if backend is not None:
-        _backend.resolve(q.device, backend)  # validate early, with a clear message
+        _backend.resolve(q.device, backend, "attention")  # validate early, with a clear message
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if scale <= 0:
         # The kernels take the row max of the unscaled scores and fold a positive scale into the exponent; a zero

@@ -54,7 +54,7 @@ def check_layer_norm_inputs(x, weight, bias, eps, residual, backend):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    if N > MAX_N and _backend.resolve(x.device, backend) == "triton":
+    if N > MAX_N and _backend.resolve(x.device, backend, "layer_norm") == "triton":
         raise ValueError(f"x's last dim is {N}; the Triton LayerNorm normalises rows of at most {MAX_N} "
                          f"elements (use backend='torch')")
 
@@ -82,7 +82,7 @@ def _layer_norm_fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional
                          eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if x.numel() == 0:
         return _fake_fwd(x, residual)
-    if _backend.resolve(x.device, backend) == "torch":
+    if _backend.resolve(x.device, backend, "layer_norm") == "torch":
         from dlcv_fast import reference
 
         out = reference.layer_norm(x, weight, bias, eps, residual=residual)
@@ -113,7 +113,7 @@ def _layer_norm_bwd_impl(dy: Tensor, ds: Optional[Tensor], s: Tensor, weight: Op
         zeros = s.new_zeros((s.shape[-1],), dtype=torch.float32)
         return (torch.zeros_like(s, memory_format=torch.contiguous_format), zeros if weight_grad else _empty(s),
                 zeros.clone() if bias_grad else _empty(s))
-    if _backend.resolve(s.device, backend) == "torch":
+    if _backend.resolve(s.device, backend, "layer_norm") == "torch":
         from dlcv_fast import reference
 
         dx, dw, db = reference.layer_norm_backward(dy, s, weight, eps, ds=ds)

@@ -51,7 +51,7 @@ def _fake(x, weight):
 def _linear_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, backend: str) -> Tensor:
     if x.numel() == 0 or weight.shape[0] == 0:
         return _fake(x, weight)
-    if x.shape[-1] == 0 or _backend.resolve(x.device, backend) == "torch":
+    if x.shape[-1] == 0 or _backend.resolve(x.device, backend, "linear_act") == "torch":
         from dlcv_fast import reference
 
         return reference.linear_act(x, weight, bias, act).contiguous()
@@ -109,5 +109,5 @@ def linear_act(x, weight, bias=None, act="gelu", *, backend=None):
     made for inference: the backward recomputes the pre-activation (one more GEMM)."""
     check_linear_act_inputs(x, weight, bias, act)
     if backend is not None:
-        _backend.resolve(x.device, backend)  # validate early, with a clear message
+        _backend.resolve(x.device, backend, "linear_act")  # validate early, with a clear message
     return _linear_act(x, weight, bias, act, backend if backend is not None else _backend.get_backend())

@@ -6,7 +6,8 @@ inference). ``conjugate`` rotates by the negated angle. Both have fake (meta) im
 ``torch.compile`` traces through them. The backward in x is the same op with ``conjugate`` flipped (one
 Triton kernel for both directions); the gradient of the tables, needed only for learnable frequencies
 (RoPE-Mixed), is a short eager reduction over the dims the tables broadcast over.
-The Triton kernel lives in ``dlcv_fast.kernels.rope``; the "torch" backend runs ``dlcv_fast.reference``.
+The Triton kernel lives in ``dlcv_fast.kernels.rope``, the CUDA one (backend "cuda") in ``csrc/rope.cu``; the
+"torch" backend runs ``dlcv_fast.reference``.
 """
 from __future__ import annotations
 
@@ -91,8 +92,12 @@ def _rope_torch(x, cos, sin, interleaved, conjugate):
 
 def _launch(x, cos, sin, interleaved, conjugate, backend, out):
     """Rotate x into ``out`` (a fresh tensor, or x itself for in place) on the backend in force."""
-    if _backend.resolve(x.device, backend) == "torch":
+    name = _backend.resolve(x.device, backend, "rope")
+    if name == "torch":
         return out.copy_(_rope_torch(x, cos, sin, interleaved, conjugate))
+    if name == "cuda":
+        _backend.cuda_op("rope")(x, cos, sin, out, interleaved, -1.0 if conjugate else 1.0)
+        return out
     from dlcv_fast.kernels import rope as kernels
 
     return kernels.apply(x, cos, sin, interleaved=interleaved, sin_sign=-1.0 if conjugate else 1.0, out=out)
@@ -189,7 +194,7 @@ def apply_rope(x, cos, sin, *, interleaved=False, inplace=False, backend=None):
     """Checked RoPE; see :func:`dlcv_fast.apply_rope`."""
     check_rope_inputs(x, cos, sin)
     if backend is not None:
-        _backend.resolve(x.device, backend)  # validate early, with a clear message
+        _backend.resolve(x.device, backend, "rope")  # validate early, with a clear message
     backend = backend if backend is not None else _backend.get_backend()
     if inplace:
         _check_inplace(x, cos, sin)

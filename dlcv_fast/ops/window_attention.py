@@ -3,8 +3,9 @@
 ``dlcv_fast::window_attention_fwd`` returns the ``(B, H, W, C)`` output and the ``(B, H, W, heads)`` fp32
 log-sum-exp the backward uses; ``dlcv_fast::window_attention_bwd`` returns ``(dqkv, dtable, dqkv_bias)``
 (empty tensors for the gradients not asked for). Both have fake implementations for ``torch.compile``, and
-``register_autograd`` connects them. The Triton kernels live in ``dlcv_fast.kernels.window_attention``; the
-"torch" backend runs ``window_attention_with_lse`` and ``window_attention_backward`` of ``dlcv_fast.reference``.
+``register_autograd`` connects them. The Triton kernels live in ``dlcv_fast.kernels.window_attention``; backend
+"cuda" runs the forward of ``csrc/window_attention.cu`` and the Triton backward; the "torch" backend runs
+``window_attention_with_lse`` and ``window_attention_backward`` of ``dlcv_fast.reference``.
 """
 from __future__ import annotations
 
@@ -85,6 +86,29 @@ def check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias_ta
     return window, shift
 
 
+# The CUDA forward's scope (csrc/window_attention.cu).
+CUDA_MAX_TOKENS = 64
+CUDA_MAX_HEAD_DIM = 64
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_cuda_support(qkv, num_heads, window):
+    """Raise NotImplementedError, naming the limit, for a call the CUDA forward does not cover."""
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    problems = []
+    if qkv.dtype not in CUDA_DTYPES:
+        problems.append(f"dtype {qkv.dtype} (it takes float16 and bfloat16)")
+    if window[0] * window[1] > CUDA_MAX_TOKENS:
+        problems.append(f"window {window} of {window[0] * window[1]} tokens (at most {CUDA_MAX_TOKENS})")
+    if head_dim > CUDA_MAX_HEAD_DIM:
+        problems.append(f"head dim {head_dim} (at most {CUDA_MAX_HEAD_DIM})")
+    if qkv.is_cuda and torch.cuda.get_device_capability(qkv.device)[0] < 8:
+        problems.append("a GPU before sm_80")
+    if problems:
+        raise NotImplementedError("backend 'cuda': the CUDA window attention kernel does not cover "
+                                  + "; ".join(problems) + ". Use backend 'triton' or 'auto'")
+
+
 # ------------------------------------------------------------------------------------------------
 # Custom ops
 # ------------------------------------------------------------------------------------------------
@@ -108,9 +132,13 @@ def _window_attention_fwd_impl(qkv: Tensor, table: Optional[Tensor], qkv_bias: O
     window, shift = (window_h, window_w), (shift_h, shift_w)
     if qkv.numel() == 0:
         return _empty_outputs(qkv, num_heads)
-    if _backend.resolve(qkv.device, backend) == "torch":
+    name = _backend.resolve(qkv.device, backend, "window_attention")
+    if name == "torch":
         out, lse = _ref(qkv, table, qkv_bias, num_heads, window, shift, scale)
         return out.contiguous(), lse.float().contiguous()
+    if name == "cuda":
+        _check_cuda_support(qkv, num_heads, window)
+        return _backend.cuda_op("window_attention_fwd")(qkv, table, qkv_bias, num_heads, *window, *shift, scale)
     from dlcv_fast.kernels import window_attention as kernels
 
     return kernels.forward(qkv, table, qkv_bias, num_heads, window, shift, scale)
@@ -140,13 +168,13 @@ def _window_attention_bwd_impl(dout: Tensor, qkv: Tensor, table: Optional[Tensor
         return (torch.zeros_like(qkv, memory_format=torch.contiguous_format),
                 torch.zeros_like(table) if table_grad else _empty(qkv),
                 torch.zeros_like(qkv_bias) if bias_grad else _empty(qkv))
-    if _backend.resolve(qkv.device, backend) == "torch":
+    if _backend.resolve(qkv.device, backend, "window_attention") == "torch":
         from dlcv_fast import reference
 
         dqkv, dtable, dbias = reference.window_attention_backward(
             dout, qkv, num_heads=num_heads, window_size=window, shift_size=shift, rel_pos_bias_table=table,
             qkv_bias=qkv_bias, scale=scale)
-    else:
+    else:  # "triton", and "cuda": its forward saves the lse the Triton backward reads
         from dlcv_fast.kernels import window_attention as kernels
 
         dqkv, dtable, dbias = kernels.backward(dout, qkv, table, qkv_bias, lse, num_heads, window, shift, scale,
@@ -226,15 +254,17 @@ def window_attention(qkv, *, num_heads, window_size, shift_size=0, rel_pos_bias_
             match timm exactly (None means zeros, right for a Linear without bias). Differentiable: it
             receives the gradient flowing into the padding tokens' k and v.
         scale: score scale, default ``head_dim ** -0.5``.
-        backend: "auto" (default), "triton" or "torch"; see :func:`dlcv_fast.use_backend`.
+        backend: "auto" (default), "triton", "cuda" or "torch"; see :func:`dlcv_fast.use_backend`. "cuda" runs
+            the forward of csrc/window_attention.cu (fp16/bf16, windows of at most 64 tokens, head dims up to
+            64; NotImplementedError otherwise) and the Triton backward.
 
     Returns ``(B, H, W, C)`` contiguous, in qkv's dtype. The backward gives dqkv, d(table) and d(qkv_bias)
     deterministically (bitwise equal across runs; no atomics).
     """
     window, shift = check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias,
                                         scale)
-    if backend is not None:
-        _backend.resolve(qkv.device, backend)  # validate early, with a clear message
+    if backend is not None and _backend.resolve(qkv.device, backend, "window_attention") == "cuda":
+        _check_cuda_support(qkv, num_heads, window)  # validate early, with a clear message
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim ** -0.5 if scale is None else float(scale)
     return _window_attention(qkv, rel_pos_bias_table, qkv_bias, num_heads, *window, *shift, scale,

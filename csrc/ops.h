@@ -1,0 +1,23 @@
+// The host entry points of the CUDA kernels; bindings.cpp registers them as torch ops (dlcv_fast_cuda::*).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace dlcv_fast {
+
+// rope.cu: rotate x by (cos, sin) into out (out may be x). See kernels/rope.py for the contract.
+void rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out,
+               bool interleaved, double sin_sign);
+
+// window_attention.cu: Swin window attention forward for windows of at most 64 tokens, head dims up to 64,
+// fp16/bf16. Returns (out (B, H, W, C), lse (B, H, W, heads) fp32, natural log), as kernels/window_attention.py.
+std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cuda(const at::Tensor& qkv,
+                                                             const std::optional<at::Tensor>& table,
+                                                             const std::optional<at::Tensor>& qkv_bias,
+                                                             int64_t num_heads, int64_t window_h, int64_t window_w,
+                                                             int64_t shift_h, int64_t shift_w, double scale);
+
+}  // namespace dlcv_fast

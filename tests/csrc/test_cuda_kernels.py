@@ -1,0 +1,218 @@
+"""Tests of the hand-written CUDA kernels (csrc/) behind backend "cuda": the build, the dispatch, and parity.
+
+Without a GPU only the build and the dispatch rules are checked (the extension must build and import wherever
+nvcc and a CUDA build of torch are present, as on the CI machine). Parity runs on a GPU (``pytest -m gpu``),
+with tests/parity.py's rule against float64 references, and against the Triton kernels the same inputs give.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dlcv_fast
+from dlcv_fast import backend as _backend
+from tests.kernels import test_rope as rope_tests
+from tests.kernels import test_window_attention as win_tests
+from tests.parity import assert_parity
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLCHAIN = (torch.version.cuda is not None and shutil.which("nvcc") is not None
+             and os.environ.get("DLCV_FAST_SKIP_CUDA", "0") != "1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Build and dispatch (CPU)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not TOOLCHAIN, reason="needs nvcc and a CUDA build of torch (the extension is not built "
+                                          "without them)")
+def test_extension_is_built_and_registers_the_ops():
+    """Where the toolchain is, the install built dlcv_fast._C: a csrc/ change that does not compile fails CI
+    here, not silently at install time (setup.py tolerates a failed build so a GPU check still installs)."""
+    assert _backend.cuda_extension() is not None, "dlcv_fast._C was not built; see pip's output for csrc/ errors"
+    for name in ("rope", "window_attention_fwd"):
+        assert hasattr(torch.ops.dlcv_fast_cuda, name)
+
+
+def test_cuda_backend_needs_cuda_tensors():
+    x = torch.randn(1, 2, 5, 8)
+    cos, sin = torch.ones(5, 4), torch.zeros(5, 4)
+    with pytest.raises(RuntimeError, match="backend 'cuda' needs CUDA tensors"):
+        dlcv_fast.apply_rope(x, cos, sin, backend="cuda")
+    qkv = torch.randn(1, 7, 7, 3 * 16)
+    with pytest.raises(RuntimeError, match="backend 'cuda' needs CUDA tensors"):
+        dlcv_fast.window_attention(qkv, num_heads=1, window_size=7, backend="cuda")
+
+
+def test_ops_without_a_cuda_kernel_say_so(monkeypatch):
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
+    with pytest.raises(NotImplementedError, match="no hand-written CUDA kernel for attention; CUDA kernels exist "
+                                                  "for rope, window_attention"):
+        _backend.resolve(torch.device("cuda"), "cuda", "attention")
+    assert _backend.resolve(torch.device("cuda"), "cuda", "rope") == "cuda"
+
+
+def test_missing_extension_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: None)
+    with pytest.raises(RuntimeError, match=r"installed without its CUDA extension \(dlcv_fast._C\)"):
+        _backend.resolve(torch.device("cuda"), "cuda", "rope")
+
+
+def test_auto_never_picks_cuda():
+    """Until a GPU run times the CUDA kernels against the Triton ones, "auto" keeps the Triton kernels."""
+    assert _backend.resolve(torch.device("cuda"), "auto", "rope") == "triton"
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(dtype=torch.float32), r"dtype torch.float32 \(it takes float16 and bfloat16\)"),
+    (dict(window=12), r"window \(12, 12\) of 144 tokens \(at most 64\)"),
+    (dict(D=80), r"head dim 80 \(at most 64\)"),
+])
+def test_window_attention_cuda_scope(change, match):
+    from dlcv_fast.ops import window_attention as ops
+
+    args = dict(dtype=torch.float16, window=7, D=32) | change
+    qkv = torch.empty(1, 14, 14, 3 * 2 * args["D"], dtype=args["dtype"])
+    with pytest.raises(NotImplementedError, match=match):
+        ops._check_cuda_support(qkv, 2, (args["window"],) * 2)
+
+
+@pytest.mark.skipif(not TOOLCHAIN, reason="needs nvcc")
+def test_failed_cuda_build_still_installs(tmp_path):
+    """A csrc/ that does not compile leaves an installable package without dlcv_fast._C (so a GPU check's
+    install goes on), unless DLCV_FAST_REQUIRE_CUDA=1."""
+    work = tmp_path / "pkg"
+    (work / "csrc").mkdir(parents=True)
+    shutil.copy(ROOT / "setup.py", work / "setup.py")
+    (work / "dlcv_fast").mkdir()
+    (work / "dlcv_fast" / "__init__.py").write_text("")
+    (work / "kernels").mkdir()
+    (work / "kernels" / "__init__.py").write_text("")
+    (work / "csrc" / "broken.cu").write_text("this is not C++;\n")
+    env = dict(os.environ, DLCV_FAST_CUDA_ARCHS="80")
+    run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "installing without the CUDA kernels" in run.stdout
+    assert not list((work / "dlcv_fast").glob("_C*.so"))
+    env["DLCV_FAST_REQUIRE_CUDA"] = "1"
+    run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE parity (GPU)
+# ------------------------------------------------------------------------------------------------
+
+ROPE_CASES = [  # (D, R, table shape kind, interleaved): vector path (R, rest multiples of 8) and scalar path
+    (64, 32, "n", False), (64, 32, "n", True), (128, 64, "bn", False), (80, 40, "n", True),
+    (64, 16, "n", False), (18, 7, "n", True), (18, 7, "bhn", False), (64, 32, "1hn", True),
+]
+
+
+def _tables(kind, B, H, N, R, device, dtype):
+    shape = {"n": (N, R), "bn": (B, N, R), "bhn": (B, H, N, R), "1hn": (1, H, N, R)}[kind]
+    return rope_tests.tables(rope_tests.make_angles(shape), device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("D,R,kind,interleaved", ROPE_CASES, ids=str)
+def test_gpu_rope_parity(D, R, kind, interleaved, dtype):
+    B, H, N = 2, 3, 197
+    x = rope_tests.make_x(B, H, N, D, dtype, "cuda")
+    cos, sin = _tables(kind, B, H, N, R, "cuda", torch.float32)
+    out = dlcv_fast.apply_rope(x, cos, sin, interleaved=interleaved, backend="cuda")
+    gold = rope_tests.ref_rope(x.double(), cos.double(), sin.double(), interleaved)
+    lp = rope_tests.ref_rope(x, cos, sin, interleaved)
+    assert_parity(out, gold, lp)
+    assert torch.equal(out[..., 2 * R:], x[..., 2 * R:])  # pass-through channels copied exactly
+    triton_out = dlcv_fast.apply_rope(x, cos, sin, interleaved=interleaved, backend="triton")
+    torch.testing.assert_close(out, triton_out, rtol=0, atol=2 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gpu_rope_views_inplace_tables_and_backward(interleaved):
+    B, N, H, D = 2, 77, 4, 64
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.float16)
+    q = qkv.permute(2, 0, 3, 1, 4)[0]  # strided view, no copy
+    cos, sin = _tables("n", B, H, N, D // 2, "cuda", torch.float16)  # tables in x's dtype
+    out = dlcv_fast.apply_rope(q, cos, sin, interleaved=interleaved, backend="cuda")
+    torch.testing.assert_close(out, dlcv_fast.apply_rope(q, cos, sin, interleaved=interleaved, backend="triton"),
+                               rtol=0, atol=2e-3)
+    q2 = q.clone()
+    dlcv_fast.apply_rope(q2, cos, sin, interleaved=interleaved, inplace=True, backend="cuda")
+    assert torch.equal(q2, out)
+    x = q.detach().clone().requires_grad_()
+    g = torch.randn_like(x)
+    (dx,) = torch.autograd.grad(dlcv_fast.apply_rope(x, cos, sin, interleaved=interleaved, backend="cuda"), x, g)
+    gold = torch.autograd.grad(rope_tests.ref_rope(x.double(), cos.double(), sin.double(), interleaved), x, g.double())
+    lp = torch.autograd.grad(rope_tests.ref_rope(x, cos, sin, interleaved), x, g)
+    assert_parity(dx, gold[0], lp[0], factor=3.0, name="dx")
+
+
+# ------------------------------------------------------------------------------------------------
+# Window attention parity (GPU)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("B,H,W,heads,D,window,shift", [
+    (4, 56, 56, 3, 32, 7, 3),  # Swin-T stage 1
+    (3, 14, 14, 12, 32, 7, 0),  # Swin-T stage 3
+    (1, 7, 7, 2, 32, 7, 3),  # window equal to the map
+    (2, 30, 45, 2, 64, 8, 4),  # padding both ways, head dim 64
+    (3, 9, 11, 2, 24, 4, 2),  # head dim 24: the scalar-load path
+    (2, 10, 13, 2, 16, (4, 6), (2, 3)),  # non-square window, head dim 16
+    (1, 16, 16, 1, 40, (2, 32), (1, 16)),  # 64-token non-square window, head dim 40
+], ids=win_tests._id)
+def test_gpu_window_attention_parity(B, H, W, heads, D, window, shift, dtype):
+    inputs = win_tests.make_inputs(B, H, W, heads, D, window, dtype, "cuda")
+    kw = dict(num_heads=heads, window_size=window, shift_size=shift)
+    with dlcv_fast.use_backend("cuda"):
+        win_tests.check_parity(inputs, kw)  # forward on the CUDA kernel, backward on the Triton kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shift", [0, 3])
+def test_gpu_window_attention_matches_triton(shift):
+    qkv, table, bias = win_tests.make_inputs(2, 30, 45, 3, 32, 7, torch.float16, "cuda", param_dtype=torch.float32)
+    from dlcv_fast.ops import window_attention as ops
+
+    args = (qkv, table, bias, 3, 7, 7, shift, shift, 32 ** -0.5)
+    out_c, lse_c = ops.window_attention_fwd(*args, "cuda")
+    out_t, lse_t = ops.window_attention_fwd(*args, "triton")
+    torch.testing.assert_close(out_c, out_t, rtol=0, atol=2e-3)
+    torch.testing.assert_close(lse_c, lse_t, rtol=1e-5, atol=1e-4)
+    # The backward the "cuda" route runs (Triton's, from the CUDA forward's lse) gives the Triton route's grads.
+    dout = torch.randn_like(out_c)
+    grads = [torch.autograd.grad(dlcv_fast.window_attention(qkv, num_heads=3, window_size=7, shift_size=shift,
+                                                            rel_pos_bias_table=table, qkv_bias=bias, backend=b),
+                                 (qkv, table, bias), dout) for b in ("cuda", "triton")]
+    for gc, gt in zip(*grads):
+        torch.testing.assert_close(gc.float(), gt.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_window_attention_strided_and_unaligned_qkv():
+    """A qkv slice of a wider buffer (16-byte loads off) and an odd batch stride give the same result."""
+    base = torch.randn(2, 14, 14, 3 * 64 + 1, device="cuda", dtype=torch.float16)
+    qkv = base[..., 1:]  # unit channel stride, pointer off 16-byte alignment
+    table = torch.randn(169, 2, device="cuda")
+    kw = dict(num_heads=2, window_size=7, shift_size=3, rel_pos_bias_table=table)
+    out = dlcv_fast.window_attention(qkv, backend="cuda", **kw)
+    ref = dlcv_fast.window_attention(qkv.contiguous(), backend="triton", **kw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_has_no_cuda_kernel():
+    q = torch.randn(1, 2, 8, 32, device="cuda", dtype=torch.float16)
+    with pytest.raises(NotImplementedError, match="no hand-written CUDA kernel for attention"):
+        dlcv_fast.attention(q, q, q, backend="cuda")
