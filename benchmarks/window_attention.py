@@ -1,8 +1,8 @@
 """Swin window attention benchmarks (issue 4): the whole attention step of a Swin block, from the qkv Linear's
 output ``(B, H, W, 3C)`` to the proj Linear's input ``(B, H, W, C)``, forward and forward+backward.
 
-Providers: ours (``dlcv_fast.window_attention``; "dlcv_fast.cuda": its CUDA forward of csrc/ with the Triton
-backward); timm's eager step and timm's fused step (torch SDPA with the relative position bias and the
+Providers: ours (``dlcv_fast.window_attention``; "dlcv_fast.cuda": the same op on the CUDA kernels of
+csrc/); timm's eager step and timm's fused step (torch SDPA with the relative position bias and the
 shifted-window mask added into one float mask), both written out here as timm runs them (roll, partition, bias
 gather, attention, merge, reverse roll; the index and region mask are precomputed buffers in timm too);
 FlexAttention with the bias as score_mod and the region mask as mask_mod.
@@ -150,7 +150,7 @@ def flex(c, x0, ctx):
 
 PROVIDERS = [
     Provider("dlcv_fast", ours, devices=("cuda", "cpu")),
-    Provider("dlcv_fast.cuda", cuda_backend(ours)),  # CUDA forward (csrc/), Triton backward
+    Provider("dlcv_fast.cuda", cuda_backend(ours)),
     Provider("timm.eager", timm_step(_eager), devices=("cuda", "cpu")),
     Provider("timm.sdpa", timm_step(_fused), devices=("cuda", "cpu")),
     Provider("flex", flex, compiled=True),

@@ -12,11 +12,16 @@ TORCH_LIBRARY(dlcv_fast_cuda, m) {
   m.def(
       "window_attention_fwd(Tensor qkv, Tensor? table, Tensor? qkv_bias, int num_heads, int window_h, "
       "int window_w, int shift_h, int shift_w, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "window_attention_bwd(Tensor dout, Tensor qkv, Tensor? table, Tensor? qkv_bias, Tensor lse, int num_heads, "
+      "int window_h, int window_w, int shift_h, int shift_w, float scale, bool table_grad, bool pad_bias_grad) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast_cuda, CUDA, m) {
   m.impl("rope", &dlcv_fast::rope_cuda);
   m.impl("window_attention_fwd", &dlcv_fast::window_attention_fwd_cuda);
+  m.impl("window_attention_bwd", &dlcv_fast::window_attention_bwd_cuda);
 }
 
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

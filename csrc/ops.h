@@ -20,4 +20,13 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cuda(const at::Tensor& q
                                                              int64_t num_heads, int64_t window_h, int64_t window_w,
                                                              int64_t shift_h, int64_t shift_w, double scale);
 
+// window_attention.cu: its backward (same scope) from the forward's lse. Returns (dqkv (B, H, W, 3C) in qkv's
+// dtype, the table gradient's per-group partial sums (groups, heads, N, N) fp32 or an empty tensor, the padding
+// keys' qkv-bias gradient per group (groups, 2, C) fp32 or an empty tensor), reduced as in
+// kernels/window_attention.py's finish_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& qkv, const std::optional<at::Tensor>& table,
+    const std::optional<at::Tensor>& qkv_bias, const at::Tensor& lse, int64_t num_heads, int64_t window_h,
+    int64_t window_w, int64_t shift_h, int64_t shift_w, double scale, bool table_grad, bool pad_bias_grad);
+
 }  // namespace dlcv_fast

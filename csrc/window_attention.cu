@@ -258,60 +258,403 @@ void launch(const at::Tensor& qkv, const float* table, const float* bias, const 
   else launch_dp<T, 64>(qkv, table, bias, out, lse, a, windows, vec);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Backward: one CTA (4 warps) per (group of windows, head), looping over windows g, g + groups, ... so that the
+// table gradient (dS summed over windows) and the padding tokens' share of the qkv bias gradient add up in
+// shared memory, in a fixed order (deterministic, no atomics). Per window:
+//   A. (warp w: query rows 16w..) S = Q K^T and dP = dO V^T (WMMA); P = exp2(S*scale*log2e + bias + mask -
+//      lse*log2e) with the forward's lse (+inf at padding queries, so their P is 0), delta = rowsum(P*dP) /
+//      rowsum(P) (as the Triton kernels: free of the output's rounding), dS = P (dP - delta); P and dS are
+//      written in the input dtype over the bytes of S and dP; dS (fp32) is added to the table gradient tile.
+//   B. (warp w: key rows 16w..) dV = P^T dO, dK = scale * dS^T Q; (query rows) dQ = scale * dS K (WMMA),
+//      staged per warp through shared memory to dqkv at the real tokens; padding keys' dK/dV add to the bias
+//      gradient.
+// Barriers per window: token geometry, loads, A -> B, B -> next window's loads.
+// ------------------------------------------------------------------------------------------------
+
+struct WinBwdArgs {
+  WinArgs f;          // the forward's geometry and flags
+  int64_t d_b;        // dout strides (elements)
+  int d_h, d_w;
+  int total_windows, groups;
+  float sm_scale;     // scale (natural units), for dQ and dK
+  bool table_grad, pad_bias_grad;
+};
+
+template <int DP>
+struct BwdSmem {  // byte offsets into the dynamic shared memory
+  static constexpr int kLdQ = DP + 8;
+  static constexpr int kLdG = DP + 4;  // per-warp fp32 staging rows
+  static constexpr int kTileBytes = kTile * kLdQ * 2;  // one of q, k, v, dO (16-bit types)
+  static constexpr int q = 0, k = kTileBytes, v = 2 * kTileBytes, dout = 3 * kTileBytes;
+  static constexpr int s = 4 * kTileBytes;                    // S -> P
+  static constexpr int dp = s + kTile * kLdS * 4;            // dP -> dS
+  static constexpr int stage = dp + kTile * kLdS * 4;        // 4 warps x 16 x kLdG fp32
+  static constexpr int tab = stage + 4 * 16 * kLdG * 4;      // bias-table column (fp32, log2 units)
+  static constexpr int tokens = tab + kMaxTable * 4;         // 7 int arrays of kTile
+  static constexpr int bias = tokens + 7 * kTile * 4;        // 4 warps x 2 x DP fp32: padding keys' dK, dV sums
+  static constexpr int bytes = bias + 4 * 2 * DP * 4;        // 54-92 KB: within the 99 KB of sm_86/89/120
+};
+
+// Loads one window's q, k, v (from qkv) and dO (from dout) for head h. Padding tokens: q/k/v = qkv_bias, dO = 0.
+template <typename T, int DP, int V>
+__device__ __forceinline__ void load_window(const T* qkv_img, const T* dout_img, const float* qkv_bias,
+                                            const int* t_in, const int* t_off, const int* t_doff, T* sq, T* sk,
+                                            T* sv, T* sdo, int h, const WinArgs& a) {
+  constexpr int kLdQ = DP + 8, kChunks = DP / V;
+  const int D = a.head_dim;
+  for (int i = threadIdx.x; i < 4 * kTile * kChunks; i += kThreads) {
+    const int part = i / (kTile * kChunks);
+    const int rem = i - part * (kTile * kChunks);
+    const int t = rem / kChunks;
+    const int d0 = (rem - t * kChunks) * V;
+    const int inside = t_in[t];
+    float v[V];
+    if (inside == 1 && d0 < D) {
+      load_floats<V>(part < 3 ? qkv_img + t_off[t] + part * a.C + h * D + d0 : dout_img + t_doff[t] + h * D + d0, v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        v[j] = (part < 3 && inside == 0 && a.has_bias && d0 + j < D) ? qkv_bias[part * a.C + h * D + d0 + j] : 0.f;
+    }
+    T* dst = (part == 0 ? sq : part == 1 ? sk : part == 2 ? sv : sdo) + t * kLdQ + d0;
+    store_floats<V>(dst, v);
+  }
+}
+
+// acc (16 x 16j) fragments -> the warp's staging rows -> fn(row r, channel d, value) for each row and channel.
+template <int DP, typename Frag, typename Fn>
+__device__ __forceinline__ void stage_rows(Frag (&acc)[DP / 16], float* stg, int D, Fn fn) {
+  constexpr int kLdG = DP + 4;
+#pragma unroll
+  for (int j = 0; j < DP / 16; ++j) wmma::store_matrix_sync(stg + j * 16, acc[j], kLdG, wmma::mem_row_major);
+  __syncwarp();
+  for (int idx = threadIdx.x % 32; idx < 16 * D; idx += 32) {
+    const int r = idx / D, d = idx - r * D;
+    fn(r, d, stg[r * kLdG + d]);
+  }
+  __syncwarp();
+}
+
+template <typename T, int DP, int V>
+__global__ void __launch_bounds__(kThreads, 1)
+    window_attn_bwd_kernel(const T* __restrict__ qkv, const float* __restrict__ table,
+                           const float* __restrict__ qkv_bias, const T* __restrict__ dout,
+                           const float* __restrict__ lse, T* __restrict__ dqkv, float* __restrict__ dtab,
+                           float* __restrict__ dbias, WinBwdArgs args) {
+  using L = BwdSmem<DP>;
+  constexpr int kLdQ = L::kLdQ, kLdG = L::kLdG;
+  constexpr int kLdP = kLdS * int(sizeof(float) / sizeof(T));
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sq = reinterpret_cast<T*>(smem + L::q);
+  T* sk = reinterpret_cast<T*>(smem + L::k);
+  T* sv = reinterpret_cast<T*>(smem + L::v);
+  T* sdo = reinterpret_cast<T*>(smem + L::dout);
+  float* ss = reinterpret_cast<float*>(smem + L::s);
+  float* sdp = reinterpret_cast<float*>(smem + L::dp);
+  float* stab = reinterpret_cast<float*>(smem + L::tab);
+  int* t_in = reinterpret_cast<int*>(smem + L::tokens);
+  int* t_off = t_in + kTile;
+  int* t_doff = t_off + kTile;
+  int* t_pix = t_doff + kTile;
+  int* t_f = t_pix + kTile;
+  int* t_reg = t_f + kTile;
+  float* t_lse2 = reinterpret_cast<float*>(t_reg + kTile);
+  float* sbias = reinterpret_cast<float*>(smem + L::bias);
+  // The table gradient (dS summed over the CTA's windows): each thread always owns the same 32 entries, rows
+  // 16 * warp + r and keys lane, lane + 32, so it stays in registers.
+  float tacc[16][2] = {};
+
+  const WinArgs& a = args.f;
+  const int h = blockIdx.y, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int D = a.head_dim, n_tok = a.win_h * a.win_w, n_kt = (n_tok + 15) / 16;
+  const int t0 = (a.win_h - 1) * (2 * a.win_w - 1) + a.win_w - 1;
+  float* stg = reinterpret_cast<float*>(smem + L::stage) + warp * 16 * kLdG;
+
+  if (a.has_table) {
+    const int n_t = (2 * a.win_h - 1) * (2 * a.win_w - 1);
+    for (int i = tid; i < n_t; i += kThreads) stab[i] = table[i * a.s_t + h * a.s_th] * kLog2e;
+  }
+  for (int i = tid; i < 4 * 2 * DP; i += kThreads) sbias[i] = 0.f;
+
+  for (int wid = blockIdx.x; wid < args.total_windows; wid += args.groups) {
+    const int64_t b = wid / a.n_win;
+    const int win = wid - int(b) * a.n_win;
+    const int64_t img_pix = b * int64_t(a.H) * a.W;
+    __syncthreads();  // the previous window's last reads of the shared tiles and token arrays are done
+    if (tid < kTile) {
+      int inside = -1, off = 0, doff = 0, pix = 0, f = 0, reg = 0;
+      float lse2 = INFINITY;  // P = 0 at padding queries and past the window
+      if (tid < n_tok) {
+        const int ty = tid / a.win_w, tx = tid - ty * a.win_w;
+        const int r = (win / a.n_win_w) * a.win_h + ty, c = (win % a.n_win_w) * a.win_w + tx;
+        inside = (r < a.H && c < a.W) ? 1 : 0;
+        const int y = (r + a.roll_h) % a.H, x = (c + a.roll_w) % a.W;
+        off = y * a.s_h + x * a.s_w;
+        doff = y * args.d_h + x * args.d_w;
+        pix = y * a.W + x;
+        f = ty * (2 * a.win_w - 1) + tx;
+        reg = ((r >= a.cut_h0) + (r >= a.cut_h1)) * 3 + (c >= a.cut_w0) + (c >= a.cut_w1);
+        if (inside) lse2 = lse[(img_pix + pix) * a.heads + h] * kLog2e;
+      }
+      t_in[tid] = inside; t_off[tid] = off; t_doff[tid] = doff; t_pix[tid] = pix; t_f[tid] = f; t_reg[tid] = reg;
+      t_lse2[tid] = lse2;
+    }
+    __syncthreads();
+    load_window<T, DP, V>(qkv + b * a.s_b, dout + b * args.d_b, qkv_bias, t_in, t_off, t_doff, sq, sk, sv, sdo, h, a);
+    __syncthreads();
+
+    const int row0 = warp * 16;
+    if (row0 < n_tok) {  // A: scores, P, dP, dS for the warp's query rows
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_s[kTile / 16], acc_dp[kTile / 16];
+#pragma unroll
+      for (int j = 0; j < kTile / 16; ++j) {
+        wmma::fill_fragment(acc_s[j], 0.f);
+        wmma::fill_fragment(acc_dp[j], 0.f);
+      }
+#pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fq, fdo;
+        wmma::load_matrix_sync(fq, sq + row0 * kLdQ + kk * 16, kLdQ);
+        wmma::load_matrix_sync(fdo, sdo + row0 * kLdQ + kk * 16, kLdQ);
+#pragma unroll
+        for (int j = 0; j < kTile / 16; ++j) {
+          if (j < n_kt) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fk, fv;  // K^T, V^T
+            wmma::load_matrix_sync(fk, sk + j * 16 * kLdQ + kk * 16, kLdQ);
+            wmma::load_matrix_sync(fv, sv + j * 16 * kLdQ + kk * 16, kLdQ);
+            wmma::mma_sync(acc_s[j], fq, fk, acc_s[j]);
+            wmma::mma_sync(acc_dp[j], fdo, fv, acc_dp[j]);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kTile / 16; ++j) {
+        if (j < n_kt) {
+          wmma::store_matrix_sync(ss + row0 * kLdS + j * 16, acc_s[j], kLdS, wmma::mem_row_major);
+          wmma::store_matrix_sync(sdp + row0 * kLdS + j * 16, acc_dp[j], kLdS, wmma::mem_row_major);
+        }
+      }
+      __syncwarp();
+      T* sp = reinterpret_cast<T*>(ss);
+      T* sds = reinterpret_cast<T*>(sdp);
+#pragma unroll
+      for (int r = 0; r < 16; ++r) {
+        const int i = row0 + r;
+        float p[2] = {0.f, 0.f}, dp[2] = {0.f, 0.f};
+        if (i < n_tok) {
+          const int fi = t_f[i] + t0, ri = t_reg[i];
+          const float lse2 = t_lse2[i];
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const int j = lane + 32 * u;
+            if (j < n_tok) {
+              float v = ss[i * kLdS + j] * a.qk_scale;
+              if (a.has_table) v += stab[fi - t_f[j]];
+              if (a.shifted && ri != t_reg[j]) v -= 100.f * kLog2e;
+              p[u] = exp2f(v - lse2);  // 0 where lse2 = +inf
+              dp[u] = sdp[i * kLdS + j];
+            }
+          }
+        }
+        const float l = warp_sum(p[0] + p[1]);
+        const float pdp = warp_sum(p[0] * dp[0] + p[1] * dp[1]);
+        const float delta = l > 0.f ? pdp / l : 0.f;
+        const float ds0 = p[0] * (dp[0] - delta), ds1 = p[1] * (dp[1] - delta);
+        __syncwarp();
+        sp[i * kLdP + lane] = from_float<T>(p[0]);
+        sp[i * kLdP + lane + 32] = from_float<T>(p[1]);
+        sds[i * kLdP + lane] = from_float<T>(ds0);
+        sds[i * kLdP + lane + 32] = from_float<T>(ds1);
+        tacc[r][0] += ds0;  // 0 past the window
+        tacc[r][1] += ds1;
+      }
+    }
+    __syncthreads();  // P and dS of every query row are in place
+
+    if (row0 < n_tok) {  // B: dV and dK for the warp's key rows, dQ for its query rows
+      const T* sp = reinterpret_cast<const T*>(ss);
+      const T* sds = reinterpret_cast<const T*>(sdp);
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_v[DP / 16], acc_k[DP / 16], acc_q[DP / 16];
+#pragma unroll
+      for (int j = 0; j < DP / 16; ++j) {
+        wmma::fill_fragment(acc_v[j], 0.f);
+        wmma::fill_fragment(acc_k[j], 0.f);
+        wmma::fill_fragment(acc_q[j], 0.f);
+      }
+#pragma unroll
+      for (int kk = 0; kk < kTile / 16; ++kk) {
+        if (kk < n_kt) {
+          // P^T and dS^T rows 16w.. (keys) x columns 16kk.. (queries): column-major views of P and dS.
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fpt, fdst;
+          wmma::load_matrix_sync(fpt, sp + kk * 16 * kLdP + row0, kLdP);
+          wmma::load_matrix_sync(fdst, sds + kk * 16 * kLdP + row0, kLdP);
+          // dS rows 16w.. (queries) x columns 16kk.. (keys)
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fds;
+          wmma::load_matrix_sync(fds, sds + row0 * kLdP + kk * 16, kLdP);
+#pragma unroll
+          for (int j = 0; j < DP / 16; ++j) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fdo, fq, fk;
+            wmma::load_matrix_sync(fdo, sdo + kk * 16 * kLdQ + j * 16, kLdQ);
+            wmma::load_matrix_sync(fq, sq + kk * 16 * kLdQ + j * 16, kLdQ);
+            wmma::load_matrix_sync(fk, sk + kk * 16 * kLdQ + j * 16, kLdQ);
+            wmma::mma_sync(acc_v[j], fpt, fdo, acc_v[j]);
+            wmma::mma_sync(acc_k[j], fdst, fq, acc_k[j]);
+            wmma::mma_sync(acc_q[j], fds, fk, acc_q[j]);
+          }
+        }
+      }
+      T* grad_img = dqkv + img_pix * (3 * int64_t(a.C)) + h * D;
+      const float scale = args.sm_scale;
+      float* bias_w = sbias + warp * 2 * DP;
+      // part 0: dQ (rows = queries), 1: dK, 2: dV (rows = keys: the same tokens). Real tokens go to dqkv;
+      // padding keys' dK / dV add to the qkv bias gradient (summed over the warp's rows in a fixed order).
+      auto emit = [&](auto& acc, int part) {
+        const float mul = part == 2 ? 1.f : scale;
+        stage_rows<DP>(acc, stg, D, [&](int r, int d, float v) {
+          const int t = row0 + r;
+          if (t < n_tok && t_in[t] == 1)
+            grad_img[int64_t(t_pix[t]) * (3 * a.C) + part * a.C + d] = from_float<T>(v * mul);
+          if (part > 0 && args.pad_bias_grad && r == 0) {  // once per channel d
+            float sum = 0.f;
+            for (int rr = 0; rr < 16; ++rr) {
+              const int tt = row0 + rr;
+              if (tt < n_tok && t_in[tt] == 0) sum += stg[rr * kLdG + d];
+            }
+            bias_w[(part - 1) * DP + d] += sum * mul;
+          }
+        });
+      };
+      emit(acc_q, 0);
+      emit(acc_k, 1);
+      emit(acc_v, 2);
+    }
+  }
+
+  const int64_t g = blockIdx.x;
+  if (args.table_grad) {
+    float* out = dtab + (g * a.heads + h) * int64_t(n_tok) * n_tok;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int i = warp * 16 + r;
+#pragma unroll
+      for (int u = 0; u < 2; ++u)
+        if (i < n_tok && lane + 32 * u < n_tok) out[i * n_tok + lane + 32 * u] = tacc[r][u];
+    }
+  }
+  __syncthreads();  // every warp's share of the bias gradient is in shared memory
+  if (args.pad_bias_grad) {
+    for (int i = tid; i < 2 * D; i += kThreads) {
+      const int part = i / D, d = i - part * D;
+      float sum = 0.f;
+      for (int w = 0; w < 4; ++w) sum += sbias[w * 2 * DP + part * DP + d];
+      dbias[(g * 2 + part) * a.C + h * D + d] = sum;
+    }
+  }
+}
+
+// Calls fn(kernel, layout) with the backward kernel instance for head dim D (padded to 16, 32 or 64) and the
+// load width, and an object of its shared-memory layout type.
+template <typename T, typename Fn>
+void with_bwd_kernel(int D, bool vec, Fn&& fn) {
+  if (D <= 16) {
+    if (vec) fn(window_attn_bwd_kernel<T, 16, 8>, BwdSmem<16>{});
+    else fn(window_attn_bwd_kernel<T, 16, 1>, BwdSmem<16>{});
+  } else if (D <= 32) {
+    if (vec) fn(window_attn_bwd_kernel<T, 32, 8>, BwdSmem<32>{});
+    else fn(window_attn_bwd_kernel<T, 32, 1>, BwdSmem<32>{});
+  } else {
+    if (vec) fn(window_attn_bwd_kernel<T, 64, 8>, BwdSmem<64>{});
+    else fn(window_attn_bwd_kernel<T, 64, 1>, BwdSmem<64>{});
+  }
+}
+
+// Launches the backward; returns (dtab, dbias): the per-group partial sums, (groups, heads, N, N) and
+// (groups, 2, C) fp32, or empty tensors when not asked for.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> launch_bwd(const at::Tensor& qkv, const float* table, const float* bias,
+                                              const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& dqkv,
+                                              WinBwdArgs& args, int64_t windows, bool vec) {
+  at::Tensor dtab, dbias;
+  with_bwd_kernel<T>(args.f.head_dim, vec, [&](auto kernel, auto layout) {
+    const int bytes = decltype(layout)::bytes;
+    TORCH_CHECK(size_t(bytes) <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin,
+                "dlcv_fast_cuda::window_attention_bwd: needs ", bytes, " bytes of shared memory per block, the GPU "
+                "has ", at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    // One wave of resident CTAs, each looping over its windows; never more groups than windows.
+    const int64_t want = (int64_t(std::max(per_sm, 1)) * sms + args.f.heads - 1) / args.f.heads;
+    args.groups = int(std::min<int64_t>(windows, std::max<int64_t>(want, 1)));
+    args.total_windows = int(windows);
+    const int64_t N = int64_t(args.f.win_h) * args.f.win_w;
+    auto f32 = qkv.options().dtype(at::kFloat);
+    dtab = at::empty(args.table_grad ? at::IntArrayRef({args.groups, args.f.heads, N, N}) : at::IntArrayRef({0}),
+                     f32);
+    dbias = at::empty(args.pad_bias_grad ? at::IntArrayRef({args.groups, 2, args.f.C}) : at::IntArrayRef({0}),
+                      f32);
+    dim3 grid(unsigned(args.groups), unsigned(args.f.heads));
+    kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const T*>(qkv.data_ptr()), table, bias, reinterpret_cast<const T*>(dout.data_ptr()),
+        lse.data_ptr<float>(), reinterpret_cast<T*>(dqkv.data_ptr()),
+        args.table_grad ? dtab.data_ptr<float>() : nullptr, args.pad_bias_grad ? dbias.data_ptr<float>() : nullptr,
+        args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dtab, dbias};
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cuda(const at::Tensor& qkv,
-                                                             const std::optional<at::Tensor>& table,
-                                                             const std::optional<at::Tensor>& qkv_bias,
-                                                             int64_t num_heads, int64_t window_h, int64_t window_w,
-                                                             int64_t shift_h, int64_t shift_w, double scale) {
-  constexpr const char* kOp = "dlcv_fast_cuda::window_attention_fwd: ";
-  TORCH_CHECK(qkv.is_cuda(), kOp, "qkv must be a CUDA tensor, got ", qkv.device());
+namespace {
+
+// Checks shared by the forward and the backward, and the kernels' geometry (as _geometry in
+// kernels/window_attention.py). Fills tab / bias with fp32 contiguous copies of the table and qkv bias.
+WinArgs window_args(const char* op, const at::Tensor& qkv, const std::optional<at::Tensor>& table,
+                    const std::optional<at::Tensor>& qkv_bias, int64_t num_heads, int64_t window_h,
+                    int64_t window_w, int64_t shift_h, int64_t shift_w, double scale, at::Tensor& tab,
+                    at::Tensor& bias) {
+  TORCH_CHECK(qkv.is_cuda(), op, "qkv must be a CUDA tensor, got ", qkv.device());
   const auto dt = qkv.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, kOp,
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, op,
               "qkv.dtype must be float16 or bfloat16 (float32 runs the Triton kernels), got ", dt);
-  TORCH_CHECK(qkv.dim() == 4, kOp, "qkv must be 4-D (B, H, W, 3*C), got ", qkv.sizes());
-  TORCH_CHECK(qkv.stride(3) == 1, kOp, "qkv must have a unit channel stride, got ", qkv.strides());
-  TORCH_CHECK(num_heads >= 1 && qkv.size(3) % (3 * num_heads) == 0, kOp, "qkv's ", qkv.size(3),
+  TORCH_CHECK(qkv.dim() == 4, op, "qkv must be 4-D (B, H, W, 3*C), got ", qkv.sizes());
+  TORCH_CHECK(qkv.stride(3) == 1, op, "qkv must have a unit channel stride, got ", qkv.strides());
+  TORCH_CHECK(num_heads >= 1 && qkv.size(3) % (3 * num_heads) == 0, op, "qkv's ", qkv.size(3),
               " channels must be a multiple of 3 * num_heads = ", 3 * num_heads);
-  TORCH_CHECK(window_h >= 1 && window_w >= 1 && window_h * window_w <= kTile, kOp,
+  TORCH_CHECK(window_h >= 1 && window_w >= 1 && window_h * window_w <= kTile, op,
               "windows of at most 64 tokens, got ", window_h, "x", window_w);
-  TORCH_CHECK(shift_h >= 0 && shift_w >= 0 && shift_h < window_h && shift_w < window_w, kOp,
+  TORCH_CHECK(shift_h >= 0 && shift_w >= 0 && shift_h < window_h && shift_w < window_w, op,
               "shift must be in [0, window) per dim, got (", shift_h, ", ", shift_w, ")");
   const int64_t B = qkv.size(0), H = qkv.size(1), W = qkv.size(2), C = qkv.size(3) / 3, D = C / num_heads;
-  TORCH_CHECK(D >= 1 && D <= 64, kOp, "head dims from 1 to 64, got ", D);
-  TORCH_CHECK(num_heads <= 65535, kOp, "at most 65535 heads (the grid's y dimension), got ", num_heads);
-  TORCH_CHECK(at::cuda::getDeviceProperties(qkv.get_device())->major >= 8, kOp, "needs sm_80 or later");
+  TORCH_CHECK(D >= 1 && D <= 64, op, "head dims from 1 to 64, got ", D);
+  TORCH_CHECK(num_heads <= 65535, op, "at most 65535 heads (the grid's y dimension), got ", num_heads);
+  TORCH_CHECK(at::cuda::getDeviceProperties(qkv.get_device())->major >= 8, op, "needs sm_80 or later");
   const int64_t t_rows = (2 * window_h - 1) * (2 * window_w - 1);
-  at::Tensor tab, bias;
   if (table.has_value()) {
-    TORCH_CHECK(table->device() == qkv.device(), kOp, "rel_pos_bias_table must be on qkv's device");
-    TORCH_CHECK(table->dim() == 2 && table->size(0) == t_rows && table->size(1) == num_heads, kOp,
+    TORCH_CHECK(table->device() == qkv.device(), op, "rel_pos_bias_table must be on qkv's device");
+    TORCH_CHECK(table->dim() == 2 && table->size(0) == t_rows && table->size(1) == num_heads, op,
                 "rel_pos_bias_table must have shape (", t_rows, ", ", num_heads, "), got ", table->sizes());
     tab = table->to(at::kFloat).contiguous();
   }
   if (qkv_bias.has_value()) {
-    TORCH_CHECK(qkv_bias->device() == qkv.device(), kOp, "qkv_bias must be on qkv's device");
-    TORCH_CHECK(qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * C, kOp, "qkv_bias must have shape (", 3 * C,
+    TORCH_CHECK(qkv_bias->device() == qkv.device(), op, "qkv_bias must be on qkv's device");
+    TORCH_CHECK(qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * C, op, "qkv_bias must have shape (", 3 * C,
                 ",), got ", qkv_bias->sizes());
     bias = qkv_bias->to(at::kFloat).contiguous();
   }
-  auto out = at::empty({B, H, W, C}, qkv.options());
-  auto lse = at::empty({B, H, W, num_heads}, qkv.options().dtype(at::kFloat));
-  if (qkv.numel() == 0) return {out, lse};
-  TORCH_CHECK((H - 1) * qkv.stride(1) + (W - 1) * qkv.stride(2) + 3 * C < (int64_t(1) << 31) &&
-                  H * W * 3 * C < (int64_t(1) << 31),
-              kOp, "one image spans 2^31 elements or more");
-  TORCH_CHECK(B * ((H + window_h - 1) / window_h) * ((W + window_w - 1) / window_w) < (int64_t(1) << 31), kOp,
-              "B * windows per image must be below 2^31 (the grid's x dimension)");
-  c10::cuda::CUDAGuard guard(qkv.device());
-
+  TORCH_CHECK((H - 1) * qkv.stride(1) + (W - 1) * qkv.stride(2) + 3 * C < (int64_t(1) << 31), op,
+              "one image spans 2^31 elements or more");
   const int64_t n_h = (H + window_h - 1) / window_h, n_w = (W + window_w - 1) / window_w;
+  TORCH_CHECK(B * n_h * n_w < (int64_t(1) << 31) && H * W < (int64_t(1) << 31), op,
+              "B * windows per image and H * W must be below 2^31");
   const int64_t pad_h = n_h * window_h, pad_w = n_w * window_w;
   WinArgs a;
   a.H = int(H); a.W = int(W); a.n_win = int(n_h * n_w); a.n_win_w = int(n_w);
   a.win_h = int(window_h); a.win_w = int(window_w);
-  a.roll_h = int(shift_h % H); a.roll_w = int(shift_w % W);
+  a.roll_h = H ? int(shift_h % H) : 0; a.roll_w = W ? int(shift_w % W) : 0;
   a.cut_h0 = int(shift_h ? pad_h - window_h : pad_h); a.cut_h1 = int(pad_h - shift_h);
   a.cut_w0 = int(shift_w ? pad_w - window_w : pad_w); a.cut_w1 = int(pad_w - shift_w);
   a.C = int(C); a.heads = int(num_heads); a.head_dim = int(D);
@@ -319,12 +662,81 @@ std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cuda(const at::Tensor& q
   a.s_t = tab.defined() ? int(tab.stride(0)) : 0; a.s_th = tab.defined() ? int(tab.stride(1)) : 0;
   a.qk_scale = float(scale) * kLog2e;
   a.has_table = tab.defined(); a.has_bias = bias.defined(); a.shifted = shift_h || shift_w;
-  const bool vec = D % 8 == 0 && aligned16(qkv.data_ptr()) && a.s_b % 8 == 0 && a.s_h % 8 == 0 && a.s_w % 8 == 0;
-  const float* tp = tab.defined() ? tab.data_ptr<float>() : nullptr;
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  if (dt == at::kHalf) launch<__half>(qkv, tp, bp, out, lse, a, B * a.n_win, vec);
-  else launch<__nv_bfloat16>(qkv, tp, bp, out, lse, a, B * a.n_win, vec);
+  return a;
+}
+
+// 16-byte loads: head dim a multiple of 8, pointer and strides of every tensor read that way aligned.
+bool vec_ok(const WinArgs& a, const at::Tensor& t) {
+  return a.head_dim % 8 == 0 && aligned16(t.data_ptr()) && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+         t.stride(2) % 8 == 0;
+}
+
+const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cuda(const at::Tensor& qkv,
+                                                             const std::optional<at::Tensor>& table,
+                                                             const std::optional<at::Tensor>& qkv_bias,
+                                                             int64_t num_heads, int64_t window_h, int64_t window_w,
+                                                             int64_t shift_h, int64_t shift_w, double scale) {
+  at::Tensor tab, bias;
+  const WinArgs a = window_args("dlcv_fast_cuda::window_attention_fwd: ", qkv, table, qkv_bias, num_heads,
+                                window_h, window_w, shift_h, shift_w, scale, tab, bias);
+  const int64_t B = qkv.size(0), C = a.C;
+  auto out = at::empty({B, a.H, a.W, C}, qkv.options());
+  auto lse = at::empty({B, a.H, a.W, num_heads}, qkv.options().dtype(at::kFloat));
+  if (qkv.numel() == 0) return {out, lse};
+  c10::cuda::CUDAGuard guard(qkv.device());
+  const bool vec = vec_ok(a, qkv);
+  if (qkv.scalar_type() == at::kHalf)
+    launch<__half>(qkv, ptr_or_null(tab), ptr_or_null(bias), out, lse, a, B * a.n_win, vec);
+  else
+    launch<__nv_bfloat16>(qkv, ptr_or_null(tab), ptr_or_null(bias), out, lse, a, B * a.n_win, vec);
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& qkv, const std::optional<at::Tensor>& table,
+    const std::optional<at::Tensor>& qkv_bias, const at::Tensor& lse, int64_t num_heads, int64_t window_h,
+    int64_t window_w, int64_t shift_h, int64_t shift_w, double scale, bool table_grad, bool pad_bias_grad) {
+  constexpr const char* kOp = "dlcv_fast_cuda::window_attention_bwd: ";
+  at::Tensor tab, bias;
+  WinBwdArgs args;
+  args.f = window_args(kOp, qkv, table, qkv_bias, num_heads, window_h, window_w, shift_h, shift_w, scale, tab,
+                       bias);
+  const WinArgs& a = args.f;
+  const int64_t B = qkv.size(0), N = window_h * window_w;
+  TORCH_CHECK(dout.device() == qkv.device() && dout.scalar_type() == qkv.scalar_type(), kOp,
+              "dout must have qkv's device and dtype");
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == B && dout.size(1) == a.H && dout.size(2) == a.W &&
+                  dout.size(3) == a.C && dout.stride(3) == 1,
+              kOp, "dout must be (B, H, W, C) with a unit channel stride, got ", dout.sizes(), " ", dout.strides());
+  TORCH_CHECK((a.H - 1) * dout.stride(1) + (a.W - 1) * dout.stride(2) + a.C < (int64_t(1) << 31), kOp,
+              "one image of dout spans 2^31 elements or more");
+  TORCH_CHECK(lse.device() == qkv.device() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.dim() == 4 && lse.size(0) == B && lse.size(1) == a.H && lse.size(2) == a.W &&
+                  lse.size(3) == num_heads,
+              kOp, "lse must be the forward's contiguous (B, H, W, heads) float32 log-sum-exp");
+  table_grad = table_grad && tab.defined();
+  pad_bias_grad = pad_bias_grad && bias.defined();
+  auto dqkv = at::empty({B, a.H, a.W, 3 * a.C}, qkv.options());
+  const int64_t windows = B * a.n_win;
+  auto f32 = qkv.options().dtype(at::kFloat);
+  if (qkv.numel() == 0 || windows == 0)
+    return {dqkv, table_grad ? at::zeros({1, num_heads, N, N}, f32) : at::empty({0}, f32),
+            pad_bias_grad ? at::zeros({1, 2, a.C}, f32) : at::empty({0}, f32)};
+  c10::cuda::CUDAGuard guard(qkv.device());
+  args.d_b = dout.stride(0); args.d_h = int(dout.stride(1)); args.d_w = int(dout.stride(2));
+  args.sm_scale = float(scale);
+  args.table_grad = table_grad;
+  args.pad_bias_grad = pad_bias_grad;
+  const bool vec = vec_ok(a, qkv) && vec_ok(a, dout);
+  auto parts = qkv.scalar_type() == at::kHalf
+                   ? launch_bwd<__half>(qkv, ptr_or_null(tab), ptr_or_null(bias), dout, lse, dqkv, args, windows, vec)
+                   : launch_bwd<__nv_bfloat16>(qkv, ptr_or_null(tab), ptr_or_null(bias), dout, lse, dqkv, args,
+                                               windows, vec);
+  return {dqkv, std::get<0>(parts), std::get<1>(parts)};
 }
 
 }  // namespace dlcv_fast

@@ -19,8 +19,8 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 # other op, raises under backend "cuda".
 CUDA_OPS = {
     "rope": "every input apply_rope takes (csrc/rope.cu)",
-    "window_attention": "the forward for fp16/bf16, windows of at most 64 tokens, head dims up to 64, sm_80 or "
-                        "later (csrc/window_attention.cu); its backward runs the Triton kernels",
+    "window_attention": "forward and backward for fp16/bf16, windows of at most 64 tokens, head dims up to 64, "
+                        "sm_80 or later (csrc/window_attention.cu)",
 }
 
 

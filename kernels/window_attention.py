@@ -721,7 +721,7 @@ def backward(dout, qkv, table, qkv_bias, lse, num_heads: int, window, shift, sca
             **scalars, num_heads=num_heads, total_windows=B * n_win, num_groups=groups, qk_scale=scale * LOG2E,
             sm_scale=scale, **flags, TABLE_GRAD=table_grad, TILE=tile, num_warps=warps, num_stages=stages,
         )
-        return _finish_backward(dqkv, dtab, None, table, qkv_bias, window, C, f32, table_grad, bias_grad, False)
+        return finish_backward(dqkv, dtab, None, table, qkv_bias, window, C, f32, table_grad, bias_grad, False)
 
     delta = torch.empty_like(lse)
     bm, bn, warps, stages = dq_cfg or dq_config(window, D, qkv.dtype)
@@ -747,13 +747,14 @@ def backward(dout, qkv, table, qkv_bias, lse, num_heads: int, window, shift, sca
         TABLE_GRAD=table_grad, BIAS_GRAD=pad_bias_grad,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
-    return _finish_backward(dqkv, dtab, dbias, table, qkv_bias, window, C, f32, table_grad, bias_grad,
+    return finish_backward(dqkv, dtab, dbias, table, qkv_bias, window, C, f32, table_grad, bias_grad,
                             pad_bias_grad)
 
 
-def _finish_backward(dqkv, dtab, dbias, table, qkv_bias, window, C, f32, table_grad, bias_grad, pad_bias_grad):
+def finish_backward(dqkv, dtab, dbias, table, qkv_bias, window, C, f32, table_grad, bias_grad, pad_bias_grad):
     """Reduce the kernels' per-program partial sums: the table gradient binned by relative offset, the qkv
-    bias's (its q third zero)."""
+    bias's (its q third zero). Also finishes the CUDA backward (csrc/window_attention.cu), whose partial sums
+    have the same layout: dtab ``(groups, heads, N, N)``, dbias ``(groups, 2, C)``."""
     dtable = _bin_by_offset(dtab.sum(0), window).to(table.dtype) if table_grad else None
     dqkv_bias = None
     if bias_grad:

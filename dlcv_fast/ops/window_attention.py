@@ -4,7 +4,7 @@
 log-sum-exp the backward uses; ``dlcv_fast::window_attention_bwd`` returns ``(dqkv, dtable, dqkv_bias)``
 (empty tensors for the gradients not asked for). Both have fake implementations for ``torch.compile``, and
 ``register_autograd`` connects them. The Triton kernels live in ``dlcv_fast.kernels.window_attention``; backend
-"cuda" runs the forward of ``csrc/window_attention.cu`` and the Triton backward; the "torch" backend runs
+"cuda" runs the forward and backward of ``csrc/window_attention.cu``; the "torch" backend runs
 ``window_attention_with_lse`` and ``window_attention_backward`` of ``dlcv_fast.reference``.
 """
 from __future__ import annotations
@@ -86,14 +86,14 @@ def check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias_ta
     return window, shift
 
 
-# The CUDA forward's scope (csrc/window_attention.cu).
+# The scope of the CUDA kernels (csrc/window_attention.cu), forward and backward.
 CUDA_MAX_TOKENS = 64
 CUDA_MAX_HEAD_DIM = 64
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_cuda_support(qkv, num_heads, window):
-    """Raise NotImplementedError, naming the limit, for a call the CUDA forward does not cover."""
+    """Raise NotImplementedError, naming the limit, for a call the CUDA kernels do not cover."""
     head_dim = qkv.shape[-1] // (3 * num_heads)
     problems = []
     if qkv.dtype not in CUDA_DTYPES:
@@ -168,13 +168,26 @@ def _window_attention_bwd_impl(dout: Tensor, qkv: Tensor, table: Optional[Tensor
         return (torch.zeros_like(qkv, memory_format=torch.contiguous_format),
                 torch.zeros_like(table) if table_grad else _empty(qkv),
                 torch.zeros_like(qkv_bias) if bias_grad else _empty(qkv))
-    if _backend.resolve(qkv.device, backend, "window_attention") == "torch":
+    name = _backend.resolve(qkv.device, backend, "window_attention")
+    if name == "torch":
         from dlcv_fast import reference
 
         dqkv, dtable, dbias = reference.window_attention_backward(
             dout, qkv, num_heads=num_heads, window_size=window, shift_size=shift, rel_pos_bias_table=table,
             qkv_bias=qkv_bias, scale=scale)
-    else:  # "triton", and "cuda": its forward saves the lse the Triton backward reads
+    elif name == "cuda":
+        from dlcv_fast.kernels import window_attention as kernels
+
+        _check_cuda_support(qkv, num_heads, window)
+        H, W, C = qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
+        pad_bias_grad = bias_grad and (H % window[0] != 0 or W % window[1] != 0)
+        dqkv, dtab, dbias = _backend.cuda_op("window_attention_bwd")(
+            dout if dout.stride(-1) == 1 else dout.contiguous(), qkv, table, qkv_bias, lse, num_heads, *window,
+            *shift, scale, table_grad, pad_bias_grad)
+        dqkv, dtable, dbias = kernels.finish_backward(
+            dqkv, dtab if table_grad else None, dbias if pad_bias_grad else None, table, qkv_bias, window, C,
+            dict(device=qkv.device, dtype=torch.float32), table_grad, bias_grad, pad_bias_grad)
+    else:
         from dlcv_fast.kernels import window_attention as kernels
 
         dqkv, dtable, dbias = kernels.backward(dout, qkv, table, qkv_bias, lse, num_heads, window, shift, scale,
@@ -255,8 +268,8 @@ def window_attention(qkv, *, num_heads, window_size, shift_size=0, rel_pos_bias_
             receives the gradient flowing into the padding tokens' k and v.
         scale: score scale, default ``head_dim ** -0.5``.
         backend: "auto" (default), "triton", "cuda" or "torch"; see :func:`dlcv_fast.use_backend`. "cuda" runs
-            the forward of csrc/window_attention.cu (fp16/bf16, windows of at most 64 tokens, head dims up to
-            64; NotImplementedError otherwise) and the Triton backward.
+            the kernels of csrc/window_attention.cu, forward and backward (fp16/bf16, windows of at most 64
+            tokens, head dims up to 64, sm_80+; NotImplementedError otherwise).
 
     Returns ``(B, H, W, C)`` contiguous, in qkv's dtype. The backward gives dqkv, d(table) and d(qkv_bias)
     deterministically (bitwise equal across runs; no atomics).

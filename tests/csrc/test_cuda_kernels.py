@@ -38,6 +38,47 @@ def test_extension_is_built_and_registers_the_ops():
         assert hasattr(torch.ops.dlcv_fast_cuda, name)
 
 
+def _nvcc_flags():
+    import glob
+    import torch.utils.cpp_extension as ce
+
+    try:
+        includes = ce.include_paths(device_type="cuda")
+    except TypeError:  # torch before 2.6 spelled it include_paths(cuda=True)
+        includes = ce.include_paths(cuda=True)
+    import nvidia
+
+    for root in nvidia.__path__:
+        includes += glob.glob(os.path.join(root, "cu*", "include"))
+    return ["-O3", "--use_fast_math", "-std=c++20", *ce.COMMON_NVCC_FLAGS, *(f"-I{d}" for d in includes),
+            f"-I{ROOT / 'csrc'}"]
+
+
+@pytest.mark.skipif(not TOOLCHAIN, reason="needs nvcc")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_kernels_compile_without_spills(arch, tmp_path):
+    """ptxas's resource report for every kernel of csrc/ (the AOT check of the Triton kernels, for CUDA): no
+    register spill; static shared memory within 48 KB (the compile fails otherwise)."""
+    flags = _nvcc_flags()
+    procs = {cu.name: subprocess.Popen(["nvcc", "-cubin", f"-arch={arch}", *flags, "-Xptxas", "-v", str(cu), "-o",
+                                        str(tmp_path / (cu.stem + ".cubin"))],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cu in sorted((ROOT / "csrc").glob("*.cu"))}
+    kernels = 0
+    for name, proc in procs.items():
+        log = proc.communicate(timeout=900)[0]
+        assert proc.returncode == 0, f"{name}: nvcc failed\n{log[-3000:]}"
+        entry = None
+        for line in log.splitlines():
+            if "Compiling entry function" in line:
+                entry = line.split("'")[1]
+                kernels += 1
+            elif "spill stores" in line:
+                stores = int(line.split("bytes spill stores")[0].split(",")[-1])
+                assert stores == 0, f"{name}: {entry} spills on {arch}: {line.strip()}"
+    assert kernels == 20 + 2 * 12  # rope: 5 dtype pairs x 2 widths x 2 layouts; window attention: 12 fwd + 12 bwd
+
+
 def test_cuda_backend_needs_cuda_tensors():
     x = torch.randn(1, 2, 5, 8)
     cos, sin = torch.ones(5, 4), torch.zeros(5, 4)
@@ -176,7 +217,27 @@ def test_gpu_window_attention_parity(B, H, W, heads, D, window, shift, dtype):
     inputs = win_tests.make_inputs(B, H, W, heads, D, window, dtype, "cuda")
     kw = dict(num_heads=heads, window_size=window, shift_size=shift)
     with dlcv_fast.use_backend("cuda"):
-        win_tests.check_parity(inputs, kw)  # forward on the CUDA kernel, backward on the Triton kernels
+        win_tests.check_parity(inputs, kw)  # forward and backward on the CUDA kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("table,qkv_bias", [(False, False), (True, False), (False, True)])
+def test_gpu_window_attention_without_table_or_bias(table, qkv_bias):
+    inputs = win_tests.make_inputs(2, 30, 45, 2, 32, 7, torch.float16, "cuda", table=table, qkv_bias=qkv_bias)
+    with dlcv_fast.use_backend("cuda"):
+        win_tests.check_parity(inputs, dict(num_heads=2, window_size=7, shift_size=3))
+
+
+@pytest.mark.gpu
+def test_gpu_window_attention_backward_is_deterministic():
+    qkv, table, bias = win_tests.make_inputs(8, 30, 45, 3, 32, 7, torch.bfloat16, "cuda", param_dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        out = dlcv_fast.window_attention(qkv, num_heads=3, window_size=7, shift_size=3, rel_pos_bias_table=table,
+                                         qkv_bias=bias, backend="cuda")
+        runs.append([out, *torch.autograd.grad(out, (qkv, table, bias), torch.ones_like(out))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
@@ -190,7 +251,7 @@ def test_gpu_window_attention_matches_triton(shift):
     out_t, lse_t = ops.window_attention_fwd(*args, "triton")
     torch.testing.assert_close(out_c, out_t, rtol=0, atol=2e-3)
     torch.testing.assert_close(lse_c, lse_t, rtol=1e-5, atol=1e-4)
-    # The backward the "cuda" route runs (Triton's, from the CUDA forward's lse) gives the Triton route's grads.
+    # The CUDA backward gives the Triton backward's gradients (both fp32-accumulated; not bitwise).
     dout = torch.randn_like(out_c)
     grads = [torch.autograd.grad(dlcv_fast.window_attention(qkv, num_heads=3, window_size=7, shift_size=shift,
                                                             rel_pos_bias_table=table, qkv_bias=bias, backend=b),
