@@ -8,6 +8,9 @@
 #include "ops.h"
 
 TORCH_LIBRARY(dlcv_fast_cuda, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? key_padding_mask, bool causal, "
+      "int prefix_len, float scale) -> (Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, Tensor(a!) out, bool interleaved, float sin_sign) -> ()");
   m.def(
       "window_attention_fwd(Tensor qkv, Tensor? table, Tensor? qkv_bias, int num_heads, int window_h, "
@@ -19,6 +22,7 @@ TORCH_LIBRARY(dlcv_fast_cuda, m) {
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast_cuda, CUDA, m) {
+  m.impl("attention_fwd", &dlcv_fast::attention_fwd_cuda);
   m.impl("rope", &dlcv_fast::rope_cuda);
   m.impl("window_attention_fwd", &dlcv_fast::window_attention_fwd_cuda);
   m.impl("window_attention_bwd", &dlcv_fast::window_attention_bwd_cuda);

@@ -8,6 +8,14 @@
 
 namespace dlcv_fast {
 
+// attention.cu: the dense attention forward (FlashAttention-2 style) for fp16/bf16, head dims that are multiples of
+// 8 up to 128. Returns (out (B, Hq, Lq, D) over a (B, Lq, Hq, D) buffer, lse (B, Hq, Lq) fp32 natural log), as
+// kernels/attention.py's forward.
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& attn_bias,
+                                                      const std::optional<at::Tensor>& key_padding_mask, bool causal,
+                                                      int64_t prefix_len, double scale);
+
 // rope.cu: rotate x by (cos, sin) into out (out may be x). See kernels/rope.py for the contract.
 void rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out,
                bool interleaved, double sin_sign);

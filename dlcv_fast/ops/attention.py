@@ -3,7 +3,8 @@
 ``dlcv_fast::attention_fwd`` returns ``(out, lse)``; ``dlcv_fast::attention_bwd`` returns
 ``(dq, dk, dv, ds)``. Both have fake (meta) implementations, so ``torch.compile`` traces through them
 without graph breaks, and ``register_autograd`` connects them. The Triton kernels live in
-``dlcv_fast.kernels.attention``; the "torch" backend runs ``dlcv_fast.reference``.
+``dlcv_fast.kernels.attention``; backend "cuda" runs the forward of ``csrc/attention.cu`` and the Triton
+backward; the "torch" backend runs ``dlcv_fast.reference``.
 """
 from __future__ import annotations
 
@@ -92,6 +93,38 @@ def check_attention_inputs(q, k, v, *, key_padding_mask=None, attn_bias=None, pr
         raise ValueError(f"scale must be a finite number, got {scale}")
 
 
+# The scope of the CUDA forward (csrc/attention.cu); its backward is the Triton one.
+CUDA_MAX_HEAD_DIM = 128
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_cuda_support(q, k, v):
+    """Raise NotImplementedError, naming the limit, for a call the CUDA forward does not cover."""
+    D = q.shape[-1]
+    problems = []
+    if q.dtype not in CUDA_DTYPES:
+        problems.append(f"dtype {q.dtype} (it takes float16 and bfloat16)")
+    if D % 8 or D > CUDA_MAX_HEAD_DIM:
+        problems.append(f"head dim {D} (multiples of 8 up to {CUDA_MAX_HEAD_DIM})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:3]):
+            problems.append(f"{name}'s layout (16-byte aligned data and strides that are multiples of 8 elements; "
+                            f"got strides {t.stride()})")
+    if q.shape[0] * q.shape[1] > 65535:
+        problems.append(f"B * Hq = {q.shape[0] * q.shape[1]} (at most 65535)")
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 8:
+        problems.append("a GPU before sm_80")
+    if problems:
+        raise NotImplementedError("backend 'cuda': the CUDA attention kernel does not cover "
+                                  + "; ".join(problems) + ". Use backend 'triton' or 'auto'")
+
+
+def _rotated_cuda(t, cos, sin):
+    out = torch.empty_like(t)
+    _backend.cuda_op("rope")(t, cos, sin, out, False, 1.0)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Implementations per backend
 # ------------------------------------------------------------------------------------------------
@@ -141,6 +174,11 @@ def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Ten
     rope = None if cos is None else (cos, sin)
     if name == "torch":
         return _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope)
+    if name == "cuda":
+        _check_cuda_support(q, k, v)
+        if rope is not None:  # one rotation pass each over q and k, as the Triton route does
+            q, k = _rotated_cuda(q, cos, sin), _rotated_cuda(k, cos, sin)
+        return _backend.cuda_op("attention_fwd")(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale)
     from dlcv_fast.kernels import attention as kernels
 
     return kernels.forward(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope=rope)
@@ -267,8 +305,8 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
     q, k, v = _autocast(q, k, v)
     check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, prefix_len=prefix_len,
                            scale=scale)
-    if backend is not None:
-        _backend.resolve(q.device, backend, "attention")  # validate early, with a clear message
+    if backend is not None and _backend.resolve(q.device, backend, "attention") == "cuda":
+        _check_cuda_support(q, k, v)  # validate early, with a clear message
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if scale <= 0:
         # The kernels take the row max of the unscaled scores and fold a positive scale into the exponent; a zero

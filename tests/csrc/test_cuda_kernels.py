@@ -15,6 +15,7 @@ import torch
 
 import dlcv_fast
 from dlcv_fast import backend as _backend
+from tests.kernels import test_attention as attn_tests
 from tests.kernels import test_rope as rope_tests
 from tests.kernels import test_window_attention as win_tests
 from tests.parity import assert_parity
@@ -76,7 +77,9 @@ def test_cuda_kernels_compile_without_spills(arch, tmp_path):
             elif "spill stores" in line:
                 stores = int(line.split("bytes spill stores")[0].split(",")[-1])
                 assert stores == 0, f"{name}: {entry} spills on {arch}: {line.strip()}"
-    assert kernels == 20 + 2 * 12  # rope: 5 dtype pairs x 2 widths x 2 layouts; window attention: 12 fwd + 12 bwd
+    # attention: 2 dtypes x 2 bias dtypes x 4 head dims; rope: 5 dtype pairs x 2 widths x 2 layouts; window
+    # attention: 12 forward + 12 backward
+    assert kernels == 16 + 20 + 2 * 12
 
 
 def test_cuda_backend_needs_cuda_tensors():
@@ -91,9 +94,9 @@ def test_cuda_backend_needs_cuda_tensors():
 
 def test_ops_without_a_cuda_kernel_say_so(monkeypatch):
     monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
-    with pytest.raises(NotImplementedError, match="no hand-written CUDA kernel for attention; CUDA kernels exist "
-                                                  "for rope, window_attention"):
-        _backend.resolve(torch.device("cuda"), "cuda", "attention")
+    with pytest.raises(NotImplementedError, match="no hand-written CUDA kernel for layer_norm; CUDA kernels exist "
+                                                  "for attention, rope, window_attention"):
+        _backend.resolve(torch.device("cuda"), "cuda", "layer_norm")
     assert _backend.resolve(torch.device("cuda"), "cuda", "rope") == "cuda"
 
 
@@ -272,8 +275,77 @@ def test_gpu_window_attention_strided_and_unaligned_qkv():
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-3)
 
 
+@pytest.mark.parametrize("change,match", [
+    (dict(dtype=torch.float32), r"dtype torch.float32 \(it takes float16 and bfloat16\)"),
+    (dict(D=36), r"head dim 36 \(multiples of 8 up to 128\)"),
+    (dict(D=160), r"head dim 160"),
+    (dict(offset=1), r"q's layout \(16-byte aligned data"),
+])
+def test_attention_cuda_scope(change, match):
+    from dlcv_fast.ops import attention as ops
+
+    args = dict(dtype=torch.float16, D=64, offset=0) | change
+    buf = torch.empty(2 * 4 * 16 * args["D"] + 8, dtype=args["dtype"])
+    q = buf[args["offset"]:args["offset"] + 2 * 4 * 16 * args["D"]].view(2, 4, 16, args["D"])
+    k = v = torch.empty(2, 4, 16, args["D"], dtype=args["dtype"])
+    with pytest.raises(NotImplementedError, match=match):
+        ops._check_cuda_support(q, k, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention parity (GPU)
+# ------------------------------------------------------------------------------------------------
+
 @pytest.mark.gpu
-def test_gpu_attention_has_no_cuda_kernel():
-    q = torch.randn(1, 2, 8, 32, device="cuda", dtype=torch.float16)
-    with pytest.raises(NotImplementedError, match="no hand-written CUDA kernel for attention"):
-        dlcv_fast.attention(q, q, q, backend="cuda")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D,kind", [
+    (4, 4, 197, 197, 64, "none"),  # ViT-B
+    (4, 4, 77, 77, 64, "causal+padding"),  # CLIP text
+    (4, 4, 32, 257, 64, "none"),  # Q-Former cross-attention
+    (4, 4, 1, 77, 40, "none"),
+    (4, 4, 1025, 1025, 128, "causal"),
+    (4, 4, 300, 300, 72, "prefix"),
+    (4, 4, 197, 197, 80, "bias"),
+    (4, 4, 130, 200, 96, "causal+bias_b"),
+    (8, 2, 257, 257, 128, "holes"),  # GQA, a removed key block
+    (4, 1, 97, 49, 32, "leftpad+bias_full"),  # MQA
+    (2, 2, 4096, 77, 64, "none"),  # U-Net cross-attention
+])
+def test_gpu_attention_parity(Hq, Hkv, Lq, Lk, D, kind, dtype):
+    """The CUDA forward (and the Triton backward behind it) against float64, every mask kind."""
+    B = 2
+    q, k, v = attn_tests.make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, "cuda")
+    kw = attn_tests.make_mask_args(kind, B, Hq, Lq, Lk, dtype, "cuda")
+    with dlcv_fast.use_backend("cuda"):
+        attn_tests.check_parity(q, k, v, kw)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_matches_triton_and_masks_rows():
+    B, H, L, D = 2, 3, 197, 64
+    q, k, v = attn_tests.make_inputs(B, H, H, L, L, D, torch.float16, "cuda")
+    kpm = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    kpm[1] = False  # batch 1: no key at all
+    bias = torch.zeros(1, 1, L, L, device="cuda")
+    bias[..., 5, :] = float("-inf")  # row 5 removed by the bias
+    from dlcv_fast.ops import attention as ops
+
+    args = (q, k, v, bias, kpm, False, 0, D ** -0.5, None, None)
+    out_c, lse_c = ops.attention_fwd(*args, "cuda")
+    out_t, lse_t = ops.attention_fwd(*args, "triton")
+    assert (out_c[1] == 0).all() and (out_c[0, :, 5] == 0).all() and not out_c.isnan().any()
+    assert (lse_c[1] == float("-inf")).all() and (lse_c[0, :, 5] == float("-inf")).all()
+    torch.testing.assert_close(out_c, out_t, rtol=0, atol=2e-3)
+    torch.testing.assert_close(lse_c, lse_t, rtol=1e-5, atol=1e-4)
+    assert out_c.transpose(1, 2).is_contiguous()  # the (B, L, H, D) buffer the Triton forward returns too
+
+
+@pytest.mark.gpu
+def test_gpu_attention_fused_qkv_view_and_rope():
+    B, N, H, D = 2, 197, 6, 64
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    cos, sin = dlcv_fast.rope_2d(14, 14, D, num_prefix_tokens=1, device="cuda")
+    out = dlcv_fast.attention(q, k, v, rope=(cos, sin), backend="cuda")
+    ref = dlcv_fast.attention(q, k, v, rope=(cos, sin), backend="triton")
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)

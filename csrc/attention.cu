@@ -1,0 +1,413 @@
+// Dense attention forward (FlashAttention-2 style), the CUDA backend of dlcv_fast::attention_fwd.
+//
+// Same contract as the Triton forward in kernels/attention.py (read its docstrings first): q (B, Hq, Lq, D),
+// k/v (B, Hkv, Lk, D) with Hq % Hkv == 0 (GQA/MQA), any strides with a unit last stride; masks from indices
+// (causal top-left, prefix_len: keys < P visible to every query, key_padding_mask (B, Lk)), an additive
+// bias broadcast to (B, Hq, Lq, Lk) by zero strides; out (B, Hq, Lq, D) in q's dtype (the caller's buffer,
+// a (B, Lq, Hq, D) layout) and lse (B, Hq, Lq) fp32 natural log; a row with no visible key gives zeros and
+// lse = -inf.
+//
+// Scope: fp16 and bf16, head dims that are multiples of 8 up to 128, strides that are multiples of 8
+// elements and 16-byte aligned pointers (every layout the models make), sm_80 and later.
+//
+// One CTA (4 warps) per (64 queries, batch x head). Each warp keeps its 16 query rows' Q fragments, the
+// 16 x 64 score tile and the 16 x D output accumulator in registers (mma.sync m16n8k16, fp32 accumulate;
+// operands from shared memory by ldmatrix, V transposed by ldmatrix.trans). K and V blocks of 64 keys are
+// double buffered with cp.async (zero fill past Lk and past the head dim), so the next block's loads overlap
+// this block's maths. Online softmax in log2 units, as the Triton kernel: m and l per row, a row with nothing
+// visible yet exponentiates against 0. The key loop is bounded by the causal/prefix limit and by the span of
+// keys the padding mask keeps (read once per CTA); keys inside it are masked per element.
+#include "common.cuh"
+#include "ops.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace dlcv_fast {
+namespace {
+
+constexpr int kBM = 64;  // queries per CTA (4 warps x 16)
+constexpr int kBN = 64;  // keys per block
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct AttnArgs {
+  int64_t sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som;
+  int64_t sbb, sbh, sbm, sbn;  // bias strides (elements; 0 on broadcast dims)
+  int64_t skpb;                // key padding mask batch stride
+  int H, group, Lq, Lk, prefix_len, head_dim;
+  float qk_scale;  // scale * log2(e)
+  bool causal, has_bias, has_kpm;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; zero fill when !valid (src points at valid memory regardless).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c += a (16x16, row) * b (16x8, col); fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a packed pair of T (lo in the low 16 bits: the lower column).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Rows [row0, row0 + 64) x the head dim of a (rows, D) matrix with row stride ld, into a (64, DP + 8) shared
+// tile; rows at or past n_rows and channels at or past D are zero.
+template <typename T, int DP>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int row0, int n_rows, int D) {
+  constexpr int kLd = DP + 8, kChunks = DP / 8;
+  for (int i = threadIdx.x; i < 64 * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = (i - r * kChunks) * 8;
+    const int row = row0 + r;
+    const bool valid = row < n_rows && c < D;
+    const T* s = src + int64_t(valid ? row : 0) * ld + (valid ? c : 0);
+    cp_async16(dst + r * kLd + c, s, valid);
+  }
+}
+
+template <typename T, typename BT, int DP>
+__global__ void __launch_bounds__(kThreads)
+    attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
+                    float* __restrict__ lse, const BT* __restrict__ bias, const uint8_t* __restrict__ kpm,
+                    AttnArgs a) {
+  constexpr int kLd = DP + 8;  // shared row stride (elements): 16-byte aligned rows, conflict-free ldmatrix
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  T* sk = sq + kBM * kLd;        // 2 stages
+  T* sv = sk + 2 * kBN * kLd;    // 2 stages
+  __shared__ int span[2 * 4];    // per-warp first / last kept key
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+  const int m0 = blockIdx.x * kBM;
+  const int bh = blockIdx.y, b = bh / a.H, h = bh - b * a.H, hk = h / a.group;
+  const int D = a.head_dim;
+  const T* qb = q + b * a.sqb + h * a.sqh;
+  const T* kb = k + b * a.skb + hk * a.skh;
+  const T* vb = v + b * a.svb + hk * a.svh;
+  const uint8_t* kp = a.has_kpm ? kpm + b * a.skpb : nullptr;
+
+  // The keys to visit: [lo, hi), lo a multiple of kBN.
+  int lo = 0, hi = a.Lk;
+  if (a.causal) hi = min(a.Lk, max(m0 + kBM, a.prefix_len));
+  if (a.has_kpm) {
+    int first = a.Lk, last = 0;
+    for (int j = tid; j < a.Lk; j += kThreads)
+      if (kp[j]) {
+        first = min(first, j);
+        last = max(last, j + 1);
+      }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      first = min(first, __shfl_xor_sync(0xffffffffu, first, off));
+      last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
+    }
+    if (lane == 0) {
+      span[warp] = first;
+      span[4 + warp] = last;
+    }
+    __syncthreads();
+    first = min(min(span[0], span[1]), min(span[2], span[3]));
+    last = max(max(span[4], span[5]), max(span[6], span[7]));
+    lo = (first / kBN) * kBN;
+    hi = min(hi, last);
+  }
+
+  load_tile<T, DP>(sq, qb, a.sqm, m0, a.Lq, D);
+  if (lo < hi) {
+    load_tile<T, DP>(sk, kb + int64_t(lo) * a.skn, a.skn, 0, a.Lk - lo, D);
+    load_tile<T, DP>(sv, vb + int64_t(lo) * a.svn, a.svn, 0, a.Lk - lo, D);
+  }
+  cp_async_commit();
+
+  float acc[DP / 8][4];
+#pragma unroll
+  for (int i = 0; i < DP / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f};
+  uint32_t qf[DP / 16][4];
+  const int row_a = m0 + warp * 16 + g, row_b = row_a + 8;  // this thread's two query rows
+
+  int stage = 0;
+  for (int n0 = lo; n0 < hi; n0 += kBN, stage ^= 1) {
+    const bool more = n0 + kBN < hi;
+    if (more) {  // prefetch the next block into the other stage
+      load_tile<T, DP>(sk + (stage ^ 1) * kBN * kLd, kb + int64_t(n0 + kBN) * a.skn, a.skn, 0, a.Lk - n0 - kBN, D);
+      load_tile<T, DP>(sv + (stage ^ 1) * kBN * kLd, vb + int64_t(n0 + kBN) * a.svn, a.svn, 0, a.Lk - n0 - kBN, D);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (n0 == lo) {  // Q fragments (rows 16 warp.., all of the head dim), once
+#pragma unroll
+      for (int ks = 0; ks < DP / 16; ++ks)
+        ldmatrix_x4(qf[ks], sq + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
+    }
+    const T* ks_ = sk + stage * kBN * kLd;
+    const T* vs_ = sv + stage * kBN * kLd;
+
+    // S = Q K^T: 16 x 64 per warp, 8 blocks of 8 keys.
+    float s[kBN / 8][4];
+#pragma unroll
+    for (int nb = 0; nb < kBN / 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ++ks) {
+#pragma unroll
+      for (int nb = 0; nb < kBN / 8; nb += 2) {
+        uint32_t kf[4];  // keys nb*8.. and (nb+1)*8.., channels ks*16.. (+8)
+        ldmatrix_x4(kf, ks_ + (nb * 8 + (lane / 16) * 8 + lane % 8) * kLd + ks * 16 + ((lane / 8) % 2) * 8);
+        mma_16816<T>(s[nb], qf[ks], kf[0], kf[1]);
+        mma_16816<T>(s[nb + 1], qf[ks], kf[2], kf[3]);
+      }
+    }
+
+    // Scale, bias, masks; row max.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nb = 0; nb < kBN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = e < 2 ? row_a : row_b;
+        const int col = n0 + nb * 8 + 2 * tig + (e & 1);
+        float x = s[nb][e] * a.qk_scale;
+        if (a.has_bias) {
+          const int rr = min(row, a.Lq - 1), cc = min(col, a.Lk - 1);
+          x += to_float(bias[b * a.sbb + h * a.sbh + rr * a.sbm + cc * a.sbn]) * kLog2e;
+        }
+        bool keep = col < a.Lk;
+        if (a.causal) keep = keep && (col <= row || col < a.prefix_len);
+        if (a.has_kpm) keep = keep && col < a.Lk && kp[min(col, a.Lk - 1)];
+        x = keep ? x : -INFINITY;
+        s[nb][e] = x;
+        mx[e / 2] = fmaxf(mx[e / 2], x);
+      }
+    }
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m_i[r], mx[r]);
+      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no inf - inf
+      alpha[r] = exp2f(m_i[r] - m_use[r]);
+      m_i[r] = m_new;
+      l_i[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int nd = 0; nd < DP / 8; ++nd) {
+      acc[nd][0] *= alpha[0];
+      acc[nd][1] *= alpha[0];
+      acc[nd][2] *= alpha[1];
+      acc[nd][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int nb = 0; nb < kBN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(s[nb][e] - m_use[e / 2]);
+        s[nb][e] = p;
+        l_i[e / 2] += p;  // this thread's share of the row sum; reduced over the quad at the end
+      }
+    }
+
+    // O += P V: P's accumulator layout is the A operand's (two 8-key blocks per 16-key step).
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int nd = 0; nd < DP / 8; nd += 2) {
+        uint32_t vf[4];  // keys kk*16.. (+8), channels nd*8.. and (nd+1)*8.., transposed
+        ldmatrix_x4_trans(vf, vs_ + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kLd + nd * 8 + (lane / 16) * 8);
+        mma_16816<T>(acc[nd], pa, vf[0], vf[1]);
+        mma_16816<T>(acc[nd + 1], pa, vf[2], vf[3]);
+      }
+    }
+    __syncthreads();  // this stage is read; the next iteration's prefetch overwrites it
+  }
+  cp_async_wait<0>();  // no block at all: the Q load is still outstanding
+
+  // Normalise; stage the 64 x D tile in shared memory (over Q) for 16-byte stores.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 1);
+    l_i[r] += __shfl_xor_sync(0xffffffffu, l_i[r], 2);
+    inv[r] = l_i[r] > 0.f ? 1.f / l_i[r] : 0.f;  // empty row: zeros
+  }
+  __syncthreads();  // every warp is done with sq (its Q fragments were read in the first block)
+#pragma unroll
+  for (int nd = 0; nd < DP / 8; ++nd) {
+    const int c = nd * 8 + 2 * tig;
+    *reinterpret_cast<uint32_t*>(sq + (warp * 16 + g) * kLd + c) = pack2<T>(acc[nd][0] * inv[0], acc[nd][1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(sq + (warp * 16 + g + 8) * kLd + c) =
+        pack2<T>(acc[nd][2] * inv[1], acc[nd][3] * inv[1]);
+  }
+  if (tig == 0) {
+    float* lrow = lse + int64_t(bh) * a.Lq;
+    if (row_a < a.Lq) lrow[row_a] = l_i[0] > 0.f ? (m_i[0] + log2f(l_i[0])) * kLn2 : -INFINITY;
+    if (row_b < a.Lq) lrow[row_b] = l_i[1] > 0.f ? (m_i[1] + log2f(l_i[1])) * kLn2 : -INFINITY;
+  }
+  __syncthreads();
+  T* ob = o + b * a.sob + h * a.soh;
+  for (int i = tid; i < kBM * (DP / 8); i += kThreads) {
+    const int r = i / (DP / 8), c = (i - r * (DP / 8)) * 8;
+    if (m0 + r < a.Lq && c < D)
+      *reinterpret_cast<uint4*>(ob + int64_t(m0 + r) * a.som + c) = *reinterpret_cast<const uint4*>(sq + r * kLd + c);
+  }
+}
+
+template <int DP>
+constexpr int smem_bytes() {
+  return (kBM + 4 * kBN) * (DP + 8) * 2;
+}
+
+template <typename T, typename BT, int DP>
+void launch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+               const at::Tensor& lse, const BT* bias, const uint8_t* kpm, const AttnArgs& a, int B) {
+  auto kernel = attn_fwd_kernel<T, BT, DP>;
+  constexpr int bytes = smem_bytes<DP>();
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  dim3 grid(unsigned((a.Lq + kBM - 1) / kBM), unsigned(B * a.H));
+  kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k.data_ptr()),
+      reinterpret_cast<const T*>(v.data_ptr()), reinterpret_cast<T*>(o.data_ptr()), lse.data_ptr<float>(), bias, kpm,
+      a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename BT>
+void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
+            const BT* bias, const uint8_t* kpm, const AttnArgs& a, int B) {
+  if (a.head_dim <= 32) launch_dp<T, BT, 32>(q, k, v, o, lse, bias, kpm, a, B);
+  else if (a.head_dim <= 64) launch_dp<T, BT, 64>(q, k, v, o, lse, bias, kpm, a, B);
+  else if (a.head_dim <= 96) launch_dp<T, BT, 96>(q, k, v, o, lse, bias, kpm, a, B);
+  else launch_dp<T, BT, 128>(q, k, v, o, lse, bias, kpm, a, B);
+}
+
+bool aligned8(const at::Tensor& t) {
+  return aligned16(t.data_ptr()) && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& attn_bias,
+                                                      const std::optional<at::Tensor>& key_padding_mask, bool causal,
+                                                      int64_t prefix_len, double scale) {
+  constexpr const char* kOp = "dlcv_fast_cuda::attention_fwd: ";
+  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), kOp,
+              "q, k and v must be CUDA tensors on one device");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kHalf || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt, kOp,
+              "q, k and v must all be float16 or all bfloat16 (float32 runs the Triton kernels), got ", dt);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes(), kOp,
+              "q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D) expected");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv >= 1 && H % Hkv == 0, kOp, "shapes do not match: q ",
+              q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 128, kOp, "head dims that are multiples of 8 up to 128, got ", D);
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, kOp, "unit last strides expected");
+  TORCH_CHECK(aligned8(q) && aligned8(k) && aligned8(v), kOp,
+              "q, k and v need 16-byte aligned data and strides that are multiples of 8 elements");
+  TORCH_CHECK(at::cuda::getDeviceProperties(q.get_device())->major >= 8, kOp, "needs sm_80 or later");
+  TORCH_CHECK(B * H <= 65535 && Lq < (int64_t(1) << 31) && Lk < (int64_t(1) << 31), kOp,
+              "B * Hq must be at most 65535 (the grid's y dimension)");
+  auto o = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);
+  auto lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
+  if (o.numel() == 0) return {o, lse};
+  if (Lk == 0) return {o.zero_(), lse.fill_(-INFINITY)};
+  c10::cuda::CUDAGuard guard(q.device());
+
+  AttnArgs a;
+  a.sqb = q.stride(0); a.sqh = q.stride(1); a.sqm = q.stride(2);
+  a.skb = k.stride(0); a.skh = k.stride(1); a.skn = k.stride(2);
+  a.svb = v.stride(0); a.svh = v.stride(1); a.svn = v.stride(2);
+  a.sob = o.stride(0); a.soh = o.stride(1); a.som = o.stride(2);
+  a.H = int(H); a.group = int(H / Hkv); a.Lq = int(Lq); a.Lk = int(Lk);
+  a.prefix_len = int(std::min<int64_t>(std::max<int64_t>(prefix_len, 0), Lk));
+  a.head_dim = int(D);
+  a.qk_scale = float(scale) * kLog2e;
+  a.causal = causal;
+  a.sbb = a.sbh = a.sbm = a.sbn = 0;
+  a.skpb = 0;
+  at::Tensor bias, kpm;
+  if (attn_bias.has_value()) {
+    TORCH_CHECK(attn_bias->device() == q.device(), kOp, "attn_bias must be on q's device");
+    bias = *attn_bias;
+    if (bias.scalar_type() != at::kFloat && bias.scalar_type() != dt) bias = bias.to(at::kFloat);
+    bias = bias.expand({B, H, Lq, Lk});  // zero strides on broadcast dims, nothing copied
+    a.sbb = bias.stride(0); a.sbh = bias.stride(1); a.sbm = bias.stride(2); a.sbn = bias.stride(3);
+  }
+  a.has_bias = bias.defined();
+  if (key_padding_mask.has_value()) {
+    TORCH_CHECK(key_padding_mask->device() == q.device() && key_padding_mask->scalar_type() == at::kBool &&
+                    key_padding_mask->dim() == 2 && key_padding_mask->size(0) == B && key_padding_mask->size(1) == Lk,
+                kOp, "key_padding_mask must be a (B, Lk) bool tensor on q's device");
+    kpm = key_padding_mask->stride(1) == 1 ? *key_padding_mask : key_padding_mask->contiguous();
+    a.skpb = kpm.stride(0);
+  }
+  a.has_kpm = kpm.defined();
+  const uint8_t* kp = a.has_kpm ? reinterpret_cast<const uint8_t*>(kpm.data_ptr()) : nullptr;
+  const bool f32_bias = !a.has_bias || bias.scalar_type() == at::kFloat;
+  if (dt == at::kHalf) {
+    if (f32_bias) launch<__half, float>(q, k, v, o, lse, a.has_bias ? bias.data_ptr<float>() : nullptr, kp, a, int(B));
+    else launch<__half, __half>(q, k, v, o, lse, reinterpret_cast<const __half*>(bias.data_ptr()), kp, a, int(B));
+  } else {
+    if (f32_bias)
+      launch<__nv_bfloat16, float>(q, k, v, o, lse, a.has_bias ? bias.data_ptr<float>() : nullptr, kp, a, int(B));
+    else
+      launch<__nv_bfloat16, __nv_bfloat16>(q, k, v, o, lse, reinterpret_cast<const __nv_bfloat16*>(bias.data_ptr()),
+                                           kp, a, int(B));
+  }
+  return {o, lse};
+}
+
+}  // namespace dlcv_fast
