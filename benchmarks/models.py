@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.registry import Benchmark, Provider, Unavailable, missing, register
+from benchmarks.registry import Benchmark, Provider, Unavailable, cuda_backend, missing, register
 
 CLIP_TOWERS = ("clip_vit_b32_image", "clip_vit_b32_text")
 PARITY_ITEMS = 4
@@ -224,6 +224,7 @@ PROVIDERS = [
     Provider("dlcv_fast.compile", provider(True, True), compiled=True),
     Provider("ref.eager", provider(False, False), devices=("cuda", "cpu")),
     Provider("dlcv_fast.patch", provider(False, False, patched=True), devices=("cuda", "cpu")),
+    Provider("dlcv_fast.cuda", cuda_backend(provider(True, False))),  # csrc/ kernels where they exist
     with_fused_mlp(OURS_EAGER),
     Provider("ref.compile", provider(False, True), compiled=True),
 ]

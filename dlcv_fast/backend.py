@@ -5,8 +5,9 @@ tensors, except that with ``TRITON_INTERPRET=1`` CPU tensors also go through the
 (run by Triton's interpreter; that is how the test suite exercises them without a GPU).
 ``"triton"`` forces the Triton kernels, ``"torch"`` forces the eager reference, and ``"cuda"``
 asks for the hand-written CUDA kernels of ``csrc/`` (the extension ``dlcv_fast._C``): ops listed in
-:data:`CUDA_OPS` run them, on CUDA tensors, where the extension was built; anything else raises. "auto" does
-not pick them yet: the choice per shape waits for a GPU benchmark run that times them against the Triton
+:data:`CUDA_OPS` run them, on CUDA tensors, where the extension was built, and raise for an input outside a
+kernel's scope; ops with no CUDA kernel at all (layer_norm, linear_act) run as under "auto", so that a whole
+model can run under ``use_backend("cuda")``. "auto" does not pick the CUDA kernels yet: the choice per shape waits for a GPU benchmark run that times them against the Triton
 kernels (benchmarks/, issue 3).
 """
 from __future__ import annotations
@@ -100,9 +101,11 @@ def resolve(device, backend: str | None = None, op: str | None = None) -> str:
     if name == "cuda":
         if not is_cuda:
             raise RuntimeError("backend 'cuda' needs CUDA tensors")
-        if op not in CUDA_OPS:
+        if op is not None and op not in CUDA_OPS:
+            return resolve(device, "auto")  # no CUDA kernel for this op: its default implementation
+        if op is None:
             raise NotImplementedError(
-                f"backend 'cuda': no hand-written CUDA kernel for {op or 'this op'}; CUDA kernels exist for "
+                f"backend 'cuda': no hand-written CUDA kernel for this op; CUDA kernels exist for "
                 f"{', '.join(sorted(CUDA_OPS))}. Use 'triton' or 'auto'"
             )
         if cuda_extension() is None:

@@ -92,12 +92,16 @@ def test_cuda_backend_needs_cuda_tensors():
         dlcv_fast.window_attention(qkv, num_heads=1, window_size=7, backend="cuda")
 
 
-def test_ops_without_a_cuda_kernel_say_so(monkeypatch):
+def test_ops_without_a_cuda_kernel_run_their_default(monkeypatch):
+    """Under backend "cuda" an op with no CUDA kernel at all runs as under "auto" (a whole model can run under
+    use_backend("cuda")); the ops with one take it."""
     monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
-    with pytest.raises(NotImplementedError, match="no hand-written CUDA kernel for layer_norm; CUDA kernels exist "
-                                                  "for attention, rope, window_attention"):
-        _backend.resolve(torch.device("cuda"), "cuda", "layer_norm")
-    assert _backend.resolve(torch.device("cuda"), "cuda", "rope") == "cuda"
+    assert _backend.resolve(torch.device("cuda"), "cuda", "layer_norm") == "triton"
+    assert _backend.resolve(torch.device("cuda"), "cuda", "linear_act") == "triton"
+    for op in ("attention", "rope", "window_attention"):
+        assert _backend.resolve(torch.device("cuda"), "cuda", op) == "cuda"
+    with pytest.raises(NotImplementedError, match="CUDA kernels exist for attention, rope, window_attention"):
+        _backend.resolve(torch.device("cuda"), "cuda")
 
 
 def test_missing_extension_is_a_clear_error(monkeypatch):
@@ -349,3 +353,31 @@ def test_gpu_attention_fused_qkv_view_and_rope():
     out = dlcv_fast.attention(q, k, v, rope=(cos, sin), backend="cuda")
     ref = dlcv_fast.attention(q, k, v, rope=(cos, sin), backend="triton")
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole models under use_backend("cuda") (GPU)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_gpu_model_under_cuda_backend(name):
+    """A model runs under use_backend("cuda") (attention / window attention on csrc/, LayerNorm and MLP on their
+    default kernels), forward and backward, and agrees with the Triton route in bf16."""
+    from dlcv_fast.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name).cuda().to(torch.bfloat16)
+    x = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for backend in ("cuda", "triton"):
+        model.zero_grad()
+        with dlcv_fast.use_backend(backend):
+            out = model(x)
+            out.float().square().mean().backward()
+        outs.append((out.float(), next(p for p in model.parameters() if p.grad is not None).grad.float().clone()))
+    (out_c, g_c), (out_t, g_t) = outs
+    assert torch.isfinite(out_c).all() and torch.isfinite(g_c).all()
+    scale = out_t.abs().max().item()
+    assert (out_c - out_t).abs().max().item() <= 5e-2 * scale  # bf16 through 12 blocks; kernel parity is above
+    assert (g_c - g_t).abs().max().item() <= 1e-1 * g_t.abs().max().item()
