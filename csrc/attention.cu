@@ -17,7 +17,7 @@
 // this block's maths. Online softmax in log2 units, as the Triton kernel: m and l per row, a row with nothing
 // visible yet exponentiates against 0. The key loop is bounded by the causal/prefix limit and by the span of
 // keys the padding mask keeps (read once per CTA); keys inside it are masked per element.
-#include "common.cuh"
+#include "attention.cuh"
 #include "ops.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -26,95 +26,13 @@
 namespace dlcv_fast {
 namespace {
 
-constexpr int kBM = 64;  // queries per CTA (4 warps x 16)
-constexpr int kBN = 64;  // keys per block
-constexpr int kThreads = 128;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+using namespace mma;
+using namespace attn;
 
-struct AttnArgs {
-  int64_t sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som;
-  int64_t sbb, sbh, sbm, sbn;  // bias strides (elements; 0 on broadcast dims)
-  int64_t skpb;                // key padding mask batch stride
-  int H, group, Lq, Lk, prefix_len, head_dim;
-  float qk_scale;  // scale * log2(e)
-  bool causal, has_bias, has_kpm;
-};
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; zero fill when !valid (src points at valid memory regardless).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// c += a (16x16, row) * b (16x8, col); fp32 accumulate.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as a packed pair of T (lo in the low 16 bits: the lower column).
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// Rows [row0, row0 + 64) x the head dim of a (rows, D) matrix with row stride ld, into a (64, DP + 8) shared
-// tile; rows at or past n_rows and channels at or past D are zero.
 template <typename T, int DP>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int row0, int n_rows, int D) {
-  constexpr int kLd = DP + 8, kChunks = DP / 8;
-  for (int i = threadIdx.x; i < 64 * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = (i - r * kChunks) * 8;
-    const int row = row0 + r;
-    const bool valid = row < n_rows && c < D;
-    const T* s = src + int64_t(valid ? row : 0) * ld + (valid ? c : 0);
-    cp_async16(dst + r * kLd + c, s, valid);
-  }
-}
-
-template <typename T, typename BT, int DP>
 __global__ void __launch_bounds__(kThreads)
     attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
-                    float* __restrict__ lse, const BT* __restrict__ bias, const uint8_t* __restrict__ kpm,
+                    float* __restrict__ lse, const float* __restrict__ bias, const uint8_t* __restrict__ kpm,
                     AttnArgs a) {
   constexpr int kLd = DP + 8;  // shared row stride (elements): 16-byte aligned rows, conflict-free ldmatrix
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -132,31 +50,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* vb = v + b * a.svb + hk * a.svh;
   const uint8_t* kp = a.has_kpm ? kpm + b * a.skpb : nullptr;
 
-  // The keys to visit: [lo, hi), lo a multiple of kBN.
-  int lo = 0, hi = a.Lk;
-  if (a.causal) hi = min(a.Lk, max(m0 + kBM, a.prefix_len));
-  if (a.has_kpm) {
-    int first = a.Lk, last = 0;
-    for (int j = tid; j < a.Lk; j += kThreads)
-      if (kp[j]) {
-        first = min(first, j);
-        last = max(last, j + 1);
-      }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      first = min(first, __shfl_xor_sync(0xffffffffu, first, off));
-      last = max(last, __shfl_xor_sync(0xffffffffu, last, off));
-    }
-    if (lane == 0) {
-      span[warp] = first;
-      span[4 + warp] = last;
-    }
-    __syncthreads();
-    first = min(min(span[0], span[1]), min(span[2], span[3]));
-    last = max(max(span[4], span[5]), max(span[6], span[7]));
-    lo = (first / kBN) * kBN;
-    hi = min(hi, last);
-  }
+  const int2 range = key_range(m0, kp, a, span);  // the keys to visit
+  const int lo = range.x, hi = range.y;
 
   load_tile<T, DP>(sq, qb, a.sqm, m0, a.Lq, D);
   if (lo < hi) {
@@ -214,16 +109,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = e < 2 ? row_a : row_b;
-        const int col = n0 + nb * 8 + 2 * tig + (e & 1);
-        float x = s[nb][e] * a.qk_scale;
-        if (a.has_bias) {
-          const int rr = min(row, a.Lq - 1), cc = min(col, a.Lk - 1);
-          x += to_float(bias[b * a.sbb + h * a.sbh + rr * a.sbm + cc * a.sbn]) * kLog2e;
-        }
-        bool keep = col < a.Lk;
-        if (a.causal) keep = keep && (col <= row || col < a.prefix_len);
-        if (a.has_kpm) keep = keep && col < a.Lk && kp[min(col, a.Lk - 1)];
-        x = keep ? x : -INFINITY;
+        const float x = masked_score(s[nb][e], row, n0 + nb * 8 + 2 * tig + (e & 1), b, h, bias, kp, a);
         s[nb][e] = x;
         mx[e / 2] = fmaxf(mx[e / 2], x);
       }
@@ -309,12 +195,12 @@ constexpr int smem_bytes() {
   return (kBM + 4 * kBN) * (DP + 8) * 2;
 }
 
-template <typename T, typename BT, int DP>
+template <typename T, int DP>
 void launch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
-               const at::Tensor& lse, const BT* bias, const uint8_t* kpm, const AttnArgs& a, int B) {
-  auto kernel = attn_fwd_kernel<T, BT, DP>;
+               const at::Tensor& lse, const float* bias, const uint8_t* kpm, const AttnArgs& a, int B) {
+  auto kernel = attn_fwd_kernel<T, DP>;
   constexpr int bytes = smem_bytes<DP>();
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  set_smem(kernel, bytes, "dlcv_fast_cuda::attention_fwd: ");
   dim3 grid(unsigned((a.Lq + kBM - 1) / kBM), unsigned(B * a.H));
   kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k.data_ptr()),
@@ -323,13 +209,13 @@ void launch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, typename BT>
+template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
-            const BT* bias, const uint8_t* kpm, const AttnArgs& a, int B) {
-  if (a.head_dim <= 32) launch_dp<T, BT, 32>(q, k, v, o, lse, bias, kpm, a, B);
-  else if (a.head_dim <= 64) launch_dp<T, BT, 64>(q, k, v, o, lse, bias, kpm, a, B);
-  else if (a.head_dim <= 96) launch_dp<T, BT, 96>(q, k, v, o, lse, bias, kpm, a, B);
-  else launch_dp<T, BT, 128>(q, k, v, o, lse, bias, kpm, a, B);
+            const float* bias, const uint8_t* kpm, const AttnArgs& a, int B) {
+  if (a.head_dim <= 32) launch_dp<T, 32>(q, k, v, o, lse, bias, kpm, a, B);
+  else if (a.head_dim <= 64) launch_dp<T, 64>(q, k, v, o, lse, bias, kpm, a, B);
+  else if (a.head_dim <= 96) launch_dp<T, 96>(q, k, v, o, lse, bias, kpm, a, B);
+  else launch_dp<T, 128>(q, k, v, o, lse, bias, kpm, a, B);
 }
 
 bool aligned8(const at::Tensor& t) {
@@ -358,8 +244,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   TORCH_CHECK(aligned8(q) && aligned8(k) && aligned8(v), kOp,
               "q, k and v need 16-byte aligned data and strides that are multiples of 8 elements");
   TORCH_CHECK(at::cuda::getDeviceProperties(q.get_device())->major >= 8, kOp, "needs sm_80 or later");
-  TORCH_CHECK(B * H <= 65535 && Lq < (int64_t(1) << 31) && Lk < (int64_t(1) << 31), kOp,
-              "B * Hq must be at most 65535 (the grid's y dimension)");
+  TORCH_CHECK(B * H <= 65535 && Lq <= INT32_MAX - 2 * kBM && Lk <= INT32_MAX - 2 * kBN, kOp,
+              "B * Hq must be at most 65535 (the grid's y dimension), Lq and Lk below 2^31 - 128");
   auto o = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);
   auto lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
   if (o.numel() == 0) return {o, lse};
@@ -382,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   if (attn_bias.has_value()) {
     TORCH_CHECK(attn_bias->device() == q.device(), kOp, "attn_bias must be on q's device");
     bias = *attn_bias;
-    if (bias.scalar_type() != at::kFloat && bias.scalar_type() != dt) bias = bias.to(at::kFloat);
-    bias = bias.expand({B, H, Lq, Lk});  // zero strides on broadcast dims, nothing copied
+    // fp32 (converted once, before broadcasting), then zero strides on broadcast dims: nothing expanded
+    bias = bias.to(at::kFloat).expand({B, H, Lq, Lk});
     a.sbb = bias.stride(0); a.sbh = bias.stride(1); a.sbm = bias.stride(2); a.sbn = bias.stride(3);
   }
   a.has_bias = bias.defined();
@@ -396,17 +282,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   }
   a.has_kpm = kpm.defined();
   const uint8_t* kp = a.has_kpm ? reinterpret_cast<const uint8_t*>(kpm.data_ptr()) : nullptr;
-  const bool f32_bias = !a.has_bias || bias.scalar_type() == at::kFloat;
-  if (dt == at::kHalf) {
-    if (f32_bias) launch<__half, float>(q, k, v, o, lse, a.has_bias ? bias.data_ptr<float>() : nullptr, kp, a, int(B));
-    else launch<__half, __half>(q, k, v, o, lse, reinterpret_cast<const __half*>(bias.data_ptr()), kp, a, int(B));
-  } else {
-    if (f32_bias)
-      launch<__nv_bfloat16, float>(q, k, v, o, lse, a.has_bias ? bias.data_ptr<float>() : nullptr, kp, a, int(B));
-    else
-      launch<__nv_bfloat16, __nv_bfloat16>(q, k, v, o, lse, reinterpret_cast<const __nv_bfloat16*>(bias.data_ptr()),
-                                           kp, a, int(B));
-  }
+  const float* bp = a.has_bias ? bias.data_ptr<float>() : nullptr;
+  if (dt == at::kHalf) launch<__half>(q, k, v, o, lse, bp, kp, a, int(B));
+  else launch<__nv_bfloat16>(q, k, v, o, lse, bp, kp, a, int(B));
   return {o, lse};
 }
 

@@ -11,6 +11,10 @@ TORCH_LIBRARY(dlcv_fast_cuda, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? key_padding_mask, bool causal, "
       "int prefix_len, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
+      "Tensor? key_padding_mask, bool causal, int prefix_len, float scale, bool bias_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, Tensor(a!) out, bool interleaved, float sin_sign) -> ()");
   m.def(
       "window_attention_fwd(Tensor qkv, Tensor? table, Tensor? qkv_bias, int num_heads, int window_h, "
@@ -23,6 +27,7 @@ TORCH_LIBRARY(dlcv_fast_cuda, m) {
 
 TORCH_LIBRARY_IMPL(dlcv_fast_cuda, CUDA, m) {
   m.impl("attention_fwd", &dlcv_fast::attention_fwd_cuda);
+  m.impl("attention_bwd", &dlcv_fast::attention_bwd_cuda);
   m.impl("rope", &dlcv_fast::rope_cuda);
   m.impl("window_attention_fwd", &dlcv_fast::window_attention_fwd_cuda);
   m.impl("window_attention_bwd", &dlcv_fast::window_attention_bwd_cuda);

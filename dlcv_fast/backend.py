@@ -19,8 +19,8 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 # Ops with a hand-written CUDA kernel (csrc/), and what of each it covers; the rest of such an op, and every
 # other op, raises under backend "cuda".
 CUDA_OPS = {
-    "attention": "the forward for fp16/bf16, head dims that are multiples of 8 up to 128, 16-byte aligned layouts, "
-                 "sm_80 or later (csrc/attention.cu), with every mask and bias; its backward runs the Triton kernels",
+    "attention": "forward and backward for fp16/bf16, head dims that are multiples of 8 up to 128, 16-byte aligned "
+                 "layouts, sm_80 or later, with every mask and bias (csrc/attention.cu, attention_bwd.cu)",
     "rope": "every input apply_rope takes (csrc/rope.cu)",
     "window_attention": "forward and backward for fp16/bf16, windows of at most 64 tokens, head dims up to 64, "
                         "sm_80 or later (csrc/window_attention.cu)",

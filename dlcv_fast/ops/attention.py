@@ -3,8 +3,8 @@
 ``dlcv_fast::attention_fwd`` returns ``(out, lse)``; ``dlcv_fast::attention_bwd`` returns
 ``(dq, dk, dv, ds)``. Both have fake (meta) implementations, so ``torch.compile`` traces through them
 without graph breaks, and ``register_autograd`` connects them. The Triton kernels live in
-``dlcv_fast.kernels.attention``; backend "cuda" runs the forward of ``csrc/attention.cu`` and the Triton
-backward; the "torch" backend runs ``dlcv_fast.reference``.
+``dlcv_fast.kernels.attention``; backend "cuda" runs ``csrc/attention.cu`` (forward) and
+``csrc/attention_bwd.cu`` (backward); the "torch" backend runs ``dlcv_fast.reference``.
 """
 from __future__ import annotations
 
@@ -93,13 +93,13 @@ def check_attention_inputs(q, k, v, *, key_padding_mask=None, attn_bias=None, pr
         raise ValueError(f"scale must be a finite number, got {scale}")
 
 
-# The scope of the CUDA forward (csrc/attention.cu); its backward is the Triton one.
+# The scope of the CUDA kernels (csrc/attention.cu, csrc/attention_bwd.cu).
 CUDA_MAX_HEAD_DIM = 128
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_cuda_support(q, k, v):
-    """Raise NotImplementedError, naming the limit, for a call the CUDA forward does not cover."""
+    """Raise NotImplementedError, naming the limit, for a call the CUDA kernels do not cover."""
     D = q.shape[-1]
     problems = []
     if q.dtype not in CUDA_DTYPES:
@@ -203,6 +203,11 @@ def _attention_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, 
     name = _backend.resolve(q.device, backend, "attention")
     if name == "torch":
         dq, dk, dv, ds = _bwd_torch(do, q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad)
+    elif name == "cuda":
+        _check_cuda_support(q, k, v)
+        dq, dk, dv, ds = _backend.cuda_op("attention_bwd")(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal,
+                                                            prefix_len, scale, bias_grad)
+        ds = ds if bias_grad else None
     else:
         from dlcv_fast.kernels import attention as kernels
 
@@ -305,7 +310,8 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
     q, k, v = _autocast(q, k, v)
     check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, prefix_len=prefix_len,
                            scale=scale)
-    if backend is not None and _backend.resolve(q.device, backend, "attention") == "cuda":
+    if (backend is not None and _backend.resolve(q.device, backend, "attention") == "cuda"
+            and not torch.compiler.is_compiling()):  # dynamo cannot read data pointers; the op checks again
         _check_cuda_support(q, k, v)  # validate early, with a clear message
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if scale <= 0:

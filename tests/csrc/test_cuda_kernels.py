@@ -77,9 +77,9 @@ def test_cuda_kernels_compile_without_spills(arch, tmp_path):
             elif "spill stores" in line:
                 stores = int(line.split("bytes spill stores")[0].split(",")[-1])
                 assert stores == 0, f"{name}: {entry} spills on {arch}: {line.strip()}"
-    # attention: 2 dtypes x 2 bias dtypes x 4 head dims; rope: 5 dtype pairs x 2 widths x 2 layouts; window
-    # attention: 12 forward + 12 backward
-    assert kernels == 16 + 20 + 2 * 12
+    # attention: 2 dtypes x 4 head dims, forward, dK/dV and dQ, plus 2 delta kernels; rope: 5
+    # dtype pairs x 2 widths x 2 layouts; window attention: 12 forward + 12 backward
+    assert kernels == 3 * 8 + 2 + 20 + 2 * 12
 
 
 def test_cuda_backend_needs_cuda_tensors():
@@ -316,7 +316,7 @@ def test_attention_cuda_scope(change, match):
     (2, 2, 4096, 77, 64, "none"),  # U-Net cross-attention
 ])
 def test_gpu_attention_parity(Hq, Hkv, Lq, Lk, D, kind, dtype):
-    """The CUDA forward (and the Triton backward behind it) against float64, every mask kind."""
+    """The CUDA forward and backward against float64, every mask kind (bias gradients included)."""
     B = 2
     q, k, v = attn_tests.make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, "cuda")
     kw = attn_tests.make_mask_args(kind, B, Hq, Lq, Lk, dtype, "cuda")
@@ -342,6 +342,23 @@ def test_gpu_attention_matches_triton_and_masks_rows():
     torch.testing.assert_close(out_c, out_t, rtol=0, atol=2e-3)
     torch.testing.assert_close(lse_c, lse_t, rtol=1e-5, atol=1e-4)
     assert out_c.transpose(1, 2).is_contiguous()  # the (B, L, H, D) buffer the Triton forward returns too
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["causal+padding", "bias_b", "prefix"])
+def test_gpu_attention_backward_matches_triton_and_is_deterministic(kind):
+    B, Hq, Hkv, L, D = 2, 8, 2, 333, 64
+    q, k, v = (t.requires_grad_() for t in attn_tests.make_inputs(B, Hq, Hkv, L, L, D, torch.bfloat16, "cuda"))
+    kw = attn_tests.make_mask_args(kind, B, Hq, L, L, torch.bfloat16, "cuda")
+    wrt = [q, k, v] + ([kw["attn_bias"]] if "attn_bias" in kw else [])
+    do = torch.randn(B, Hq, L, D, device="cuda", dtype=torch.bfloat16)
+    runs = [torch.autograd.grad(dlcv_fast.attention(q, k, v, backend=b, **kw), wrt, do)
+            for b in ("cuda", "cuda", "triton")]
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)  # bitwise: no atomics
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), runs[0], runs[2]):
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= 2e-2 * b.float().abs().max().item() + 1e-3, f"{name}: {err}"
 
 
 @pytest.mark.gpu

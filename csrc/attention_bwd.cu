@@ -1,0 +1,488 @@
+// Dense attention backward (FlashAttention-2 style), the CUDA backend of dlcv_fast::attention_bwd.
+//
+// Same contract as kernels/attention.py's backward: from dO, q, k, v, the forward's out and lse (natural log,
+// -inf on fully masked rows), the same masks and bias; returns dq, dk, dv (each a (B, L, H, D) buffer viewed
+// as (B, H, L, D), in q's dtype) and, when the bias needs a gradient, dS (B, Hq, Lq, Lk) fp32 (gradient of
+// the scores, which the caller sums over the bias's broadcast dims). Deterministic: no atomics.
+//
+// Three kernels, scope as the forward (fp16/bf16, head dims multiples of 8 up to 128, sm_80+):
+//   delta: delta = rowsum(dO * O) per query row (fp32), and the lse in log2 units (+inf on empty rows, so
+//          their P is 0 everywhere);
+//   dK/dV: one CTA per (64 keys, batch x kv head); each warp owns 16 keys and walks the queries that can see
+//          them (all the group's q heads: GQA sums in registers), in blocks of BQ (64, 32 or 16 queries as
+//          the head dim grows: bq()) double buffered by cp.async: S^T = K Q^T and dP^T = V dO^T (mma.sync), P^T = exp2(S^T - lse),
+//          dS^T = P^T (dP^T - delta), dV += P^T dO and dK += dS^T Q (P and dS from the score registers, Q and
+//          dO transposed by ldmatrix.trans);
+//   dQ:    one CTA per (64 queries, batch x head), the forward's key range and loop: S, P, dP = dO V^T, dS,
+//          dQ += dS K; it also stores dS when the bias needs a gradient (every (query, key) pair once).
+#include "attention.cuh"
+#include "ops.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace dlcv_fast {
+namespace {
+
+using namespace mma;
+using namespace attn;
+
+struct BwdArgs {
+  AttnArgs f;
+  int64_t sdb, sdh, sdm;           // dO strides
+  int64_t sgqb, sgqh, sgqm;        // dq strides
+  int64_t sgkb, sgkh, sgkn;        // dk strides (dv has the same)
+  float sm_scale;                  // scale (natural units) for dQ and dK
+  bool bias_grad;
+};
+
+// delta and lse2 for every (b, h, query): one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    attn_bwd_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out, const float* __restrict__ lse,
+                          float* __restrict__ delta, float* __restrict__ lse2, BwdArgs a, int64_t rows) {
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int64_t i = row % a.f.Lq, bh = row / a.f.Lq, b = bh / a.f.H, h = bh % a.f.H;
+  const T* d = dout + b * a.sdb + h * a.sdh + i * a.sdm;
+  const T* o = out + b * a.f.sob + h * a.f.soh + i * a.f.som;
+  float sum = 0.f;
+  for (int c = lane; c < a.f.head_dim; c += 32) sum += to_float(d[c]) * to_float(o[c]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) {
+    delta[row] = sum;
+    const float l = lse[row];
+    lse2[row] = l == -INFINITY ? INFINITY : l * kLog2e;
+  }
+}
+
+// The warp's 16 x (DP) fp32 accumulator (C fragments, 8 columns each) times mul, as T, to rows row0.. of a
+// (rows, D) matrix with row stride ld, through the warp's 16 x (DP + 8) staging tile in shared memory.
+template <typename T, int DP>
+__device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], float mul, T* stage, T* dst, int64_t ld,
+                                           int row0, int n_rows, int D) {
+  constexpr int kLd = DP + 8;
+  const int lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int nd = 0; nd < DP / 8; ++nd) {
+    *reinterpret_cast<uint32_t*>(stage + g * kLd + nd * 8 + 2 * tig) = pack2<T>(acc[nd][0] * mul, acc[nd][1] * mul);
+    *reinterpret_cast<uint32_t*>(stage + (g + 8) * kLd + nd * 8 + 2 * tig) =
+        pack2<T>(acc[nd][2] * mul, acc[nd][3] * mul);
+  }
+  __syncwarp();
+  for (int i = lane; i < 16 * (DP / 8); i += 32) {
+    const int r = i / (DP / 8), c = (i - r * (DP / 8)) * 8;
+    if (row0 + r < n_rows && c < D)
+      *reinterpret_cast<uint4*>(dst + int64_t(row0 + r) * ld + c) = *reinterpret_cast<const uint4*>(stage + r * kLd + c);
+  }
+}
+
+template <typename T, int DP, int BQ>
+__global__ void __launch_bounds__(kThreads)
+    attn_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                         const T* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
+                         T* __restrict__ dk, T* __restrict__ dv, const float* __restrict__ bias,
+                         const uint8_t* __restrict__ kpm, BwdArgs args) {
+  constexpr int kLd = DP + 8;
+  const AttnArgs& a = args.f;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sk = reinterpret_cast<T*>(smem_raw);  // 64 keys
+  T* sv = sk + kBN * kLd;                   // 64 keys
+  T* sq = sv + kBN * kLd;                   // 2 stages of BQ queries
+  T* sdo = sq + 2 * BQ * kLd;               // 2 stages of BQ queries
+  float* s_lse2 = reinterpret_cast<float*>(sdo + 2 * BQ * kLd);  // 2 x BQ
+  float* s_delta = s_lse2 + 2 * BQ;                                // 2 x BQ
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+  const int n0 = blockIdx.x * kBN;
+  const int Hkv = a.H / a.group;
+  const int bhk = blockIdx.y, b = bhk / Hkv, hk = bhk - b * Hkv;
+  const int D = a.head_dim;
+  const uint8_t* kp = a.has_kpm ? kpm + b * a.skpb : nullptr;
+  const int key_a = n0 + warp * 16 + g, key_b = key_a + 8;  // this thread's two keys
+
+  load_tile<T, DP>(sk, k + b * a.skb + hk * a.skh + int64_t(n0) * a.skn, a.skn, 0, a.Lk - n0, D);
+  load_tile<T, DP>(sv, v + b * a.svb + hk * a.svh + int64_t(n0) * a.svn, a.svn, 0, a.Lk - n0, D);
+  cp_async_commit();
+
+  // Queries that can see some key of this block: all, or (causal, past the prefix) those from n0 on.
+  const int m_start = (a.causal && n0 >= a.prefix_len) ? (n0 / BQ) * BQ : 0;
+  const int n_qblocks = a.Lq > m_start ? (a.Lq - m_start + BQ - 1) / BQ : 0;
+  const int steps = a.group * n_qblocks;  // (q head, query block) pairs, walked in order
+
+  float acc_k[DP / 8][4], acc_v[DP / 8][4];
+#pragma unroll
+  for (int i = 0; i < DP / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_k[i][e] = acc_v[i][e] = 0.f;
+
+  auto issue = [&](int step, int st) {  // loads of step `step` into stage st
+    const int h = hk * a.group + step / n_qblocks, m0 = m_start + (step % n_qblocks) * BQ;
+    load_tile<T, DP, BQ>(sq + st * BQ * kLd, q + b * a.sqb + h * a.sqh + int64_t(m0) * a.sqm, a.sqm, 0, a.Lq - m0,
+                         D);
+    load_tile<T, DP, BQ>(sdo + st * BQ * kLd, dout + b * args.sdb + h * args.sdh + int64_t(m0) * args.sdm, args.sdm,
+                         0, a.Lq - m0, D);
+  };
+  if (steps > 0) issue(0, 0);
+  cp_async_commit();
+
+  for (int step = 0; step < steps; ++step) {
+    const int st = step & 1;
+    const int h = hk * a.group + step / n_qblocks, m0 = m_start + (step % n_qblocks) * BQ;
+    // lse2 / delta of this block's queries (plain loads; the barrier below publishes them)
+    if (tid < BQ) {
+      const int64_t row = (int64_t(b) * a.H + h) * a.Lq + m0 + tid;
+      const bool ok = m0 + tid < a.Lq;
+      s_lse2[st * BQ + tid] = ok ? lse2[row] : INFINITY;
+      s_delta[st * BQ + tid] = ok ? delta[row] : 0.f;
+    }
+    if (step + 1 < steps) {
+      issue(step + 1, st ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* qs = sq + st * BQ * kLd;
+    const T* dos = sdo + st * BQ * kLd;
+    const float* l2 = s_lse2 + st * BQ;
+    const float* dl = s_delta + st * BQ;
+
+    // S^T = K Q^T and dP^T = V dO^T: 16 keys x BQ queries per warp.
+    float s[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+    for (int nb = 0; nb < BQ / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ++ks) {
+      uint32_t kf[4], vf[4];
+      ldmatrix_x4(kf, sk + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
+      ldmatrix_x4(vf, sv + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nb = 0; nb < BQ / 8; nb += 2) {
+        uint32_t qf[4], df[4];  // queries nb*8.. and (nb+1)*8.., channels ks*16.. (+8)
+        const int r = (nb * 8 + (lane / 16) * 8 + lane % 8) * kLd + ks * 16 + ((lane / 8) % 2) * 8;
+        ldmatrix_x4(qf, qs + r);
+        ldmatrix_x4(df, dos + r);
+        mma_16816<T>(s[nb], kf, qf[0], qf[1]);
+        mma_16816<T>(s[nb + 1], kf, qf[2], qf[3]);
+        mma_16816<T>(dp[nb], vf, df[0], df[1]);
+        mma_16816<T>(dp[nb + 1], vf, df[2], df[3]);
+      }
+    }
+    // P^T and dS^T (natural units), in place of S^T and dP^T.
+#pragma unroll
+    for (int nb = 0; nb < BQ / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = e < 2 ? key_a : key_b;
+        const int qi = nb * 8 + 2 * tig + (e & 1);  // query within the block
+        const float x = masked_score(s[nb][e], m0 + qi, key, b, h, bias, kp, a);
+        const float p = exp2f(x - l2[qi]);  // 0 at masked keys (-inf) and empty rows (lse2 = +inf)
+        s[nb][e] = p;
+        dp[nb][e] = p * (dp[nb][e] - dl[qi]);
+      }
+    }
+    // dV += P^T dO, dK += dS^T Q: 16 queries a step; dO and Q transposed by ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const uint32_t da[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
+                              pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                              pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+      for (int nd = 0; nd < DP / 8; nd += 2) {
+        const int r = (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kLd + nd * 8 + (lane / 16) * 8;
+        uint32_t df[4], qf[4];
+        ldmatrix_x4_trans(df, dos + r);
+        ldmatrix_x4_trans(qf, qs + r);
+        mma_16816<T>(acc_v[nd], pa, df[0], df[1]);
+        mma_16816<T>(acc_v[nd + 1], pa, df[2], df[3]);
+        mma_16816<T>(acc_k[nd], da, qf[0], qf[1]);
+        mma_16816<T>(acc_k[nd + 1], da, qf[2], qf[3]);
+      }
+    }
+    __syncthreads();  // this stage is read; the next step's prefetch overwrites it
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // K / V tiles free for staging (a CTA with no query step still waits for its loads)
+
+  // Keys past Lk are not stored; rows of a key block no query sees are zeros.
+  T* stage = sk + warp * 16 * kLd;
+  const int row0 = n0 + warp * 16;
+  store_rows<T, DP>(acc_k, args.sm_scale, stage, dk + b * args.sgkb + hk * args.sgkh, args.sgkn, row0, a.Lk, D);
+  __syncwarp();
+  store_rows<T, DP>(acc_v, 1.f, stage, dv + b * args.sgkb + hk * args.sgkh, args.sgkn, row0, a.Lk, D);
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head dim 32 at 128 registers (spilled)
+    attn_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                       const T* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
+                       T* __restrict__ dq, float* __restrict__ ds_out, const float* __restrict__ bias,
+                       const uint8_t* __restrict__ kpm, BwdArgs args) {
+  constexpr int kLd = DP + 8;
+  const AttnArgs& a = args.f;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  T* sdo = sq + kBM * kLd;
+  T* sk = sdo + kBM * kLd;   // 2 stages
+  T* sv = sk + 2 * kBN * kLd;  // 2 stages
+  __shared__ int span[8];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+  const int m0 = blockIdx.x * kBM;
+  const int bh = blockIdx.y, b = bh / a.H, h = bh - b * a.H, hk = h / a.group;
+  const int D = a.head_dim;
+  const T* kb = k + b * a.skb + hk * a.skh;
+  const T* vb = v + b * a.svb + hk * a.svh;
+  const uint8_t* kp = a.has_kpm ? kpm + b * a.skpb : nullptr;
+  const int row_a = m0 + warp * 16 + g, row_b = row_a + 8;
+  const int64_t stat = int64_t(bh) * a.Lq;
+  const float l2[2] = {row_a < a.Lq ? lse2[stat + row_a] : INFINITY, row_b < a.Lq ? lse2[stat + row_b] : INFINITY};
+  const float dl[2] = {row_a < a.Lq ? delta[stat + row_a] : 0.f, row_b < a.Lq ? delta[stat + row_b] : 0.f};
+  float* ds_rows = args.bias_grad ? ds_out + stat * a.Lk : nullptr;
+
+  const int2 range = key_range(m0, kp, a, span);
+  const int lo = range.x, hi = range.y;
+  load_tile<T, DP>(sq, q + b * a.sqb + h * a.sqh, a.sqm, m0, a.Lq, D);
+  load_tile<T, DP>(sdo, dout + b * args.sdb + h * args.sdh, args.sdm, m0, a.Lq, D);
+  if (lo < hi) {
+    load_tile<T, DP>(sk, kb + int64_t(lo) * a.skn, a.skn, 0, a.Lk - lo, D);
+    load_tile<T, DP>(sv, vb + int64_t(lo) * a.svn, a.svn, 0, a.Lk - lo, D);
+  }
+  cp_async_commit();
+
+  float acc[DP / 8][4];
+#pragma unroll
+  for (int i = 0; i < DP / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+  int stage = 0;
+  for (int n0 = lo; n0 < hi; n0 += kBN, stage ^= 1) {
+    if (n0 + kBN < hi) {
+      load_tile<T, DP>(sk + (stage ^ 1) * kBN * kLd, kb + int64_t(n0 + kBN) * a.skn, a.skn, 0, a.Lk - n0 - kBN, D);
+      load_tile<T, DP>(sv + (stage ^ 1) * kBN * kLd, vb + int64_t(n0 + kBN) * a.svn, a.svn, 0, a.Lk - n0 - kBN, D);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* ks_ = sk + stage * kBN * kLd;
+    const T* vs_ = sv + stage * kBN * kLd;
+
+    float s[kBN / 8][4], dp[kBN / 8][4];
+#pragma unroll
+    for (int nb = 0; nb < kBN / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ++ks) {
+      uint32_t qf[4], df[4];
+      ldmatrix_x4(qf, sq + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
+      ldmatrix_x4(df, sdo + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nb = 0; nb < kBN / 8; nb += 2) {
+        const int r = (nb * 8 + (lane / 16) * 8 + lane % 8) * kLd + ks * 16 + ((lane / 8) % 2) * 8;
+        uint32_t kf[4], vf[4];
+        ldmatrix_x4(kf, ks_ + r);
+        ldmatrix_x4(vf, vs_ + r);
+        mma_16816<T>(s[nb], qf, kf[0], kf[1]);
+        mma_16816<T>(s[nb + 1], qf, kf[2], kf[3]);
+        mma_16816<T>(dp[nb], df, vf[0], vf[1]);
+        mma_16816<T>(dp[nb + 1], df, vf[2], vf[3]);
+      }
+    }
+#pragma unroll
+    for (int nb = 0; nb < kBN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = e < 2 ? row_a : row_b, col = n0 + nb * 8 + 2 * tig + (e & 1);
+        const float x = masked_score(s[nb][e], row, col, b, h, bias, kp, a);
+        const float p = exp2f(x - l2[e / 2]);
+        const float d = p * (dp[nb][e] - dl[e / 2]);
+        dp[nb][e] = d;
+        if (args.bias_grad && row < a.Lq && col < a.Lk) ds_rows[int64_t(row) * a.Lk + col] = d;
+      }
+    }
+    // dQ += dS K: K transposed by ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t da[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
+                              pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                              pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+      for (int nd = 0; nd < DP / 8; nd += 2) {
+        uint32_t kf[4];
+        ldmatrix_x4_trans(kf, ks_ + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kLd + nd * 8 + (lane / 16) * 8);
+        mma_16816<T>(acc[nd], da, kf[0], kf[1]);
+        mma_16816<T>(acc[nd + 1], da, kf[2], kf[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // Q / dO tiles free for staging
+  store_rows<T, DP>(acc, args.sm_scale, sq + warp * 16 * kLd, dq + b * args.sgqb + h * args.sgqh, args.sgqm,
+                    m0 + warp * 16, a.Lq, D);
+}
+
+// Queries per step of the dK/dV kernel: its dK and dV accumulators take 2 * DP / 2 registers a thread, so larger
+// head dims walk the queries in smaller steps (at 128, 32-query steps spilled on sm_80).
+template <int DP>
+constexpr int bq() { return DP <= 64 ? 64 : DP <= 96 ? 32 : 16; }
+
+template <typename T, int DP>
+void launch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+               const at::Tensor& lse2, const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
+               const at::Tensor& dv, float* ds, const float* bias, const uint8_t* kpm, const BwdArgs& args, int B) {
+  const AttnArgs& a = args.f;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  constexpr int kLd = DP + 8, BQ = bq<DP>();
+  const T* qp = reinterpret_cast<const T*>(q.data_ptr());
+  const T* kp = reinterpret_cast<const T*>(k.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+  const T* dop = reinterpret_cast<const T*>(dout.data_ptr());
+  {
+    auto kernel = attn_bwd_dkdv_kernel<T, DP, BQ>;
+    constexpr int bytes = (2 * kBN + 4 * BQ) * kLd * 2 + 4 * BQ * 4;
+    set_smem(kernel, bytes, "dlcv_fast_cuda::attention_bwd: ");
+    dim3 grid(unsigned((a.Lk + kBN - 1) / kBN), unsigned(B * (a.H / a.group)));
+    kernel<<<grid, kThreads, bytes, stream>>>(qp, kp, vp, dop, lse2.data_ptr<float>(), delta.data_ptr<float>(),
+                                               reinterpret_cast<T*>(dk.data_ptr()), reinterpret_cast<T*>(dv.data_ptr()),
+                                               bias, kpm, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  {
+    auto kernel = attn_bwd_dq_kernel<T, DP>;
+    constexpr int bytes = (2 * kBM + 4 * kBN) * kLd * 2;
+    set_smem(kernel, bytes, "dlcv_fast_cuda::attention_bwd: ");
+    dim3 grid(unsigned((a.Lq + kBM - 1) / kBM), unsigned(B * a.H));
+    kernel<<<grid, kThreads, bytes, stream>>>(qp, kp, vp, dop, lse2.data_ptr<float>(), delta.data_ptr<float>(),
+                                               reinterpret_cast<T*>(dq.data_ptr()), ds, bias, kpm, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+            const at::Tensor& lse2, const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
+            const at::Tensor& dv, float* ds, const float* bias, const uint8_t* kpm, const BwdArgs& args, int B) {
+  const int D = args.f.head_dim;
+  if (D <= 32) launch_dp<T, 32>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
+  else if (D <= 64) launch_dp<T, 64>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
+  else if (D <= 96) launch_dp<T, 96>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
+  else launch_dp<T, 128>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
+}
+
+bool aligned8(const at::Tensor& t) {
+  return aligned16(t.data_ptr()) && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+}
+
+at::Tensor like_kernel(const at::Tensor& t) {  // a (B, L, H, D) buffer viewed as (B, H, L, D)
+  return at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()).transpose(1, 2);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& key_padding_mask,
+    bool causal, int64_t prefix_len, double scale, bool bias_grad) {
+  constexpr const char* kOp = "dlcv_fast_cuda::attention_bwd: ";
+  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device() && out.device() == q.device() &&
+                  dout_in.device() == q.device() && lse.device() == q.device(),
+              kOp, "all tensors must be CUDA tensors on one device");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kHalf || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt &&
+                  out.scalar_type() == dt && dout_in.scalar_type() == dt,
+              kOp, "q, k, v, out and dout must all be float16 or all bfloat16, got ", dt);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && out.sizes() == q.sizes() &&
+                  dout_in.sizes() == q.sizes(),
+              kOp, "q/out/dout (B, Hq, Lq, D) and k/v (B, Hkv, Lk, D) expected");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv >= 1 && H % Hkv == 0, kOp, "shapes do not match");
+  TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 128, kOp, "head dims that are multiples of 8 up to 128, got ", D);
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1, kOp,
+              "unit last strides expected");
+  TORCH_CHECK(aligned8(q) && aligned8(k) && aligned8(v) && aligned8(out), kOp,
+              "q, k, v and out need 16-byte aligned data and strides that are multiples of 8 elements");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == B &&
+                  lse.size(1) == H && lse.size(2) == Lq,
+              kOp, "lse must be the forward's contiguous (B, Hq, Lq) float32 log-sum-exp");
+  TORCH_CHECK(at::cuda::getDeviceProperties(q.get_device())->major >= 8, kOp, "needs sm_80 or later");
+  TORCH_CHECK(B * H <= 65535 && Lq <= INT32_MAX - 2 * kBM && Lk <= INT32_MAX - 2 * kBN, kOp,
+              "B * Hq must be at most 65535 (the grid's y dimension), Lq and Lk below 2^31 - 128");
+  auto dq = like_kernel(q), dk = like_kernel(k), dv = like_kernel(v);
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor ds = bias_grad && attn_bias.has_value() ? at::zeros({B, H, Lq, Lk}, f32) : at::empty({0}, f32);
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_(); dk.zero_(); dv.zero_();
+    return {dq, dk, dv, ds};
+  }
+  c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor dout = dout_in.stride(3) == 1 && aligned8(dout_in) ? dout_in : dout_in.contiguous();
+
+  BwdArgs args;
+  AttnArgs& a = args.f;
+  a.sqb = q.stride(0); a.sqh = q.stride(1); a.sqm = q.stride(2);
+  a.skb = k.stride(0); a.skh = k.stride(1); a.skn = k.stride(2);
+  a.svb = v.stride(0); a.svh = v.stride(1); a.svn = v.stride(2);
+  a.sob = out.stride(0); a.soh = out.stride(1); a.som = out.stride(2);
+  a.H = int(H); a.group = int(H / Hkv); a.Lq = int(Lq); a.Lk = int(Lk);
+  a.prefix_len = int(std::min<int64_t>(std::max<int64_t>(prefix_len, 0), Lk));
+  a.head_dim = int(D);
+  a.qk_scale = float(scale) * kLog2e;
+  a.causal = causal;
+  a.sbb = a.sbh = a.sbm = a.sbn = 0;
+  a.skpb = 0;
+  args.sdb = dout.stride(0); args.sdh = dout.stride(1); args.sdm = dout.stride(2);
+  args.sgqb = dq.stride(0); args.sgqh = dq.stride(1); args.sgqm = dq.stride(2);
+  args.sgkb = dk.stride(0); args.sgkh = dk.stride(1); args.sgkn = dk.stride(2);
+  args.sm_scale = float(scale);
+  at::Tensor bias, kpm;
+  if (attn_bias.has_value()) {
+    bias = *attn_bias;
+    bias = bias.to(at::kFloat).expand({B, H, Lq, Lk});
+    a.sbb = bias.stride(0); a.sbh = bias.stride(1); a.sbm = bias.stride(2); a.sbn = bias.stride(3);
+  }
+  a.has_bias = bias.defined();
+  args.bias_grad = bias_grad && a.has_bias;
+  if (key_padding_mask.has_value()) {
+    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
+                    key_padding_mask->size(0) == B && key_padding_mask->size(1) == Lk,
+                kOp, "key_padding_mask must be a (B, Lk) bool tensor");
+    kpm = key_padding_mask->stride(1) == 1 ? *key_padding_mask : key_padding_mask->contiguous();
+    a.skpb = kpm.stride(0);
+  }
+  a.has_kpm = kpm.defined();
+
+  auto delta = at::empty({B, H, Lq}, f32), lse2 = at::empty({B, H, Lq}, f32);
+  const int64_t rows = B * H * Lq;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned delta_blocks = unsigned((rows + kThreads / 32 - 1) / (kThreads / 32));
+  const uint8_t* kp = a.has_kpm ? reinterpret_cast<const uint8_t*>(kpm.data_ptr()) : nullptr;
+  float* dsp = args.bias_grad ? ds.data_ptr<float>() : nullptr;
+  const float* bp = a.has_bias ? bias.data_ptr<float>() : nullptr;
+#define DLCV_ATTN_BWD(T)                                                                                          \
+  attn_bwd_delta_kernel<T><<<delta_blocks, kThreads, 0, stream>>>(                                               \
+      reinterpret_cast<const T*>(dout.data_ptr()), reinterpret_cast<const T*>(out.data_ptr()), lse.data_ptr<float>(), \
+      delta.data_ptr<float>(), lse2.data_ptr<float>(), args, rows);                                               \
+  C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                                 \
+  launch<T>(q, k, v, dout, lse2, delta, dq, dk, dv, dsp, bp, kp, args, int(B));
+  if (dt == at::kHalf) {
+    DLCV_ATTN_BWD(__half)
+  } else {
+    DLCV_ATTN_BWD(__nv_bfloat16)
+  }
+#undef DLCV_ATTN_BWD
+  return {dq, dk, dv, ds};
+}
+
+}  // namespace dlcv_fast

@@ -1,0 +1,101 @@
+// Tensor-core building blocks of the sm_80+ kernels (attention.cu, attention_bwd.cu): cp.async tile loads,
+// ldmatrix, mma.sync m16n8k16 (fp32 accumulate) and the fragment packing they need. Fragment layouts are the
+// PTX ISA's: for lane l, g = l / 4 and t = l % 4; C/D of a 16x8 tile: c0, c1 at (row g, cols 2t, 2t + 1),
+// c2, c3 at (row g + 8, same cols); A of a 16x16 tile: a0 (g, 2t..), a1 (g + 8, 2t..), a2 (g, 2t + 8..),
+// a3 (g + 8, 2t + 8..); B of a 16x8 tile: b0 (rows 2t.., col g), b1 (rows 2t + 8.., col g). So a C tile's
+// registers for two adjacent 8-column blocks are the A fragment of the next product (P in P V).
+#pragma once
+
+#include "common.cuh"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+namespace dlcv_fast {
+namespace mma {
+
+constexpr int kThreads = 128;  // 4 warps, 16 rows each
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; zero fill when !valid (src points at valid memory regardless).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+
+// c += a (16x16, row) * b (16x8, col); fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a packed pair of T (lo in the low 16 bits: the lower column).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Rows [row0, row0 + ROWS) x the head dim of a (rows, D) matrix with row stride ld, into a (ROWS, DP + 8)
+// shared tile; rows at or past n_rows and channels at or past D are zero.
+template <typename T, int DP, int ROWS = 64>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int row0, int n_rows, int D) {
+  constexpr int kLd = DP + 8, kChunks = DP / 8;
+  for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = (i - r * kChunks) * 8;
+    const int row = row0 + r;
+    const bool valid = row < n_rows && c < D;
+    const T* s = src + int64_t(valid ? row : 0) * ld + (valid ? c : 0);
+    cp_async16(dst + r * kLd + c, s, valid);
+  }
+}
+
+// Opt a kernel into `bytes` of dynamic shared memory, with a clear error where the GPU has less per block.
+template <typename Kernel>
+void set_smem(Kernel kernel, int bytes, const char* op) {
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(size_t(bytes) <= limit, op, "this head dim needs ", bytes, " bytes of shared memory per block; the GPU "
+              "has ", limit, " (use backend 'triton')");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+}  // namespace mma
+}  // namespace dlcv_fast
