@@ -218,72 +218,25 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   else launch_dp<T, 128>(q, k, v, o, lse, bias, kpm, a, B);
 }
 
-bool aligned8(const at::Tensor& t) {
-  return aligned16(t.data_ptr()) && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& attn_bias,
                                                       const std::optional<at::Tensor>& key_padding_mask, bool causal,
                                                       int64_t prefix_len, double scale) {
-  constexpr const char* kOp = "dlcv_fast_cuda::attention_fwd: ";
-  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), kOp,
-              "q, k and v must be CUDA tensors on one device");
-  const auto dt = q.scalar_type();
-  TORCH_CHECK((dt == at::kHalf || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt, kOp,
-              "q, k and v must all be float16 or all bfloat16 (float32 runs the Triton kernels), got ", dt);
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes(), kOp,
-              "q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D) expected");
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv >= 1 && H % Hkv == 0, kOp, "shapes do not match: q ",
-              q.sizes(), ", k ", k.sizes());
-  TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 128, kOp, "head dims that are multiples of 8 up to 128, got ", D);
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, kOp, "unit last strides expected");
-  TORCH_CHECK(aligned8(q) && aligned8(k) && aligned8(v), kOp,
-              "q, k and v need 16-byte aligned data and strides that are multiples of 8 elements");
-  TORCH_CHECK(at::cuda::getDeviceProperties(q.get_device())->major >= 8, kOp, "needs sm_80 or later");
-  TORCH_CHECK(B * H <= 65535 && Lq <= INT32_MAX - 2 * kBM && Lk <= INT32_MAX - 2 * kBN, kOp,
-              "B * Hq must be at most 65535 (the grid's y dimension), Lq and Lk below 2^31 - 128");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "dlcv_fast_cuda::attention_fwd: 4-D q, k, v expected");
   auto o = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);
   auto lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
+  at::Tensor bias, kpm;
+  const AttnArgs a = make_args("dlcv_fast_cuda::attention_fwd: ", q, k, v, o, attn_bias, key_padding_mask, causal,
+                               prefix_len, scale, bias, kpm);
   if (o.numel() == 0) return {o, lse};
   if (Lk == 0) return {o.zero_(), lse.fill_(-INFINITY)};
   c10::cuda::CUDAGuard guard(q.device());
-
-  AttnArgs a;
-  a.sqb = q.stride(0); a.sqh = q.stride(1); a.sqm = q.stride(2);
-  a.skb = k.stride(0); a.skh = k.stride(1); a.skn = k.stride(2);
-  a.svb = v.stride(0); a.svh = v.stride(1); a.svn = v.stride(2);
-  a.sob = o.stride(0); a.soh = o.stride(1); a.som = o.stride(2);
-  a.H = int(H); a.group = int(H / Hkv); a.Lq = int(Lq); a.Lk = int(Lk);
-  a.prefix_len = int(std::min<int64_t>(std::max<int64_t>(prefix_len, 0), Lk));
-  a.head_dim = int(D);
-  a.qk_scale = float(scale) * kLog2e;
-  a.causal = causal;
-  a.sbb = a.sbh = a.sbm = a.sbn = 0;
-  a.skpb = 0;
-  at::Tensor bias, kpm;
-  if (attn_bias.has_value()) {
-    TORCH_CHECK(attn_bias->device() == q.device(), kOp, "attn_bias must be on q's device");
-    bias = *attn_bias;
-    // fp32 (converted once, before broadcasting), then zero strides on broadcast dims: nothing expanded
-    bias = bias.to(at::kFloat).expand({B, H, Lq, Lk});
-    a.sbb = bias.stride(0); a.sbh = bias.stride(1); a.sbm = bias.stride(2); a.sbn = bias.stride(3);
-  }
-  a.has_bias = bias.defined();
-  if (key_padding_mask.has_value()) {
-    TORCH_CHECK(key_padding_mask->device() == q.device() && key_padding_mask->scalar_type() == at::kBool &&
-                    key_padding_mask->dim() == 2 && key_padding_mask->size(0) == B && key_padding_mask->size(1) == Lk,
-                kOp, "key_padding_mask must be a (B, Lk) bool tensor on q's device");
-    kpm = key_padding_mask->stride(1) == 1 ? *key_padding_mask : key_padding_mask->contiguous();
-    a.skpb = kpm.stride(0);
-  }
-  a.has_kpm = kpm.defined();
   const uint8_t* kp = a.has_kpm ? reinterpret_cast<const uint8_t*>(kpm.data_ptr()) : nullptr;
   const float* bp = a.has_bias ? bias.data_ptr<float>() : nullptr;
-  if (dt == at::kHalf) launch<__half>(q, k, v, o, lse, bp, kp, a, int(B));
+  if (q.scalar_type() == at::kHalf) launch<__half>(q, k, v, o, lse, bp, kp, a, int(B));
   else launch<__nv_bfloat16>(q, k, v, o, lse, bp, kp, a, int(B));
   return {o, lse};
 }

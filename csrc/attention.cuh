@@ -69,5 +69,70 @@ __device__ __forceinline__ int2 key_range(int m0, const uint8_t* kp, const AttnA
 }
 
 
+// ---- host side ----
+
+inline bool aligned8(const at::Tensor& t) {
+  return aligned16(t.data_ptr()) && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+}
+
+// The checks of q, k, v (and out, for the backward) the kernels rely on, and their arguments: strides, sizes,
+// the mask flags; `bias` becomes the bias as fp32 broadcast to (B, Hq, Lq, Lk) by zero strides (converted
+// once, before broadcasting: nothing expanded), `kpm` the padding mask with a unit last stride.
+inline AttnArgs make_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& out, const std::optional<at::Tensor>& attn_bias,
+                          const std::optional<at::Tensor>& key_padding_mask, bool causal, int64_t prefix_len,
+                          double scale, at::Tensor& bias, at::Tensor& kpm) {
+  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device() && out.device() == q.device(), op,
+              "q, k, v (and out) must be CUDA tensors on one device");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kHalf || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt &&
+                  out.scalar_type() == dt,
+              op, "q, k and v must all be float16 or all bfloat16 (float32 runs the Triton kernels), got ", dt);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && out.sizes() == q.sizes(), op,
+              "q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D) expected");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv >= 1 && H % Hkv == 0, op, "shapes do not match: q ",
+              q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 128, op, "head dims that are multiples of 8 up to 128, got ", D);
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1, op,
+              "unit last strides expected");
+  TORCH_CHECK(aligned8(q) && aligned8(k) && aligned8(v) && aligned8(out), op,
+              "q, k and v need 16-byte aligned data and strides that are multiples of 8 elements");
+  TORCH_CHECK(at::cuda::getDeviceProperties(q.get_device())->major >= 8, op, "needs sm_80 or later");
+  TORCH_CHECK(B * H <= 65535 && Lq <= INT32_MAX - 2 * kBM && Lk <= INT32_MAX - 2 * kBN, op,
+              "B * Hq must be at most 65535 (the grid's y dimension), Lq and Lk below 2^31 - 128");
+  AttnArgs a;
+  a.sqb = q.stride(0); a.sqh = q.stride(1); a.sqm = q.stride(2);
+  a.skb = k.stride(0); a.skh = k.stride(1); a.skn = k.stride(2);
+  a.svb = v.stride(0); a.svh = v.stride(1); a.svn = v.stride(2);
+  a.sob = out.stride(0); a.soh = out.stride(1); a.som = out.stride(2);
+  a.H = int(H); a.group = int(H / Hkv); a.Lq = int(Lq); a.Lk = int(Lk);
+  a.prefix_len = int(std::min<int64_t>(std::max<int64_t>(prefix_len, 0), Lk));
+  a.head_dim = int(D);
+  a.qk_scale = float(scale) * kLog2e;
+  a.causal = causal;
+  a.sbb = a.sbh = a.sbm = a.sbn = 0;
+  a.skpb = 0;
+  if (attn_bias.has_value()) {
+    TORCH_CHECK(attn_bias->device() == q.device(), op, "attn_bias must be on q's device");
+    at::Tensor compact = *attn_bias;  // an already expanded bias: back to one element on its broadcast dims
+    for (int64_t d = 0; d < compact.dim(); ++d)
+      if (compact.stride(d) == 0 && compact.size(d) > 1) compact = compact.narrow(d, 0, 1);
+    bias = compact.to(at::kFloat).expand({B, H, Lq, Lk});
+    a.sbb = bias.stride(0); a.sbh = bias.stride(1); a.sbm = bias.stride(2); a.sbn = bias.stride(3);
+  }
+  a.has_bias = bias.defined();
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.device() == q.device() && m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B &&
+                    m.size(1) == Lk,
+                op, "key_padding_mask must be a (B, Lk) bool tensor on q's device");
+    kpm = m.stride(1) == 1 ? m : m.contiguous();
+    a.skpb = kpm.stride(0);
+  }
+  a.has_kpm = kpm.defined();
+  return a;
+}
+
 }  // namespace attn
 }  // namespace dlcv_fast

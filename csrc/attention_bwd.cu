@@ -381,10 +381,6 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   else launch_dp<T, 128>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
 }
 
-bool aligned8(const at::Tensor& t) {
-  return aligned16(t.data_ptr()) && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
-}
-
 at::Tensor like_kernel(const at::Tensor& t) {  // a (B, L, H, D) buffer viewed as (B, H, L, D)
   return at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()).transpose(1, 2);
 }
@@ -396,72 +392,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& key_padding_mask,
     bool causal, int64_t prefix_len, double scale, bool bias_grad) {
   constexpr const char* kOp = "dlcv_fast_cuda::attention_bwd: ";
-  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device() && out.device() == q.device() &&
-                  dout_in.device() == q.device() && lse.device() == q.device(),
-              kOp, "all tensors must be CUDA tensors on one device");
-  const auto dt = q.scalar_type();
-  TORCH_CHECK((dt == at::kHalf || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt &&
-                  out.scalar_type() == dt && dout_in.scalar_type() == dt,
-              kOp, "q, k, v, out and dout must all be float16 or all bfloat16, got ", dt);
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && out.sizes() == q.sizes() &&
+  BwdArgs args;
+  at::Tensor bias, kpm;
+  args.f = make_args(kOp, q, k, v, out, attn_bias, key_padding_mask, causal, prefix_len, scale, bias, kpm);
+  const AttnArgs& a = args.f;
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2);
+  TORCH_CHECK(dout_in.device() == q.device() && dout_in.scalar_type() == q.scalar_type() &&
                   dout_in.sizes() == q.sizes(),
-              kOp, "q/out/dout (B, Hq, Lq, D) and k/v (B, Hkv, Lk, D) expected");
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Hkv = k.size(1), Lk = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv >= 1 && H % Hkv == 0, kOp, "shapes do not match");
-  TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 128, kOp, "head dims that are multiples of 8 up to 128, got ", D);
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1, kOp,
-              "unit last strides expected");
-  TORCH_CHECK(aligned8(q) && aligned8(k) && aligned8(v) && aligned8(out), kOp,
-              "q, k, v and out need 16-byte aligned data and strides that are multiples of 8 elements");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == B &&
-                  lse.size(1) == H && lse.size(2) == Lq,
+              kOp, "dout must match q's shape, dtype and device");
+  TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Lq,
               kOp, "lse must be the forward's contiguous (B, Hq, Lq) float32 log-sum-exp");
-  TORCH_CHECK(at::cuda::getDeviceProperties(q.get_device())->major >= 8, kOp, "needs sm_80 or later");
-  TORCH_CHECK(B * H <= 65535 && Lq <= INT32_MAX - 2 * kBM && Lk <= INT32_MAX - 2 * kBN, kOp,
-              "B * Hq must be at most 65535 (the grid's y dimension), Lq and Lk below 2^31 - 128");
   auto dq = like_kernel(q), dk = like_kernel(k), dv = like_kernel(v);
   auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor ds = bias_grad && attn_bias.has_value() ? at::zeros({B, H, Lq, Lk}, f32) : at::empty({0}, f32);
+  args.bias_grad = bias_grad && a.has_bias;
+  at::Tensor ds = args.bias_grad ? at::zeros({B, H, Lq, Lk}, f32) : at::empty({0}, f32);
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_(); dk.zero_(); dv.zero_();
     return {dq, dk, dv, ds};
   }
   c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor dout = dout_in.stride(3) == 1 && aligned8(dout_in) ? dout_in : dout_in.contiguous();
-
-  BwdArgs args;
-  AttnArgs& a = args.f;
-  a.sqb = q.stride(0); a.sqh = q.stride(1); a.sqm = q.stride(2);
-  a.skb = k.stride(0); a.skh = k.stride(1); a.skn = k.stride(2);
-  a.svb = v.stride(0); a.svh = v.stride(1); a.svn = v.stride(2);
-  a.sob = out.stride(0); a.soh = out.stride(1); a.som = out.stride(2);
-  a.H = int(H); a.group = int(H / Hkv); a.Lq = int(Lq); a.Lk = int(Lk);
-  a.prefix_len = int(std::min<int64_t>(std::max<int64_t>(prefix_len, 0), Lk));
-  a.head_dim = int(D);
-  a.qk_scale = float(scale) * kLog2e;
-  a.causal = causal;
-  a.sbb = a.sbh = a.sbm = a.sbn = 0;
-  a.skpb = 0;
+  // A fresh buffer when dO's layout does not allow 16-byte loads (.contiguous() would keep a misaligned start).
+  const at::Tensor dout = aligned8(dout_in) ? dout_in : dout_in.clone(at::MemoryFormat::Contiguous);
   args.sdb = dout.stride(0); args.sdh = dout.stride(1); args.sdm = dout.stride(2);
   args.sgqb = dq.stride(0); args.sgqh = dq.stride(1); args.sgqm = dq.stride(2);
   args.sgkb = dk.stride(0); args.sgkh = dk.stride(1); args.sgkn = dk.stride(2);
   args.sm_scale = float(scale);
-  at::Tensor bias, kpm;
-  if (attn_bias.has_value()) {
-    bias = *attn_bias;
-    bias = bias.to(at::kFloat).expand({B, H, Lq, Lk});
-    a.sbb = bias.stride(0); a.sbh = bias.stride(1); a.sbm = bias.stride(2); a.sbn = bias.stride(3);
-  }
-  a.has_bias = bias.defined();
-  args.bias_grad = bias_grad && a.has_bias;
-  if (key_padding_mask.has_value()) {
-    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
-                    key_padding_mask->size(0) == B && key_padding_mask->size(1) == Lk,
-                kOp, "key_padding_mask must be a (B, Lk) bool tensor");
-    kpm = key_padding_mask->stride(1) == 1 ? *key_padding_mask : key_padding_mask->contiguous();
-    a.skpb = kpm.stride(0);
-  }
-  a.has_kpm = kpm.defined();
 
   auto delta = at::empty({B, H, Lq}, f32), lse2 = at::empty({B, H, Lq}, f32);
   const int64_t rows = B * H * Lq;
@@ -476,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
       delta.data_ptr<float>(), lse2.data_ptr<float>(), args, rows);                                               \
   C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                                 \
   launch<T>(q, k, v, dout, lse2, delta, dq, dk, dv, dsp, bp, kp, args, int(B));
-  if (dt == at::kHalf) {
+  if (q.scalar_type() == at::kHalf) {
     DLCV_ATTN_BWD(__half)
   } else {
     DLCV_ATTN_BWD(__nv_bfloat16)

@@ -63,6 +63,55 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Where window token t (window-local index) of window `win` lives: inside = 1 for a real token, 0 for padding,
+// -1 past the window (t >= Wh * Ww); y, x its place in the unshifted map; f its folded window coordinates for
+// the bias table; reg its shifted-window region id (as _tokens in kernels/window_attention.py).
+struct Token {
+  int inside, y, x, f, reg;
+};
+
+__device__ __forceinline__ Token window_token(int t, int win, const WinArgs& a) {
+  Token k{-1, 0, 0, 0, 0};
+  if (t < a.win_h * a.win_w) {
+    const int ty = t / a.win_w, tx = t - ty * a.win_w;
+    const int r = (win / a.n_win_w) * a.win_h + ty;  // coordinates in the shifted, padded map
+    const int c = (win % a.n_win_w) * a.win_w + tx;
+    k.inside = (r < a.H && c < a.W) ? 1 : 0;
+    k.y = (r + a.roll_h) % a.H;
+    k.x = (c + a.roll_w) % a.W;
+    k.f = ty * (2 * a.win_w - 1) + tx;
+    k.reg = ((r >= a.cut_h0) + (r >= a.cut_h1)) * 3 + (c >= a.cut_w0) + (c >= a.cut_w1);
+  }
+  return k;
+}
+
+// One window's q, k, v (parts 0-2, from the image's qkv) and, with PARTS = 4, dO (part 3, from the image's
+// dout) for head h, into (64, DP + 8) shared tiles: padding tokens get q/k/v = qkv_bias and dO = 0, tokens past
+// the window and channels past the head dim 0. t_off / t_doff: the tokens' in-image offsets in qkv / dout.
+template <typename T, int DP, int V, int PARTS>
+__device__ __forceinline__ void load_window(const T* qkv_img, const T* dout_img, const float* qkv_bias,
+                                            const int* t_in, const int* t_off, const int* t_doff, T* sq, T* sk,
+                                            T* sv, T* sdo, int h, const WinArgs& a) {
+  constexpr int kLdQ = DP + 8, kChunks = DP / V;
+  const int D = a.head_dim;
+  for (int i = threadIdx.x; i < PARTS * kTile * kChunks; i += kThreads) {
+    const int part = i / (kTile * kChunks);
+    const int rem = i - part * (kTile * kChunks);
+    const int t = rem / kChunks;
+    const int d0 = (rem - t * kChunks) * V;  // V = 8 only when D % 8 == 0: a chunk is all in or all out
+    const int inside = t_in[t];
+    float v[V];
+    if (inside == 1 && d0 < D) {
+      load_floats<V>(part < 3 ? qkv_img + t_off[t] + part * a.C + h * D + d0 : dout_img + t_doff[t] + h * D + d0, v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        v[j] = (part < 3 && inside == 0 && a.has_bias && d0 + j < D) ? qkv_bias[part * a.C + h * D + d0 + j] : 0.f;
+    }
+    store_floats<V>((part == 0 ? sq : part == 1 ? sk : part == 2 ? sv : sdo) + t * kLdQ + d0, v);
+  }
+}
+
 // T: __half or __nv_bfloat16. DP: head dim padded to 16, 32 or 64. V: elements per qkv load (8 or 1).
 template <typename T, int DP, int V>
 __global__ void __launch_bounds__(kThreads)
@@ -89,23 +138,12 @@ __global__ void __launch_bounds__(kThreads)
 
   // 1. Token geometry, and the head's bias column.
   if (tid < kTile) {
-    int inside = -1, off = 0, pix = 0, f = 0, reg = 0;
-    if (tid < n_tok) {
-      const int ty = tid / a.win_w, tx = tid - ty * a.win_w;
-      const int r = (win / a.n_win_w) * a.win_h + ty;  // coordinates in the shifted, padded map
-      const int c = (win % a.n_win_w) * a.win_w + tx;
-      inside = (r < a.H && c < a.W) ? 1 : 0;
-      const int y = (r + a.roll_h) % a.H, x = (c + a.roll_w) % a.W;
-      off = y * a.s_h + x * a.s_w;
-      pix = y * a.W + x;
-      f = ty * (2 * a.win_w - 1) + tx;
-      reg = ((r >= a.cut_h0) + (r >= a.cut_h1)) * 3 + (c >= a.cut_w0) + (c >= a.cut_w1);
-    }
-    t_in[tid] = inside;
-    t_off[tid] = off;
-    t_pix[tid] = pix;
-    t_f[tid] = f;
-    t_reg[tid] = reg;
+    const Token k = window_token(tid, win, a);
+    t_in[tid] = k.inside;
+    t_off[tid] = k.y * a.s_h + k.x * a.s_w;
+    t_pix[tid] = k.y * a.W + k.x;
+    t_f[tid] = k.f;
+    t_reg[tid] = k.reg;
   }
   if (a.has_table) {
     const int n_t = (2 * a.win_h - 1) * (2 * a.win_w - 1);
@@ -114,25 +152,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();  // the token geometry is read by every thread below
 
   // 2. q, k, v of the window for this head.
-  const T* img = qkv + b * a.s_b + h * D;
-  constexpr int kChunks = DP / V;
-  for (int i = tid; i < 3 * kTile * kChunks; i += kThreads) {
-    const int part = i / (kTile * kChunks);
-    const int rem = i - part * (kTile * kChunks);
-    const int t = rem / kChunks;
-    const int d0 = (rem - t * kChunks) * V;
-    const int inside = t_in[t];
-    float v[V];
-    if (inside == 1 && d0 < D) {
-      load_floats<V>(img + t_off[t] + part * a.C + d0, v);  // V = 8 only when D % 8 == 0
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-        v[j] = (inside == 0 && a.has_bias && d0 + j < D) ? qkv_bias[part * a.C + h * D + d0 + j] : 0.f;
-    }
-    T* dst = (part == 0 ? sq : part == 1 ? sk : sv) + t * kLdQ + d0;
-    store_floats<V>(dst, v);
-  }
+  load_window<T, DP, V, 3>(qkv + b * a.s_b, nullptr, qkv_bias, t_in, t_off, nullptr, sq, sk, sv, nullptr, h, a);
   __syncthreads();
 
   // 3. Each warp: its 16 query rows.
@@ -296,32 +316,6 @@ struct BwdSmem {  // byte offsets into the dynamic shared memory
   static constexpr int bytes = bias + 4 * 2 * DP * 4;        // 54-92 KB: within the 99 KB of sm_86/89/120
 };
 
-// Loads one window's q, k, v (from qkv) and dO (from dout) for head h. Padding tokens: q/k/v = qkv_bias, dO = 0.
-template <typename T, int DP, int V>
-__device__ __forceinline__ void load_window(const T* qkv_img, const T* dout_img, const float* qkv_bias,
-                                            const int* t_in, const int* t_off, const int* t_doff, T* sq, T* sk,
-                                            T* sv, T* sdo, int h, const WinArgs& a) {
-  constexpr int kLdQ = DP + 8, kChunks = DP / V;
-  const int D = a.head_dim;
-  for (int i = threadIdx.x; i < 4 * kTile * kChunks; i += kThreads) {
-    const int part = i / (kTile * kChunks);
-    const int rem = i - part * (kTile * kChunks);
-    const int t = rem / kChunks;
-    const int d0 = (rem - t * kChunks) * V;
-    const int inside = t_in[t];
-    float v[V];
-    if (inside == 1 && d0 < D) {
-      load_floats<V>(part < 3 ? qkv_img + t_off[t] + part * a.C + h * D + d0 : dout_img + t_doff[t] + h * D + d0, v);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-        v[j] = (part < 3 && inside == 0 && a.has_bias && d0 + j < D) ? qkv_bias[part * a.C + h * D + d0 + j] : 0.f;
-    }
-    T* dst = (part == 0 ? sq : part == 1 ? sk : part == 2 ? sv : sdo) + t * kLdQ + d0;
-    store_floats<V>(dst, v);
-  }
-}
-
 // acc (16 x 16j) fragments -> the warp's staging rows -> fn(row r, channel d, value) for each row and channel.
 template <int DP, typename Frag, typename Fn>
 __device__ __forceinline__ void stage_rows(Frag (&acc)[DP / 16], float* stg, int D, Fn fn) {
@@ -383,25 +377,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t img_pix = b * int64_t(a.H) * a.W;
     __syncthreads();  // the previous window's last reads of the shared tiles and token arrays are done
     if (tid < kTile) {
-      int inside = -1, off = 0, doff = 0, pix = 0, f = 0, reg = 0;
-      float lse2 = INFINITY;  // P = 0 at padding queries and past the window
-      if (tid < n_tok) {
-        const int ty = tid / a.win_w, tx = tid - ty * a.win_w;
-        const int r = (win / a.n_win_w) * a.win_h + ty, c = (win % a.n_win_w) * a.win_w + tx;
-        inside = (r < a.H && c < a.W) ? 1 : 0;
-        const int y = (r + a.roll_h) % a.H, x = (c + a.roll_w) % a.W;
-        off = y * a.s_h + x * a.s_w;
-        doff = y * args.d_h + x * args.d_w;
-        pix = y * a.W + x;
-        f = ty * (2 * a.win_w - 1) + tx;
-        reg = ((r >= a.cut_h0) + (r >= a.cut_h1)) * 3 + (c >= a.cut_w0) + (c >= a.cut_w1);
-        if (inside) lse2 = lse[(img_pix + pix) * a.heads + h] * kLog2e;
-      }
-      t_in[tid] = inside; t_off[tid] = off; t_doff[tid] = doff; t_pix[tid] = pix; t_f[tid] = f; t_reg[tid] = reg;
-      t_lse2[tid] = lse2;
+      const Token k = window_token(tid, win, a);
+      t_in[tid] = k.inside;
+      t_off[tid] = k.y * a.s_h + k.x * a.s_w;
+      t_doff[tid] = k.y * args.d_h + k.x * args.d_w;
+      t_pix[tid] = k.y * a.W + k.x;
+      t_f[tid] = k.f;
+      t_reg[tid] = k.reg;
+      // lse in log2 units; +inf (P = 0) at padding queries and past the window
+      t_lse2[tid] = k.inside == 1 ? lse[(img_pix + t_pix[tid]) * a.heads + h] * kLog2e : INFINITY;
     }
     __syncthreads();
-    load_window<T, DP, V>(qkv + b * a.s_b, dout + b * args.d_b, qkv_bias, t_in, t_off, t_doff, sq, sk, sv, sdo, h, a);
+    load_window<T, DP, V, 4>(qkv + b * a.s_b, dout + b * args.d_b, qkv_bias, t_in, t_off, t_doff, sq, sk, sv, sdo, h,
+                             a);
     __syncthreads();
 
     const int row0 = warp * 16;

@@ -96,6 +96,13 @@ def check_attention_inputs(q, k, v, *, key_padding_mask=None, attn_bias=None, pr
 # The scope of the CUDA kernels (csrc/attention.cu, csrc/attention_bwd.cu).
 CUDA_MAX_HEAD_DIM = 128
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_BWD_SMEM_D128 = (2 * 64 + 4 * 64) * 136 * 2  # the dQ kernel's shared memory at padded head dim 128 (bytes)
+
+
+def _smem_optin(device):
+    """Shared memory a block may opt into (bytes); unknown (no such property): no limit here, the kernel's launch
+    checks it."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 1 << 30)
 
 
 def _check_cuda_support(q, k, v):
@@ -112,6 +119,9 @@ def _check_cuda_support(q, k, v):
                             f"got strides {t.stride()})")
     if q.shape[0] * q.shape[1] > 65535:
         problems.append(f"B * Hq = {q.shape[0] * q.shape[1]} (at most 65535)")
+    if q.is_cuda and D > 96 and _smem_optin(q.device) < CUDA_BWD_SMEM_D128:
+        problems.append(f"head dim {D} on a GPU with {_smem_optin(q.device)} bytes of shared memory per block (the "
+                        f"backward's dQ kernel needs {CUDA_BWD_SMEM_D128} above head dim 96: sm_80 / sm_90 class)")
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 8:
         problems.append("a GPU before sm_80")
     if problems:
