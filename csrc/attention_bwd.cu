@@ -412,8 +412,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     return {dq, dk, dv, ds};
   }
   c10::cuda::CUDAGuard guard(q.device());
-  // A fresh buffer when dO's layout does not allow 16-byte loads (.contiguous() would keep a misaligned start).
-  const at::Tensor dout = aligned8(dout_in) ? dout_in : dout_in.clone(at::MemoryFormat::Contiguous);
+  // A fresh buffer when dO's layout does not allow 16-byte loads (e.g. the all-zero strides of out.sum()'s
+  // gradient; .contiguous() would keep a misaligned start).
+  const at::Tensor dout =
+      dout_in.stride(3) == 1 && aligned8(dout_in) ? dout_in : dout_in.clone(at::MemoryFormat::Contiguous);
   args.sdb = dout.stride(0); args.sdh = dout.stride(1); args.sdm = dout.stride(2);
   args.sgqb = dq.stride(0); args.sgqh = dq.stride(1); args.sgqm = dq.stride(2);
   args.sgkb = dk.stride(0); args.sgkh = dk.stride(1); args.sgkn = dk.stride(2);

@@ -362,6 +362,22 @@ def test_gpu_attention_backward_matches_triton_and_is_deterministic(kind):
 
 
 @pytest.mark.gpu
+def test_gpu_attention_backward_of_odd_output_gradients():
+    """dO with all-zero strides (out.sum()), a transposed dO and one at an odd offset reach the kernels re-laid out."""
+    q, k, v = (t.requires_grad_() for t in attn_tests.make_inputs(2, 4, 4, 77, 77, 64, torch.float16, "cuda"))
+    base = torch.randn(2 * 4 * 77 * 64 + 3, device="cuda", dtype=torch.float16)
+    odd = base[3:].view(2, 4, 77, 64)
+    dos = [None, torch.randn(2, 4, 64, 77, device="cuda", dtype=torch.float16).transpose(2, 3), odd]
+    for do in dos:
+        grads = []
+        for backend in ("cuda", "triton"):
+            out = dlcv_fast.attention(q, k, v, causal=True, backend=backend)
+            grads.append(torch.autograd.grad(out.sum() if do is None else out, (q, k, v), do))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-2)
+
+
+@pytest.mark.gpu
 def test_gpu_attention_fused_qkv_view_and_rope():
     B, N, H, D = 2, 197, 6, 64
     qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.bfloat16)
