@@ -115,7 +115,8 @@ inline AttnArgs make_args(const char* op, const at::Tensor& q, const at::Tensor&
   a.skpb = 0;
   if (attn_bias.has_value()) {
     TORCH_CHECK(attn_bias->device() == q.device(), op, "attn_bias must be on q's device");
-    at::Tensor compact = *attn_bias;  // an already expanded bias: back to one element on its broadcast dims
+    // expand() checks the shape; then an already expanded bias goes back to one element on its broadcast dims
+    at::Tensor compact = attn_bias->expand({B, H, Lq, Lk});
     for (int64_t d = 0; d < compact.dim(); ++d)
       if (compact.stride(d) == 0 && compact.size(d) > 1) compact = compact.narrow(d, 0, 1);
     bias = compact.to(at::kFloat).expand({B, H, Lq, Lk});
