@@ -224,8 +224,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& attn_bias,
                                                       const std::optional<at::Tensor>& key_padding_mask, bool causal,
                                                       int64_t prefix_len, double scale) {
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "dlcv_fast_cuda::attention_fwd: 4-D q, k, v expected");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
   auto o = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);
   auto lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
   at::Tensor bias, kpm;

@@ -97,7 +97,7 @@ inline AttnArgs make_args(const char* op, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1, op,
               "unit last strides expected");
   TORCH_CHECK(aligned8(q) && aligned8(k) && aligned8(v) && aligned8(out), op,
-              "q, k and v need 16-byte aligned data and strides that are multiples of 8 elements");
+              "q, k, v (and out) need 16-byte aligned data and strides that are multiples of 8 elements");
   TORCH_CHECK(at::cuda::getDeviceProperties(q.get_device())->major >= 8, op, "needs sm_80 or later");
   TORCH_CHECK(B * H <= 65535 && Lq <= INT32_MAX - 2 * kBM && Lk <= INT32_MAX - 2 * kBN, op,
               "B * Hq must be at most 65535 (the grid's y dimension), Lq and Lk below 2^31 - 128");
