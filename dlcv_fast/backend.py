@@ -7,7 +7,8 @@ tensors, except that with ``TRITON_INTERPRET=1`` CPU tensors also go through the
 asks for the hand-written CUDA kernels of ``csrc/`` (the extension ``dlcv_fast._C``): ops listed in
 :data:`CUDA_OPS` run them, on CUDA tensors, where the extension was built, and raise for an input outside a
 kernel's scope; ops with no CUDA kernel at all (layer_norm, linear_act) run as under "auto", so that a whole
-model can run under ``use_backend("cuda")``. "auto" does not pick the CUDA kernels yet: the choice per shape waits for a GPU benchmark run that times them against the Triton
+model can run under ``use_backend("cuda")``. "auto" takes an op's CUDA kernel only where :data:`AUTO_CUDA` says
+so (and the call is in the kernel's scope, else Triton); no entry is on yet: the choice per shape waits for a GPU benchmark run that times them against the Triton
 kernels (benchmarks/, issue 3).
 """
 from __future__ import annotations
@@ -32,6 +33,13 @@ CUDA_OPS = {
 # dynamo in torch 2.11 (a graph break on every op), and a thread-local attribute is read without a guard
 # there (a compiled model would keep the backend it was traced with).
 _current = "auto"
+
+
+# Ops for which "auto" runs the CUDA kernel instead of the Triton one, on CUDA tensors, where dlcv_fast._C is built and
+# the call is in the kernel's scope (otherwise Triton, silently: both are exact implementations of the op). All off
+# until a GPU run times the CUDA kernels: flip an op's entry where its benchmark rows show "dlcv_fast.cuda" faster
+# than "dlcv_fast" (benchmarks/gpu_followup.sh prints both).
+AUTO_CUDA = {"attention": False, "window_attention": False, "rope": False}
 
 
 def _check(name: str) -> str:
@@ -83,6 +91,22 @@ def cuda_op(name: str):
     return getattr(torch.ops.dlcv_fast_cuda, name)
 
 
+def resolve_in_scope(device, backend: str | None, op: str, problems) -> str:
+    """:func:`resolve`, then for "cuda" the kernel's scope: ``problems()`` lists what of the call the CUDA kernel
+    does not cover. Asked for explicitly ("cuda"), a call outside the scope raises NotImplementedError naming it;
+    reached through "auto" (:data:`AUTO_CUDA`), it runs the Triton kernels instead."""
+    name = resolve(device, backend, op)
+    if name != "cuda":
+        return name
+    found = problems()
+    if not found:
+        return "cuda"
+    if (backend if backend is not None else _current) == "auto":
+        return "triton"
+    raise NotImplementedError(f"backend 'cuda': the CUDA {op.replace('_', ' ')} kernel does not cover "
+                              + "; ".join(found) + ". Use backend 'triton' or 'auto'")
+
+
 def resolve(device, backend: str | None = None, op: str | None = None) -> str:
     """Pick the concrete backend ("triton", "cuda" or "torch") for tensors on ``device``.
 
@@ -92,6 +116,8 @@ def resolve(device, backend: str | None = None, op: str | None = None) -> str:
     name = _check(backend) if backend is not None else _current
     is_cuda = getattr(device, "type", device) == "cuda"
     if name == "auto":
+        if is_cuda and AUTO_CUDA.get(op, False) and cuda_extension() is not None:
+            return "cuda"
         return "triton" if (is_cuda or interpreting()) else "torch"
     if name == "triton" and not (is_cuda or interpreting()):
         raise RuntimeError(

@@ -105,8 +105,8 @@ def _smem_optin(device):
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 1 << 30)
 
 
-def _check_cuda_support(q, k, v):
-    """Raise NotImplementedError, naming the limit, for a call the CUDA kernels do not cover."""
+def _cuda_problems(q, k, v):
+    """What of this call the CUDA kernels do not cover (an empty list: all of it)."""
     D = q.shape[-1]
     problems = []
     if q.dtype not in CUDA_DTYPES:
@@ -124,9 +124,7 @@ def _check_cuda_support(q, k, v):
                         f"backward's dQ kernel needs {CUDA_BWD_SMEM_D128} above head dim 96: sm_80 / sm_90 class)")
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 8:
         problems.append("a GPU before sm_80")
-    if problems:
-        raise NotImplementedError("backend 'cuda': the CUDA attention kernel does not cover "
-                                  + "; ".join(problems) + ". Use backend 'triton' or 'auto'")
+    return problems
 
 
 def _rotated_cuda(t, cos, sin):
@@ -180,12 +178,11 @@ def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Ten
     if B * H * Lq == 0 or Lk == 0:
         # Nothing to attend to: every row is fully masked, so out = 0 and lse = -inf (documented).
         return _like_kernel(q).zero_(), torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
-    name = _backend.resolve(q.device, backend, "attention")
+    name = _backend.resolve_in_scope(q.device, backend, "attention", lambda: _cuda_problems(q, k, v))
     rope = None if cos is None else (cos, sin)
     if name == "torch":
         return _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope)
     if name == "cuda":
-        _check_cuda_support(q, k, v)
         if rope is not None:  # one rotation pass each over q and k, as the Triton route does
             q, k = _rotated_cuda(q, cos, sin), _rotated_cuda(k, cos, sin)
         return _backend.cuda_op("attention_fwd")(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale)
@@ -210,11 +207,10 @@ def _attention_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, 
     if B * H * Lq == 0 or Lk == 0:
         ds = q.new_zeros((B, H, Lq, Lk), dtype=torch.float32) if bias_grad else _empty_ds(q)
         return _like_kernel(q).zero_(), _like_kernel(k).zero_(), _like_kernel(v).zero_(), ds
-    name = _backend.resolve(q.device, backend, "attention")
+    name = _backend.resolve_in_scope(q.device, backend, "attention", lambda: _cuda_problems(q, k, v))
     if name == "torch":
         dq, dk, dv, ds = _bwd_torch(do, q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad)
     elif name == "cuda":
-        _check_cuda_support(q, k, v)
         dq, dk, dv, ds = _backend.cuda_op("attention_bwd")(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal,
                                                             prefix_len, scale, bias_grad)
         ds = ds if bias_grad else None
@@ -320,9 +316,8 @@ def attention_with_lse(q, k, v, *, causal=False, key_padding_mask=None, attn_bia
     q, k, v = _autocast(q, k, v)
     check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, attn_bias=attn_bias, prefix_len=prefix_len,
                            scale=scale)
-    if (backend is not None and _backend.resolve(q.device, backend, "attention") == "cuda"
-            and not torch.compiler.is_compiling()):  # dynamo cannot read data pointers; the op checks again
-        _check_cuda_support(q, k, v)  # validate early, with a clear message
+    if backend is not None and not torch.compiler.is_compiling():  # dynamo cannot read data pointers; the op checks
+        _backend.resolve_in_scope(q.device, backend, "attention", lambda: _cuda_problems(q, k, v))  # fail early
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if scale <= 0:
         # The kernels take the row max of the unscaled scores and fold a positive scale into the exponent; a zero

@@ -92,8 +92,8 @@ CUDA_MAX_HEAD_DIM = 64
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check_cuda_support(qkv, num_heads, window):
-    """Raise NotImplementedError, naming the limit, for a call the CUDA kernels do not cover."""
+def _cuda_problems(qkv, num_heads, window):
+    """What of this call the CUDA kernels do not cover (an empty list: all of it)."""
     head_dim = qkv.shape[-1] // (3 * num_heads)
     problems = []
     if qkv.dtype not in CUDA_DTYPES:
@@ -104,9 +104,7 @@ def _check_cuda_support(qkv, num_heads, window):
         problems.append(f"head dim {head_dim} (at most {CUDA_MAX_HEAD_DIM})")
     if qkv.is_cuda and torch.cuda.get_device_capability(qkv.device)[0] < 8:
         problems.append("a GPU before sm_80")
-    if problems:
-        raise NotImplementedError("backend 'cuda': the CUDA window attention kernel does not cover "
-                                  + "; ".join(problems) + ". Use backend 'triton' or 'auto'")
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,12 +130,12 @@ def _window_attention_fwd_impl(qkv: Tensor, table: Optional[Tensor], qkv_bias: O
     window, shift = (window_h, window_w), (shift_h, shift_w)
     if qkv.numel() == 0:
         return _empty_outputs(qkv, num_heads)
-    name = _backend.resolve(qkv.device, backend, "window_attention")
+    name = _backend.resolve_in_scope(qkv.device, backend, "window_attention",
+                                     lambda: _cuda_problems(qkv, num_heads, window))
     if name == "torch":
         out, lse = _ref(qkv, table, qkv_bias, num_heads, window, shift, scale)
         return out.contiguous(), lse.float().contiguous()
     if name == "cuda":
-        _check_cuda_support(qkv, num_heads, window)
         return _backend.cuda_op("window_attention_fwd")(qkv, table, qkv_bias, num_heads, *window, *shift, scale)
     from dlcv_fast.kernels import window_attention as kernels
 
@@ -168,7 +166,8 @@ def _window_attention_bwd_impl(dout: Tensor, qkv: Tensor, table: Optional[Tensor
         return (torch.zeros_like(qkv, memory_format=torch.contiguous_format),
                 torch.zeros_like(table) if table_grad else _empty(qkv),
                 torch.zeros_like(qkv_bias) if bias_grad else _empty(qkv))
-    name = _backend.resolve(qkv.device, backend, "window_attention")
+    name = _backend.resolve_in_scope(qkv.device, backend, "window_attention",
+                                     lambda: _cuda_problems(qkv, num_heads, window))
     if name == "torch":
         from dlcv_fast import reference
 
@@ -178,7 +177,6 @@ def _window_attention_bwd_impl(dout: Tensor, qkv: Tensor, table: Optional[Tensor
     elif name == "cuda":
         from dlcv_fast.kernels import window_attention as kernels
 
-        _check_cuda_support(qkv, num_heads, window)
         H, W, C = qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
         pad_bias_grad = bias_grad and (H % window[0] != 0 or W % window[1] != 0)
         dqkv, dtab, dbias = _backend.cuda_op("window_attention_bwd")(
@@ -276,8 +274,9 @@ def window_attention(qkv, *, num_heads, window_size, shift_size=0, rel_pos_bias_
     """
     window, shift = check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias_table, qkv_bias,
                                         scale)
-    if backend is not None and _backend.resolve(qkv.device, backend, "window_attention") == "cuda":
-        _check_cuda_support(qkv, num_heads, window)  # validate early, with a clear message
+    if backend is not None:  # validate early, with a clear message
+        _backend.resolve_in_scope(qkv.device, backend, "window_attention",
+                                  lambda: _cuda_problems(qkv, num_heads, window))
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim ** -0.5 if scale is None else float(scale)
     return _window_attention(qkv, rel_pos_bias_table, qkv_bias, num_heads, *window, *shift, scale,

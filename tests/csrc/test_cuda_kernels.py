@@ -5,6 +5,7 @@ nvcc and a CUDA build of torch are present, as on the CI machine). Parity runs o
 with tests/parity.py's rule against float64 references, and against the Triton kernels the same inputs give.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,8 +111,9 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
         _backend.resolve(torch.device("cuda"), "cuda", "rope")
 
 
-def test_auto_never_picks_cuda():
+def test_auto_never_picks_cuda_yet():
     """Until a GPU run times the CUDA kernels against the Triton ones, "auto" keeps the Triton kernels."""
+    assert not any(_backend.AUTO_CUDA.values())
     assert _backend.resolve(torch.device("cuda"), "auto", "rope") == "triton"
 
 
@@ -125,8 +127,9 @@ def test_window_attention_cuda_scope(change, match):
 
     args = dict(dtype=torch.float16, window=7, D=32) | change
     qkv = torch.empty(1, 14, 14, 3 * 2 * args["D"], dtype=args["dtype"])
-    with pytest.raises(NotImplementedError, match=match):
-        ops._check_cuda_support(qkv, 2, (args["window"],) * 2)
+    problems = ops._cuda_problems(qkv, 2, (args["window"],) * 2)
+    assert len(problems) == 1 and re.search(match, problems[0])
+    assert ops._cuda_problems(torch.empty(1, 14, 14, 3 * 2 * 32, dtype=torch.bfloat16), 2, (7, 7)) == []
 
 
 @pytest.mark.skipif(not TOOLCHAIN, reason="needs nvcc")
@@ -292,8 +295,40 @@ def test_attention_cuda_scope(change, match):
     buf = torch.empty(2 * 4 * 16 * args["D"] + 8, dtype=args["dtype"])
     q = buf[args["offset"]:args["offset"] + 2 * 4 * 16 * args["D"]].view(2, 4, 16, args["D"])
     k = v = torch.empty(2, 4, 16, args["D"], dtype=args["dtype"])
-    with pytest.raises(NotImplementedError, match=match):
-        ops._check_cuda_support(q, k, v)
+    problems = ops._cuda_problems(q, k, v)
+    assert any(re.search(match, p) for p in problems), problems
+    good = torch.empty(2, 4, 16, 64, dtype=torch.float16)
+    assert ops._cuda_problems(good, good, good) == []
+
+
+def test_scope_raises_when_asked_and_falls_back_under_auto(monkeypatch):
+    """Outside a CUDA kernel's scope: backend "cuda" raises NotImplementedError naming what is not covered; "auto"
+    with the op's AUTO_CUDA entry on runs the Triton kernels instead; in scope, both take the CUDA kernel."""
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
+    monkeypatch.setitem(_backend.AUTO_CUDA, "attention", True)
+    dev = torch.device("cuda")
+    with pytest.raises(NotImplementedError, match="the CUDA attention kernel does not cover head dim 160; too big"):
+        _backend.resolve_in_scope(dev, "cuda", "attention", lambda: ["head dim 160", "too big"])
+    assert _backend.resolve_in_scope(dev, "auto", "attention", lambda: ["head dim 160"]) == "triton"
+    assert _backend.resolve_in_scope(dev, "auto", "attention", lambda: []) == "cuda"
+    assert _backend.resolve_in_scope(dev, "cuda", "attention", lambda: []) == "cuda"
+    with _backend.use_backend("auto"):  # the context's choice counts as asked-for too
+        assert _backend.resolve_in_scope(dev, None, "attention", lambda: ["x"]) == "triton"
+    with _backend.use_backend("cuda"), pytest.raises(NotImplementedError):
+        _backend.resolve_in_scope(dev, None, "attention", lambda: ["x"])
+
+
+def test_auto_takes_cuda_only_where_switched_on_and_built(monkeypatch):
+    dev = torch.device("cuda")
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
+    assert _backend.resolve(dev, "auto", "window_attention") == "triton"  # off by default
+    monkeypatch.setitem(_backend.AUTO_CUDA, "window_attention", True)
+    assert _backend.resolve(dev, "auto", "window_attention") == "cuda"
+    cpu = torch.device("cpu")  # CPU tensors: as before (the reference, or the interpreter under TRITON_INTERPRET=1)
+    assert _backend.resolve(cpu, "auto", "window_attention") == _backend.resolve(cpu, "auto", "layer_norm")
+    assert _backend.resolve(dev, "auto", "layer_norm") == "triton"  # no CUDA kernel
+    monkeypatch.setattr(_backend, "cuda_extension", lambda: None)  # not built
+    assert _backend.resolve(dev, "auto", "window_attention") == "triton"
 
 
 # ------------------------------------------------------------------------------------------------
