@@ -38,7 +38,7 @@ _current = "auto"
 # Ops for which "auto" runs the CUDA kernel instead of the Triton one, on CUDA tensors, where dlcv_fast._C is built and
 # the call is in the kernel's scope (otherwise Triton, silently: both are exact implementations of the op). All off
 # until a GPU run times the CUDA kernels: flip an op's entry where its benchmark rows show "dlcv_fast.cuda" faster
-# than "dlcv_fast" (benchmarks/gpu_followup.sh prints both).
+# than "dlcv_fast" (the GPU check's `python -m benchmarks --quick` times both on the same inputs).
 AUTO_CUDA = {"attention": False, "window_attention": False, "rope": False}
 
 
