@@ -85,6 +85,17 @@ __device__ __forceinline__ Token window_token(int t, int win, const WinArgs& a) 
   return k;
 }
 
+// The score of query (fi: its folded coordinates plus the table row of offset (0, 0); ri: its region) and key
+// (fj, rj) in log2 units from the raw q.k: scaled, the head's relative position bias (stab, already times
+// log2(e)) added, and the -100 shifted-window mask where the regions differ.
+__device__ __forceinline__ float window_score(float raw, int fi, int ri, int fj, int rj, const float* stab,
+                                              const WinArgs& a) {
+  float v = raw * a.qk_scale;
+  if (a.has_table) v += stab[fi - fj];
+  if (a.shifted && ri != rj) v -= 100.f * kLog2e;
+  return v;
+}
+
 // One window's q, k, v (parts 0-2, from the image's qkv) and, with PARTS = 4, dO (part 3, from the image's
 // dout) for head h, into (64, DP + 8) shared tiles: padding tokens get q/k/v = qkv_bias and dO = 0, tokens past
 // the window and channels past the head dim 0. t_off / t_doff: the tokens' in-image offsets in qkv / dout.
@@ -197,10 +208,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int u = 0; u < 2; ++u) {
         const int j = lane + 32 * u;
         if (j < n_tok) {
-          float v = ss[i * kLdS + j] * a.qk_scale;
-          if (a.has_table) v += stab[fi - t_f[j]];
-          if (a.shifted && ri != t_reg[j]) v -= 100.f * kLog2e;
-          s[u] = v;
+          s[u] = window_score(ss[i * kLdS + j], fi, ri, t_f[j], t_reg[j], stab, a);
         }
       }
     }
@@ -437,9 +445,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int u = 0; u < 2; ++u) {
             const int j = lane + 32 * u;
             if (j < n_tok) {
-              float v = ss[i * kLdS + j] * a.qk_scale;
-              if (a.has_table) v += stab[fi - t_f[j]];
-              if (a.shifted && ri != t_reg[j]) v -= 100.f * kLog2e;
+              const float v = window_score(ss[i * kLdS + j], fi, ri, t_f[j], t_reg[j], stab, a);
               p[u] = exp2f(v - lse2);  // 0 where lse2 = +inf
               dp[u] = sdp[i * kLdS + j];
             }
