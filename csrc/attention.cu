@@ -55,8 +55,7 @@ __global__ void __launch_bounds__(kThreads)
 
   load_tile<T, DP>(sq, qb, a.sqm, m0, a.Lq, D);
   if (lo < hi) {
-    load_tile<T, DP>(sk, kb + int64_t(lo) * a.skn, a.skn, 0, a.Lk - lo, D);
-    load_tile<T, DP>(sv, vb + int64_t(lo) * a.svn, a.svn, 0, a.Lk - lo, D);
+    load_kv<T, DP>(sk, sv, kb, vb, lo, a);
   }
   cp_async_commit();
 
@@ -71,8 +70,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int n0 = lo; n0 < hi; n0 += kBN, stage ^= 1) {
     const bool more = n0 + kBN < hi;
     if (more) {  // prefetch the next block into the other stage
-      load_tile<T, DP>(sk + (stage ^ 1) * kBN * kLd, kb + int64_t(n0 + kBN) * a.skn, a.skn, 0, a.Lk - n0 - kBN, D);
-      load_tile<T, DP>(sv + (stage ^ 1) * kBN * kLd, vb + int64_t(n0 + kBN) * a.svn, a.svn, 0, a.Lk - n0 - kBN, D);
+      load_kv<T, DP>(sk + (stage ^ 1) * kBN * kLd, sv + (stage ^ 1) * kBN * kLd, kb, vb, n0 + kBN, a);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -212,10 +210,8 @@ void launch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
             const float* bias, const uint8_t* kpm, const AttnArgs& a, int B) {
-  if (a.head_dim <= 32) launch_dp<T, 32>(q, k, v, o, lse, bias, kpm, a, B);
-  else if (a.head_dim <= 64) launch_dp<T, 64>(q, k, v, o, lse, bias, kpm, a, B);
-  else if (a.head_dim <= 96) launch_dp<T, 96>(q, k, v, o, lse, bias, kpm, a, B);
-  else launch_dp<T, 128>(q, k, v, o, lse, bias, kpm, a, B);
+  with_padded_head_dim(a.head_dim,
+                       [&](auto dp) { launch_dp<T, decltype(dp)::value>(q, k, v, o, lse, bias, kpm, a, B); });
 }
 
 }  // namespace

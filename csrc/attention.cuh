@@ -4,6 +4,8 @@
 
 #include "mma.cuh"
 
+#include <type_traits>
+
 namespace dlcv_fast {
 namespace attn {
 
@@ -69,7 +71,24 @@ __device__ __forceinline__ int2 key_range(int m0, const uint8_t* kp, const AttnA
 }
 
 
+// K and V rows [n0, n0 + kBN) of one (batch, kv head) (kb, vb: its first key) into shared tiles sk, sv by cp.async
+// (zero fill past Lk and past the head dim); the caller commits the group.
+template <typename T, int DP>
+__device__ __forceinline__ void load_kv(T* sk, T* sv, const T* kb, const T* vb, int n0, const AttnArgs& a) {
+  mma::load_tile<T, DP>(sk, kb + int64_t(n0) * a.skn, a.skn, 0, a.Lk - n0, a.head_dim);
+  mma::load_tile<T, DP>(sv, vb + int64_t(n0) * a.svn, a.svn, 0, a.Lk - n0, a.head_dim);
+}
+
 // ---- host side ----
+
+// fn(std::integral_constant<int, DP>{}) for the head dim padded to the kernels' instances: 32, 64, 96 or 128.
+template <typename Fn>
+void with_padded_head_dim(int D, Fn&& fn) {
+  if (D <= 32) fn(std::integral_constant<int, 32>{});
+  else if (D <= 64) fn(std::integral_constant<int, 64>{});
+  else if (D <= 96) fn(std::integral_constant<int, 96>{});
+  else fn(std::integral_constant<int, 128>{});
+}
 
 inline bool aligned8(const at::Tensor& t) {
   return aligned16(t.data_ptr()) && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;

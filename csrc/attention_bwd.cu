@@ -10,9 +10,9 @@
 //          their P is 0 everywhere);
 //   dK/dV: one CTA per (64 keys, batch x kv head); each warp owns 16 keys and walks the queries that can see
 //          them (all the group's q heads: GQA sums in registers), in blocks of BQ (64, 32 or 16 queries as
-//          the head dim grows: bq()) double buffered by cp.async: S^T = K Q^T and dP^T = V dO^T (mma.sync), P^T = exp2(S^T - lse),
-//          dS^T = P^T (dP^T - delta), dV += P^T dO and dK += dS^T Q (P and dS from the score registers, Q and
-//          dO transposed by ldmatrix.trans);
+//          the head dim grows: bq()) double buffered by cp.async: S^T = K Q^T and dP^T = V dO^T (mma.sync),
+//          P^T = exp2(S^T - lse), dS^T = P^T (dP^T - delta), dV += P^T dO and dK += dS^T Q (P and dS from the
+//          score registers, Q and dO transposed by ldmatrix.trans);
 //   dQ:    one CTA per (64 queries, batch x head), the forward's key range and loop: S, P, dP = dO V^T, dS,
 //          dQ += dS K; it also stores dS when the bias needs a gradient (every (query, key) pair once).
 #include "attention.cuh"
@@ -75,7 +75,8 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], float 
   for (int i = lane; i < 16 * (DP / 8); i += 32) {
     const int r = i / (DP / 8), c = (i - r * (DP / 8)) * 8;
     if (row0 + r < n_rows && c < D)
-      *reinterpret_cast<uint4*>(dst + int64_t(row0 + r) * ld + c) = *reinterpret_cast<const uint4*>(stage + r * kLd + c);
+      *reinterpret_cast<uint4*>(dst + int64_t(row0 + r) * ld + c) =
+          *reinterpret_cast<const uint4*>(stage + r * kLd + c);
   }
 }
 
@@ -103,8 +104,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint8_t* kp = a.has_kpm ? kpm + b * a.skpb : nullptr;
   const int key_a = n0 + warp * 16 + g, key_b = key_a + 8;  // this thread's two keys
 
-  load_tile<T, DP>(sk, k + b * a.skb + hk * a.skh + int64_t(n0) * a.skn, a.skn, 0, a.Lk - n0, D);
-  load_tile<T, DP>(sv, v + b * a.svb + hk * a.svh + int64_t(n0) * a.svn, a.svn, 0, a.Lk - n0, D);
+  load_kv<T, DP>(sk, sv, k + b * a.skb + hk * a.skh, v + b * a.svb + hk * a.svh, n0, a);
   cp_async_commit();
 
   // Queries that can see some key of this block: all, or (causal, past the prefix) those from n0 on.
@@ -254,8 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
   load_tile<T, DP>(sq, q + b * a.sqb + h * a.sqh, a.sqm, m0, a.Lq, D);
   load_tile<T, DP>(sdo, dout + b * args.sdb + h * args.sdh, args.sdm, m0, a.Lq, D);
   if (lo < hi) {
-    load_tile<T, DP>(sk, kb + int64_t(lo) * a.skn, a.skn, 0, a.Lk - lo, D);
-    load_tile<T, DP>(sv, vb + int64_t(lo) * a.svn, a.svn, 0, a.Lk - lo, D);
+    load_kv<T, DP>(sk, sv, kb, vb, lo, a);
   }
   cp_async_commit();
 
@@ -266,8 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
   int stage = 0;
   for (int n0 = lo; n0 < hi; n0 += kBN, stage ^= 1) {
     if (n0 + kBN < hi) {
-      load_tile<T, DP>(sk + (stage ^ 1) * kBN * kLd, kb + int64_t(n0 + kBN) * a.skn, a.skn, 0, a.Lk - n0 - kBN, D);
-      load_tile<T, DP>(sv + (stage ^ 1) * kBN * kLd, vb + int64_t(n0 + kBN) * a.svn, a.svn, 0, a.Lk - n0 - kBN, D);
+      load_kv<T, DP>(sk + (stage ^ 1) * kBN * kLd, sv + (stage ^ 1) * kBN * kLd, kb, vb, n0 + kBN, a);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -374,11 +372,9 @@ template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
             const at::Tensor& lse2, const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
             const at::Tensor& dv, float* ds, const float* bias, const uint8_t* kpm, const BwdArgs& args, int B) {
-  const int D = args.f.head_dim;
-  if (D <= 32) launch_dp<T, 32>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
-  else if (D <= 64) launch_dp<T, 64>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
-  else if (D <= 96) launch_dp<T, 96>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
-  else launch_dp<T, 128>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
+  with_padded_head_dim(args.f.head_dim, [&](auto dp) {
+    launch_dp<T, decltype(dp)::value>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
+  });
 }
 
 at::Tensor like_kernel(const at::Tensor& t) {  // a (B, L, H, D) buffer viewed as (B, H, L, D)
@@ -389,8 +385,8 @@ at::Tensor like_kernel(const at::Tensor& t) {  // a (B, L, H, D) buffer viewed a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal, int64_t prefix_len, double scale, bool bias_grad) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, int64_t prefix_len, double scale, bool bias_grad) {
   constexpr const char* kOp = "dlcv_fast_cuda::attention_bwd: ";
   BwdArgs args;
   at::Tensor bias, kpm;

@@ -8,8 +8,8 @@ asks for the hand-written CUDA kernels of ``csrc/`` (the extension ``dlcv_fast._
 :data:`CUDA_OPS` run them, on CUDA tensors, where the extension was built, and raise for an input outside a
 kernel's scope; ops with no CUDA kernel at all (layer_norm, linear_act) run as under "auto", so that a whole
 model can run under ``use_backend("cuda")``. "auto" takes an op's CUDA kernel only where :data:`AUTO_CUDA` says
-so (and the call is in the kernel's scope, else Triton); no entry is on yet: the choice per shape waits for a GPU benchmark run that times them against the Triton
-kernels (benchmarks/, issue 3).
+so (and the call is in the kernel's scope, else Triton); no entry is on until a GPU benchmark run times the CUDA
+kernels against the Triton ones (benchmarks/, issue 3).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import contextlib
 import os
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
-# Ops with a hand-written CUDA kernel (csrc/), and what of each it covers; the rest of such an op, and every
-# other op, raises under backend "cuda".
+# Ops with a hand-written CUDA kernel (csrc/), and what of each it covers. Under backend "cuda" a call outside that
+# raises NotImplementedError (resolve_in_scope); ops not listed here run as under "auto".
 CUDA_OPS = {
     "attention": "forward and backward for fp16/bf16, head dims that are multiples of 8 up to 128, 16-byte aligned "
                  "layouts, sm_80 or later, with every mask and bias (csrc/attention.cu, attention_bwd.cu)",
@@ -91,6 +91,19 @@ def cuda_op(name: str):
     return getattr(torch.ops.dlcv_fast_cuda, name)
 
 
+def tensor_core_problems(t) -> list:
+    """What every CUDA kernel of csrc/ needs of a tensor and its GPU, as :func:`resolve_in_scope`'s problems: fp16
+    or bf16 data, sm_80 or later (bf16 tensor cores)."""
+    import torch
+
+    problems = []
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        problems.append(f"dtype {t.dtype} (it takes float16 and bfloat16)")
+    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 8:
+        problems.append("a GPU before sm_80")
+    return problems
+
+
 def resolve_in_scope(device, backend: str | None, op: str, problems) -> str:
     """:func:`resolve`, then for "cuda" the kernel's scope: ``problems()`` lists what of the call the CUDA kernel
     does not cover. Asked for explicitly ("cuda"), a call outside the scope raises NotImplementedError naming it;
@@ -127,13 +140,13 @@ def resolve(device, backend: str | None = None, op: str | None = None) -> str:
     if name == "cuda":
         if not is_cuda:
             raise RuntimeError("backend 'cuda' needs CUDA tensors")
-        if op is not None and op not in CUDA_OPS:
-            return resolve(device, "auto")  # no CUDA kernel for this op: its default implementation
         if op is None:
             raise NotImplementedError(
                 f"backend 'cuda': no hand-written CUDA kernel for this op; CUDA kernels exist for "
                 f"{', '.join(sorted(CUDA_OPS))}. Use 'triton' or 'auto'"
             )
+        if op not in CUDA_OPS:
+            return resolve(device, "auto")  # no CUDA kernel for this op: its default implementation
         if cuda_extension() is None:
             raise RuntimeError(
                 "backend 'cuda': dlcv_fast was installed without its CUDA extension (dlcv_fast._C); reinstall "

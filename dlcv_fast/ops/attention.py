@@ -95,7 +95,6 @@ def check_attention_inputs(q, k, v, *, key_padding_mask=None, attn_bias=None, pr
 
 # The scope of the CUDA kernels (csrc/attention.cu, csrc/attention_bwd.cu).
 CUDA_MAX_HEAD_DIM = 128
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_BWD_SMEM_D128 = (2 * 64 + 4 * 64) * 136 * 2  # the dQ kernel's shared memory at padded head dim 128 (bytes)
 
 
@@ -108,9 +107,7 @@ def _smem_optin(device):
 def _cuda_problems(q, k, v):
     """What of this call the CUDA kernels do not cover (an empty list: all of it)."""
     D = q.shape[-1]
-    problems = []
-    if q.dtype not in CUDA_DTYPES:
-        problems.append(f"dtype {q.dtype} (it takes float16 and bfloat16)")
+    problems = _backend.tensor_core_problems(q)
     if D % 8 or D > CUDA_MAX_HEAD_DIM:
         problems.append(f"head dim {D} (multiples of 8 up to {CUDA_MAX_HEAD_DIM})")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -119,18 +116,11 @@ def _cuda_problems(q, k, v):
                             f"got strides {t.stride()})")
     if q.shape[0] * q.shape[1] > 65535:
         problems.append(f"B * Hq = {q.shape[0] * q.shape[1]} (at most 65535)")
-    if q.is_cuda and D > 96 and _smem_optin(q.device) < CUDA_BWD_SMEM_D128:
-        problems.append(f"head dim {D} on a GPU with {_smem_optin(q.device)} bytes of shared memory per block (the "
-                        f"backward's dQ kernel needs {CUDA_BWD_SMEM_D128} above head dim 96: sm_80 / sm_90 class)")
-    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 8:
-        problems.append("a GPU before sm_80")
+    smem = _smem_optin(q.device) if q.is_cuda and D > 96 else None
+    if smem is not None and smem < CUDA_BWD_SMEM_D128:
+        problems.append(f"head dim {D} on a GPU with {smem} bytes of shared memory per block (the backward's dQ "
+                        f"kernel needs {CUDA_BWD_SMEM_D128} above head dim 96: sm_80 / sm_90 class)")
     return problems
-
-
-def _rotated_cuda(t, cos, sin):
-    out = torch.empty_like(t)
-    _backend.cuda_op("rope")(t, cos, sin, out, False, 1.0)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +174,9 @@ def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Ten
         return _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope)
     if name == "cuda":
         if rope is not None:  # one rotation pass each over q and k, as the Triton route does
-            q, k = _rotated_cuda(q, cos, sin), _rotated_cuda(k, cos, sin)
+            from dlcv_fast.ops.rope import _rope_impl
+
+            q, k = (_rope_impl(t, cos, sin, False, False, "cuda") for t in (q, k))
         return _backend.cuda_op("attention_fwd")(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale)
     from dlcv_fast.kernels import attention as kernels
 
@@ -213,7 +205,6 @@ def _attention_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, 
     elif name == "cuda":
         dq, dk, dv, ds = _backend.cuda_op("attention_bwd")(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal,
                                                             prefix_len, scale, bias_grad)
-        ds = ds if bias_grad else None
     else:
         from dlcv_fast.kernels import attention as kernels
 

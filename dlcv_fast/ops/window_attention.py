@@ -89,21 +89,16 @@ def check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias_ta
 # The scope of the CUDA kernels (csrc/window_attention.cu), forward and backward.
 CUDA_MAX_TOKENS = 64
 CUDA_MAX_HEAD_DIM = 64
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _cuda_problems(qkv, num_heads, window):
     """What of this call the CUDA kernels do not cover (an empty list: all of it)."""
     head_dim = qkv.shape[-1] // (3 * num_heads)
-    problems = []
-    if qkv.dtype not in CUDA_DTYPES:
-        problems.append(f"dtype {qkv.dtype} (it takes float16 and bfloat16)")
+    problems = _backend.tensor_core_problems(qkv)
     if window[0] * window[1] > CUDA_MAX_TOKENS:
         problems.append(f"window {window} of {window[0] * window[1]} tokens (at most {CUDA_MAX_TOKENS})")
     if head_dim > CUDA_MAX_HEAD_DIM:
         problems.append(f"head dim {head_dim} (at most {CUDA_MAX_HEAD_DIM})")
-    if qkv.is_cuda and torch.cuda.get_device_capability(qkv.device)[0] < 8:
-        problems.append("a GPU before sm_80")
     return problems
 
 
@@ -175,7 +170,7 @@ def _window_attention_bwd_impl(dout: Tensor, qkv: Tensor, table: Optional[Tensor
             dout, qkv, num_heads=num_heads, window_size=window, shift_size=shift, rel_pos_bias_table=table,
             qkv_bias=qkv_bias, scale=scale)
     elif name == "cuda":
-        from dlcv_fast.kernels import window_attention as kernels
+        from dlcv_fast.kernels import window_attention as kernels  # its finish_backward reduces the partial sums
 
         H, W, C = qkv.shape[1], qkv.shape[2], qkv.shape[3] // 3
         pad_bias_grad = bias_grad and (H % window[0] != 0 or W % window[1] != 0)
