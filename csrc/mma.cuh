@@ -16,6 +16,9 @@ namespace mma {
 
 constexpr int kThreads = 128;  // 4 warps, 16 rows each
 
+// The inline-PTX primitives. Under DLCV_FAST_EMU (tests/csrc/emu: the kernels compiled for the CPU) the
+// emulation header defines them instead.
+#ifndef DLCV_FAST_EMU
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -62,6 +65,7 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // DLCV_FAST_EMU
 
 // Two floats as a packed pair of T (lo in the low 16 bits: the lower column).
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);

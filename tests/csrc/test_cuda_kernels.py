@@ -1,7 +1,8 @@
 """Tests of the hand-written CUDA kernels (csrc/) behind backend "cuda": the build, the dispatch, and parity.
 
-Without a GPU only the build and the dispatch rules are checked (the extension must build and import wherever
-nvcc and a CUDA build of torch are present, as on the CI machine). Parity runs on a GPU (``pytest -m gpu``),
+Without a GPU this file checks the build and the dispatch rules (the extension must build and import wherever
+nvcc and a CUDA build of torch are present, as on the CI machine); test_cuda_emulated.py runs the kernels'
+source on the CPU under an emulation of CUDA. Parity runs on a GPU (``pytest -m gpu``),
 with tests/parity.py's rule against float64 references, and against the Triton kernels the same inputs give.
 """
 import os
@@ -171,32 +172,29 @@ def _tables(kind, B, H, N, R, device, dtype):
     return rope_tests.tables(rope_tests.make_angles(shape), device, dtype)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("D,R,kind,interleaved", ROPE_CASES, ids=str)
-def test_gpu_rope_parity(D, R, kind, interleaved, dtype):
-    B, H, N = 2, 3, 197
-    x = rope_tests.make_x(B, H, N, D, dtype, "cuda")
-    cos, sin = _tables(kind, B, H, N, R, "cuda", torch.float32)
+def check_rope_parity(D, R, kind, interleaved, dtype, device, N):
+    """backend "cuda" against float64 (tests/parity.py's rule); the pass-through channels copied exactly."""
+    B, H = 2, 3
+    x = rope_tests.make_x(B, H, N, D, dtype, device)
+    cos, sin = _tables(kind, B, H, N, R, device, torch.float32)
     out = dlcv_fast.apply_rope(x, cos, sin, interleaved=interleaved, backend="cuda")
     gold = rope_tests.ref_rope(x.double(), cos.double(), sin.double(), interleaved)
     lp = rope_tests.ref_rope(x, cos, sin, interleaved)
     assert_parity(out, gold, lp)
-    assert torch.equal(out[..., 2 * R:], x[..., 2 * R:])  # pass-through channels copied exactly
-    triton_out = dlcv_fast.apply_rope(x, cos, sin, interleaved=interleaved, backend="triton")
-    torch.testing.assert_close(out, triton_out, rtol=0, atol=2 * torch.finfo(dtype).eps)
+    assert torch.equal(out[..., 2 * R:], x[..., 2 * R:])
+    return x, cos, sin, out
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_gpu_rope_views_inplace_tables_and_backward(interleaved):
-    B, N, H, D = 2, 77, 4, 64
-    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.float16)
+def check_rope_views_inplace_and_backward(interleaved, device, N):
+    """A strided q view of a packed qkv, tables in x's dtype: parity, in place equal to out of place, and the
+    backward (the inverse rotation) against float64. Returns (q, cos, sin, out)."""
+    B, H, D = 2, 4, 64
+    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=torch.float16)
     q = qkv.permute(2, 0, 3, 1, 4)[0]  # strided view, no copy
-    cos, sin = _tables("n", B, H, N, D // 2, "cuda", torch.float16)  # tables in x's dtype
+    cos, sin = _tables("n", B, H, N, D // 2, device, torch.float16)
     out = dlcv_fast.apply_rope(q, cos, sin, interleaved=interleaved, backend="cuda")
-    torch.testing.assert_close(out, dlcv_fast.apply_rope(q, cos, sin, interleaved=interleaved, backend="triton"),
-                               rtol=0, atol=2e-3)
+    assert_parity(out, rope_tests.ref_rope(q.double(), cos.double(), sin.double(), interleaved),
+                  rope_tests.ref_rope(q, cos, sin, interleaved))
     q2 = q.clone()
     dlcv_fast.apply_rope(q2, cos, sin, interleaved=interleaved, inplace=True, backend="cuda")
     assert torch.equal(q2, out)
@@ -206,6 +204,24 @@ def test_gpu_rope_views_inplace_tables_and_backward(interleaved):
     gold = torch.autograd.grad(rope_tests.ref_rope(x.double(), cos.double(), sin.double(), interleaved), x, g.double())
     lp = torch.autograd.grad(rope_tests.ref_rope(x, cos, sin, interleaved), x, g)
     assert_parity(dx, gold[0], lp[0], factor=3.0, name="dx")
+    return q, cos, sin, out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("D,R,kind,interleaved", ROPE_CASES, ids=str)
+def test_gpu_rope_parity(D, R, kind, interleaved, dtype):
+    x, cos, sin, out = check_rope_parity(D, R, kind, interleaved, dtype, "cuda", N=197)
+    triton_out = dlcv_fast.apply_rope(x, cos, sin, interleaved=interleaved, backend="triton")
+    torch.testing.assert_close(out, triton_out, rtol=0, atol=2 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gpu_rope_views_inplace_tables_and_backward(interleaved):
+    q, cos, sin, out = check_rope_views_inplace_and_backward(interleaved, "cuda", N=77)
+    torch.testing.assert_close(out, dlcv_fast.apply_rope(q, cos, sin, interleaved=interleaved, backend="triton"),
+                               rtol=0, atol=2e-3)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,253 @@
+"""csrc/'s CUDA kernels, their own source, run on the CPU under the emulation of tests/csrc/emu/cuda_emu.h.
+
+No GPU is needed: build.py rewrites the .cu files into C++ against an emulation of the CUDA features they use
+(threads as fibers, barriers, shuffles, cp.async, ldmatrix, mma.sync, WMMA) and registers the ops as
+torch.ops.dlcv_fast_emu.* for CPU tensors. Here backend "cuda" is routed to those ops on CPU tensors, and the
+public functions (dlcv_fast.attention, window_attention, apply_rope) are checked forward and backward with
+tests/parity.py's rule against float64 references, through the same Python code a GPU run takes (scope checks,
+custom ops, the window backward's reduction). Shapes are smaller than the GPU tests' (the emulation runs about a
+million times slower than the hardware) but cover every path: all masks and biases, GQA/MQA, each head-dim
+instance, tails of every size, the vector and scalar load paths.
+
+On top of the results, the emulation checks what a GPU would only show as wrong numbers or a crash, if at all:
+deadlocks and divergent barriers, data read from a cp.async before its wait, misaligned ldmatrix / cp.async /
+WMMA addresses, shared memory used before it is written, dynamic shared memory over the launch's size or the
+opt-in. Thread interleavings are shuffled by a seed; the seed tests require bitwise equal results under
+different interleavings (a missing barrier would break that). test_emulator_catches_* show each check firing on
+a deliberately broken kernel (tests/csrc/emu/selftest.cu).
+"""
+import os
+
+import pytest
+import torch
+
+import dlcv_fast
+from dlcv_fast import backend as _backend
+from tests.csrc import test_cuda_kernels as gpu_tests
+from tests.csrc.emu import build as emu_build
+from tests.kernels import test_attention as attn_tests
+from tests.kernels import test_window_attention as win_tests
+
+pytestmark = [
+    pytest.mark.skipif(emu_build.cuda_include_dir() is None,
+                       reason="needs the CUDA toolkit's headers (cuda_fp16.h) to build the emulation"),
+    pytest.mark.xdist_group("cuda_emulation"),  # one pytest-xdist worker builds and runs it
+]
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def emu_ops():
+    return emu_build.load()
+
+
+@pytest.fixture
+def cuda_on_cpu(emu_ops, monkeypatch):
+    """Backend "cuda" on CPU tensors runs the emulated kernels (ops without a CUDA kernel: their default)."""
+    real_resolve = _backend.resolve
+
+    def resolve(device, backend=None, op=None):
+        name = backend if backend is not None else _backend.get_backend()
+        if name == "cuda" and op in _backend.CUDA_OPS:
+            return "cuda"
+        return real_resolve(device, backend, op)
+
+    monkeypatch.setattr(_backend, "resolve", resolve)
+    monkeypatch.setattr(_backend, "cuda_op", lambda name: getattr(emu_ops, name))
+    monkeypatch.setenv("DLCV_FAST_EMU_SEED", "0")
+    return emu_ops
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention forward and backward (attention.cu, attention_bwd.cu)
+# ------------------------------------------------------------------------------------------------
+
+ATTENTION_CASES = [  # (Hq, Hkv, Lq, Lk, D, mask kind); B = 2
+    (2, 2, 197, 197, 64, "none"),  # ViT: 3 whole key blocks and a 5-key tail
+    (2, 2, 77, 77, 64, "causal+padding"),  # CLIP text
+    (2, 2, 32, 257, 64, "none"),  # Q-Former cross-attention
+    (2, 2, 1, 77, 40, "none"),  # one query; head dim 40 in the 64 instance
+    (2, 2, 130, 130, 128, "causal"),
+    (2, 2, 100, 100, 72, "prefix"),  # the 96 instance
+    (2, 2, 97, 97, 80, "bias"),
+    (2, 2, 130, 200, 96, "causal+bias_b"),
+    (4, 2, 129, 129, 128, "holes"),  # GQA, a removed key block
+    (2, 1, 97, 49, 32, "leftpad+bias_full"),  # MQA, the 32 instance
+    (2, 2, 150, 20, 8, "none"),  # head dim 8, Lq > Lk
+    (2, 2, 70, 70, 24, "prefix+padding"),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D,kind", ATTENTION_CASES, ids=str)
+def test_emulated_attention_parity(cuda_on_cpu, Hq, Hkv, Lq, Lk, D, kind, dtype):
+    B = 2
+    q, k, v = attn_tests.make_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, "cpu")
+    kw = attn_tests.make_mask_args(kind, B, Hq, Lq, Lk, dtype, "cpu")
+    with dlcv_fast.use_backend("cuda"):
+        attn_tests.check_parity(q, k, v, kw)
+
+
+def test_emulated_attention_empty_rows_and_layouts(cuda_on_cpu):
+    """Rows with no visible key give zeros and lse -inf (and zero gradients); a packed (B, N, 3, H, D) qkv view
+    and RoPE through the CUDA route equal the reference."""
+    from dlcv_fast.ops import attention as ops
+
+    B, H, L, D = 2, 2, 70, 64
+    q, k, v = attn_tests.make_inputs(B, H, H, L, L, D, torch.float16, "cpu")
+    kpm = torch.ones(B, L, dtype=torch.bool)
+    kpm[1] = False  # batch 1: no key at all
+    bias = torch.zeros(1, 1, L, L)
+    bias[..., 5, :] = float("-inf")  # row 5 removed by the bias
+    out, lse = ops.attention_fwd(q, k, v, bias, kpm, False, 0, D ** -0.5, None, None, "cuda")
+    assert not out.isnan().any() and (out[1] == 0).all() and (out[0, :, 5] == 0).all()
+    assert (lse[1] == float("-inf")).all() and (lse[0, :, 5] == float("-inf")).all()
+    ref, ref_lse = ops.attention_fwd(q.float(), k.float(), v.float(), bias, kpm, False, 0, D ** -0.5, None, None,
+                                     "torch")
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-3)
+    finite = lse.isfinite()
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-5, atol=1e-4)
+    qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
+    grads = torch.autograd.grad(dlcv_fast.attention(qr, kr, vr, key_padding_mask=kpm, backend="cuda"), (qr, kr, vr),
+                                torch.randn(B, H, L, D, dtype=torch.float16))
+    assert all(not g.isnan().any() for g in grads) and (grads[0][1] == 0).all() and (grads[1][1] == 0).all()
+
+    qkv = torch.randn(B, 77, 3, H, D, dtype=torch.float16)
+    qv, kv, vv = qkv.permute(2, 0, 3, 1, 4)  # strided views, no copy
+    cos, sin = dlcv_fast.rope_2d(2, 38, D, num_prefix_tokens=1)
+    got = dlcv_fast.attention(qv, kv, vv, rope=(cos, sin), backend="cuda")
+    want = dlcv_fast.attention(qv.float(), kv.float(), vv.float(), rope=(cos, sin), backend="torch")
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=3e-3)
+
+
+def test_emulated_attention_is_race_free_and_deterministic(cuda_on_cpu, monkeypatch):
+    """Forward and backward bitwise equal under different thread interleavings (DLCV_FAST_EMU_SEED): a missing
+    __syncthreads / __syncwarp or cp.async wait would let some interleaving read stale shared memory."""
+    B, Hq, Hkv, L, D = 1, 4, 2, 140, 64
+    q, k, v = attn_tests.make_inputs(B, Hq, Hkv, L, L, D, torch.float16, "cpu")
+    kw = attn_tests.make_mask_args("causal+padding+bias", B, Hq, L, L, torch.float16, "cpu")
+    do = torch.randn(B, Hq, L, D, dtype=torch.float16)
+    runs = []
+    for seed in ("1", "2", "3"):
+        monkeypatch.setenv("DLCV_FAST_EMU_SEED", seed)
+        qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
+        bias = kw["attn_bias"].detach().requires_grad_()
+        out = dlcv_fast.attention(qr, kr, vr, backend="cuda", **{**kw, "attn_bias": bias})
+        runs.append((out, *torch.autograd.grad(out, (qr, kr, vr, bias), do)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Window attention (window_attention.cu)
+# ------------------------------------------------------------------------------------------------
+
+WINDOW_CASES = [  # (B, H, W, heads, D, window, shift)
+    (1, 14, 14, 2, 32, 7, 3),  # Swin-T shapes, 4 windows
+    (1, 7, 7, 2, 32, 7, 3),  # window equal to the map
+    (1, 10, 13, 2, 64, 8, 4),  # padding both ways, head dim 64
+    (2, 9, 11, 2, 24, 4, 2),  # head dim 24: the scalar-load path
+    (1, 10, 13, 2, 16, (4, 6), (2, 3)),  # non-square window, head dim 16
+    (1, 4, 32, 1, 40, (2, 32), (1, 16)),  # 64-token non-square window, head dim 40
+]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("B,H,W,heads,D,window,shift", WINDOW_CASES, ids=win_tests._id)
+def test_emulated_window_attention_parity(cuda_on_cpu, B, H, W, heads, D, window, shift, dtype):
+    inputs = win_tests.make_inputs(B, H, W, heads, D, window, dtype, "cpu")
+    with dlcv_fast.use_backend("cuda"):
+        win_tests.check_parity(inputs, dict(num_heads=heads, window_size=window, shift_size=shift))
+
+
+@pytest.mark.parametrize("table,qkv_bias", [(False, False), (True, False), (False, True)])
+def test_emulated_window_attention_without_table_or_bias(cuda_on_cpu, table, qkv_bias):
+    inputs = win_tests.make_inputs(1, 10, 13, 2, 32, 7, torch.float16, "cpu", table=table, qkv_bias=qkv_bias)
+    with dlcv_fast.use_backend("cuda"):
+        win_tests.check_parity(inputs, dict(num_heads=2, window_size=7, shift_size=3))
+
+
+def test_emulated_window_backward_loops_over_windows(cuda_on_cpu, monkeypatch):
+    """With few SMs the backward's CTAs each take several windows (the partial sums of the table and padding-bias
+    gradients then cover more than one window): same parity, and bitwise equal under another interleaving."""
+    monkeypatch.setenv("DLCV_FAST_EMU_SMS", "1")
+    inputs = win_tests.make_inputs(2, 10, 13, 2, 32, 7, torch.float16, "cpu")
+    kw = dict(num_heads=2, window_size=7, shift_size=3)
+    with dlcv_fast.use_backend("cuda"):
+        win_tests.check_parity(inputs, kw)
+        runs = []
+        for seed in ("1", "2"):
+            monkeypatch.setenv("DLCV_FAST_EMU_SEED", seed)
+            out = dlcv_fast.window_attention(inputs[0], rel_pos_bias_table=inputs[1], qkv_bias=inputs[2], **kw)
+            runs.append((out, *torch.autograd.grad(out, inputs, win_tests.seeded_like(out))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE (rope.cu)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("D,R,kind,interleaved", gpu_tests.ROPE_CASES, ids=str)
+def test_emulated_rope_parity(cuda_on_cpu, D, R, kind, interleaved, dtype):
+    gpu_tests.check_rope_parity(D, R, kind, interleaved, dtype, "cpu", N=37)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_emulated_rope_views_inplace_and_backward(cuda_on_cpu, interleaved):
+    gpu_tests.check_rope_views_inplace_and_backward(interleaved, "cpu", N=37)
+
+
+# ------------------------------------------------------------------------------------------------
+# The emulation's own checks fire (tests/csrc/emu/selftest.cu: a correct and a broken kernel per check)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def selftest():
+    return emu_build.load_selftest()
+
+
+def test_emulator_catches_reads_before_cp_async_wait(selftest, monkeypatch):
+    monkeypatch.setenv("DLCV_FAST_EMU_SEED", "0")
+    good = selftest.run(0)
+    assert torch.equal(good, torch.arange(512, dtype=torch.float32).view(128, 4).roll(-1, 0).flatten())
+    assert selftest.run(1).isnan().all()  # no wait_group: the tile is still in flight
+
+
+def test_emulator_catches_a_missing_barrier(selftest, monkeypatch):
+    """Without the __syncthreads, warp 0 reads what warp 1 has not written yet under some schedules."""
+    want = torch.arange(32, 64, dtype=torch.float32)
+    broken = []
+    for seed in range(8):
+        monkeypatch.setenv("DLCV_FAST_EMU_SEED", str(seed))
+        assert torch.equal(selftest.run(2)[:32], want)
+        broken.append(not torch.equal(selftest.run(3)[:32], want))
+    assert any(broken) and not all(broken)
+
+
+@pytest.mark.parametrize("which,match", [
+    (4, "deadlock"),
+    (5, "different barriers"),
+    (7, "ldmatrix row address not 16-byte aligned"),
+    (8, "65536 bytes of dynamic shared memory; allowed 49152"),
+])
+def test_emulator_reports_broken_kernels(selftest, which, match):
+    with pytest.raises(RuntimeError, match=match):
+        selftest.run(which)
+    selftest.run(6)  # the aligned ldmatrix is fine, and the emulator is usable after an error
+    assert torch.equal(selftest.run(0)[:4], torch.arange(4, 8, dtype=torch.float32))
+
+
+def test_emulator_faults_past_the_dynamic_shared_memory(selftest):
+    """A write past the launch's dynamic shared memory hits the guard page (checked in a child process)."""
+    import subprocess
+    import sys
+
+    code = ("from tests.csrc.emu import build; import sys; ops = build.load_selftest(); ops.run(9); "
+            "print('no fault'); sys.exit(0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=emu_build.ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(emu_build.ROOT)})
+    assert r.returncode != 0 and "no fault" not in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
