@@ -60,8 +60,7 @@ __global__ void __launch_bounds__(kThreads)
   cp_async_commit();
 
   float acc[DP / 8][4];
-#pragma unroll
-  for (int i = 0; i < DP / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  zero(acc);
   float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f};
   uint32_t qf[DP / 16][4];
   const int row_a = m0 + warp * 16 + g, row_b = row_a + 8;  // this thread's two query rows
@@ -79,26 +78,16 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     if (n0 == lo) {  // Q fragments (rows 16 warp.., all of the head dim), once
 #pragma unroll
-      for (int ks = 0; ks < DP / 16; ++ks)
-        ldmatrix_x4(qf[ks], sq + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
+      for (int ks = 0; ks < DP / 16; ++ks) load_a<T, DP>(qf[ks], sq, warp * 16, ks);
     }
     const T* ks_ = sk + stage * kBN * kLd;
     const T* vs_ = sv + stage * kBN * kLd;
 
     // S = Q K^T: 16 x 64 per warp, 8 blocks of 8 keys.
     float s[kBN / 8][4];
+    zero(s);
 #pragma unroll
-    for (int nb = 0; nb < kBN / 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < DP / 16; ++ks) {
-#pragma unroll
-      for (int nb = 0; nb < kBN / 8; nb += 2) {
-        uint32_t kf[4];  // keys nb*8.. and (nb+1)*8.., channels ks*16.. (+8)
-        ldmatrix_x4(kf, ks_ + (nb * 8 + (lane / 16) * 8 + lane % 8) * kLd + ks * 16 + ((lane / 8) % 2) * 8);
-        mma_16816<T>(s[nb], qf[ks], kf[0], kf[1]);
-        mma_16816<T>(s[nb + 1], qf[ks], kf[2], kf[3]);
-      }
-    }
+    for (int ks = 0; ks < DP / 16; ++ks) mma_abt<T, DP, kBN>(s, qf[ks], ks_, ks);
 
     // Scale, bias, masks; row max.
     float mx[2] = {-INFINITY, -INFINITY};
@@ -143,16 +132,9 @@ __global__ void __launch_bounds__(kThreads)
     // O += P V: P's accumulator layout is the A operand's (two 8-key blocks per 16-key step).
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd = 0; nd < DP / 8; nd += 2) {
-        uint32_t vf[4];  // keys kk*16.. (+8), channels nd*8.. and (nd+1)*8.., transposed
-        ldmatrix_x4_trans(vf, vs_ + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kLd + nd * 8 + (lane / 16) * 8);
-        mma_16816<T>(acc[nd], pa, vf[0], vf[1]);
-        mma_16816<T>(acc[nd + 1], pa, vf[2], vf[3]);
-      }
+      uint32_t pa[4];
+      c_to_a<T>(pa, s, kk);
+      mma_ab<T, DP>(acc, pa, vs_, kk);
     }
     __syncthreads();  // this stage is read; the next iteration's prefetch overwrites it
   }

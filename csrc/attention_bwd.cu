@@ -113,10 +113,8 @@ __global__ void __launch_bounds__(kThreads)
   const int steps = a.group * n_qblocks;  // (q head, query block) pairs, walked in order
 
   float acc_k[DP / 8][4], acc_v[DP / 8][4];
-#pragma unroll
-  for (int i = 0; i < DP / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_k[i][e] = acc_v[i][e] = 0.f;
+  zero(acc_k);
+  zero(acc_v);
 
   auto issue = [&](int step, int st) {  // loads of step `step` into stage st
     const int h = hk * a.group + step / n_qblocks, m0 = m_start + (step % n_qblocks) * BQ;
@@ -153,26 +151,15 @@ __global__ void __launch_bounds__(kThreads)
 
     // S^T = K Q^T and dP^T = V dO^T: 16 keys x BQ queries per warp.
     float s[BQ / 8][4], dp[BQ / 8][4];
-#pragma unroll
-    for (int nb = 0; nb < BQ / 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.f;
+    zero(s);
+    zero(dp);
 #pragma unroll
     for (int ks = 0; ks < DP / 16; ++ks) {
       uint32_t kf[4], vf[4];
-      ldmatrix_x4(kf, sk + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
-      ldmatrix_x4(vf, sv + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
-#pragma unroll
-      for (int nb = 0; nb < BQ / 8; nb += 2) {
-        uint32_t qf[4], df[4];  // queries nb*8.. and (nb+1)*8.., channels ks*16.. (+8)
-        const int r = (nb * 8 + (lane / 16) * 8 + lane % 8) * kLd + ks * 16 + ((lane / 8) % 2) * 8;
-        ldmatrix_x4(qf, qs + r);
-        ldmatrix_x4(df, dos + r);
-        mma_16816<T>(s[nb], kf, qf[0], qf[1]);
-        mma_16816<T>(s[nb + 1], kf, qf[2], qf[3]);
-        mma_16816<T>(dp[nb], vf, df[0], df[1]);
-        mma_16816<T>(dp[nb + 1], vf, df[2], df[3]);
-      }
+      load_a<T, DP>(kf, sk, warp * 16, ks);
+      load_a<T, DP>(vf, sv, warp * 16, ks);
+      mma_abt<T, DP, BQ>(s, kf, qs, ks);
+      mma_abt<T, DP, BQ>(dp, vf, dos, ks);
     }
     // P^T and dS^T (natural units), in place of S^T and dP^T.
 #pragma unroll
@@ -190,23 +177,11 @@ __global__ void __launch_bounds__(kThreads)
     // dV += P^T dO, dK += dS^T Q: 16 queries a step; dO and Q transposed by ldmatrix.trans.
 #pragma unroll
     for (int kk = 0; kk < BQ / 16; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const uint32_t da[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
-                              pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                              pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd = 0; nd < DP / 8; nd += 2) {
-        const int r = (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kLd + nd * 8 + (lane / 16) * 8;
-        uint32_t df[4], qf[4];
-        ldmatrix_x4_trans(df, dos + r);
-        ldmatrix_x4_trans(qf, qs + r);
-        mma_16816<T>(acc_v[nd], pa, df[0], df[1]);
-        mma_16816<T>(acc_v[nd + 1], pa, df[2], df[3]);
-        mma_16816<T>(acc_k[nd], da, qf[0], qf[1]);
-        mma_16816<T>(acc_k[nd + 1], da, qf[2], qf[3]);
-      }
+      uint32_t pa[4], da[4];
+      c_to_a<T>(pa, s, kk);
+      c_to_a<T>(da, dp, kk);
+      mma_ab<T, DP>(acc_v, pa, dos, kk);
+      mma_ab<T, DP>(acc_k, da, qs, kk);
     }
     __syncthreads();  // this stage is read; the next step's prefetch overwrites it
   }
@@ -259,8 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
   cp_async_commit();
 
   float acc[DP / 8][4];
-#pragma unroll
-  for (int i = 0; i < DP / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  zero(acc);
 
   int stage = 0;
   for (int n0 = lo; n0 < hi; n0 += kBN, stage ^= 1) {
@@ -276,26 +250,15 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
     const T* vs_ = sv + stage * kBN * kLd;
 
     float s[kBN / 8][4], dp[kBN / 8][4];
-#pragma unroll
-    for (int nb = 0; nb < kBN / 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.f;
+    zero(s);
+    zero(dp);
 #pragma unroll
     for (int ks = 0; ks < DP / 16; ++ks) {
       uint32_t qf[4], df[4];
-      ldmatrix_x4(qf, sq + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
-      ldmatrix_x4(df, sdo + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
-#pragma unroll
-      for (int nb = 0; nb < kBN / 8; nb += 2) {
-        const int r = (nb * 8 + (lane / 16) * 8 + lane % 8) * kLd + ks * 16 + ((lane / 8) % 2) * 8;
-        uint32_t kf[4], vf[4];
-        ldmatrix_x4(kf, ks_ + r);
-        ldmatrix_x4(vf, vs_ + r);
-        mma_16816<T>(s[nb], qf, kf[0], kf[1]);
-        mma_16816<T>(s[nb + 1], qf, kf[2], kf[3]);
-        mma_16816<T>(dp[nb], df, vf[0], vf[1]);
-        mma_16816<T>(dp[nb + 1], df, vf[2], vf[3]);
-      }
+      load_a<T, DP>(qf, sq, warp * 16, ks);
+      load_a<T, DP>(df, sdo, warp * 16, ks);
+      mma_abt<T, DP, kBN>(s, qf, ks_, ks);
+      mma_abt<T, DP, kBN>(dp, df, vs_, ks);
     }
 #pragma unroll
     for (int nb = 0; nb < kBN / 8; ++nb) {
@@ -312,16 +275,9 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
     // dQ += dS K: K transposed by ldmatrix.trans.
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t da[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
-                              pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
-                              pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-#pragma unroll
-      for (int nd = 0; nd < DP / 8; nd += 2) {
-        uint32_t kf[4];
-        ldmatrix_x4_trans(kf, ks_ + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kLd + nd * 8 + (lane / 16) * 8);
-        mma_16816<T>(acc[nd], da, kf[0], kf[1]);
-        mma_16816<T>(acc[nd + 1], da, kf[2], kf[3]);
-      }
+      uint32_t da[4];
+      c_to_a<T>(da, dp, kk);
+      mma_ab<T, DP>(acc, da, ks_, kk);
     }
     __syncthreads();
   }

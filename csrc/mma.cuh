@@ -78,6 +78,59 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// ---- warp-level products on (rows, DP + 8) shared tiles (the kernels' layout: row stride DP + 8 elements) ----
+
+template <int N>
+__device__ __forceinline__ void zero(float (&c)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+}
+
+// The A fragment of rows [row0, row0 + 16) x channels [16 ks, 16 ks + 16) of a shared tile.
+template <typename T, int DP>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int ks) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4(a, tile + (row0 + lane % 16) * (DP + 8) + ks * 16 + (lane / 16) * 8);
+}
+
+// c (16 x N) += a (16 x 16: channels [16 ks, 16 ks + 16) of 16 rows) x (rows [0, N) of the tile, same channels)^T:
+// one k-step of a score-like product A B^T, both operands row-major in shared memory.
+template <typename T, int DP, int N>
+__device__ __forceinline__ void mma_abt(float (&c)[N / 8][4], const uint32_t (&a)[4], const T* tile, int ks) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int nb = 0; nb < N / 8; nb += 2) {
+    uint32_t b[4];  // rows nb*8.. and (nb+1)*8.., channels ks*16.. (+8)
+    ldmatrix_x4(b, tile + (nb * 8 + (lane / 16) * 8 + lane % 8) * (DP + 8) + ks * 16 + ((lane / 8) % 2) * 8);
+    mma_16816<T>(c[nb], a, b[0], b[1]);
+    mma_16816<T>(c[nb + 1], a, b[2], b[3]);
+  }
+}
+
+// C fragments (16 x 8 NB, fp32) as the A operand of k-step kk (their columns [16 kk, 16 kk + 16), as T): the
+// score tile of one product is the left operand of the next (P in P V, dS in dS K).
+template <typename T, int NB>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[NB][4], int kk) {
+  a[0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// acc (16 x DP) += a (16 x 16) x rows [16 kk, 16 kk + 16) of the tile (16 x DP): A B with B row-major in shared
+// memory, read transposed by ldmatrix.trans.
+template <typename T, int DP>
+__device__ __forceinline__ void mma_ab(float (&acc)[DP / 8][4], const uint32_t (&a)[4], const T* tile, int kk) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int nd = 0; nd < DP / 8; nd += 2) {
+    uint32_t b[4];  // rows kk*16.. (+8), channels nd*8.. and (nd+1)*8..
+    ldmatrix_x4_trans(b, tile + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * (DP + 8) + nd * 8 + (lane / 16) * 8);
+    mma_16816<T>(acc[nd], a, b[0], b[1]);
+    mma_16816<T>(acc[nd + 1], a, b[2], b[3]);
+  }
+}
+
 // Rows [row0, row0 + ROWS) x the head dim of a (rows, D) matrix with row stride ld, into a (ROWS, DP + 8)
 // shared tile; rows at or past n_rows and channels at or past D are zero.
 template <typename T, int DP, int ROWS = 64>
