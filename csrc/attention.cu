@@ -15,8 +15,10 @@
 // operands from shared memory by ldmatrix, V transposed by ldmatrix.trans). K and V blocks of 64 keys are
 // double buffered with cp.async (zero fill past Lk and past the head dim), so the next block's loads overlap
 // this block's maths. Online softmax in log2 units, as the Triton kernel: m and l per row, a row with nothing
-// visible yet exponentiates against 0. The key loop is bounded by the causal/prefix limit and by the span of
-// keys the padding mask keeps (read once per CTA); keys inside it are masked per element.
+// visible yet exponentiates against 0. With RoPE tables, each K block and (once) the Q tile are rotated in
+// place in shared memory after they land (rope_tile). The key loop is bounded by the causal/prefix limit and
+// by the span of keys the padding mask keeps (read once per CTA); keys inside it are masked per element, and
+// the 16-key groups of the last block that lie wholly past the span are not computed.
 #include "attention.cuh"
 #include "ops.h"
 
@@ -29,11 +31,12 @@ namespace {
 using namespace mma;
 using namespace attn;
 
+// min 1 CTA per SM in the launch bounds: without it ptxas capped head dim 64 at 128 registers (and spilled)
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                     float* __restrict__ lse, const float* __restrict__ bias, const uint8_t* __restrict__ kpm,
-                    AttnArgs a) {
+                    const float* __restrict__ rope_cos, const float* __restrict__ rope_sin, AttnArgs a) {
   constexpr int kLd = DP + 8;  // shared row stride (elements): 16-byte aligned rows, conflict-free ldmatrix
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
@@ -76,6 +79,13 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_wait<0>();
     }
     __syncthreads();
+    if (a.has_rope) {  // rotate this K block, and the first time the Q tile, in place
+      const float* cb = rope_cos + b * a.srb;
+      const float* sb = rope_sin + b * a.srb;
+      rope_tile<T, DP>(sk + stage * kBN * kLd, n0, a.Lk, cb, sb, a);
+      if (n0 == lo) rope_tile<T, DP>(sq, m0, a.Lq, cb, sb, a);
+      __syncthreads();
+    }
     if (n0 == lo) {  // Q fragments (rows 16 warp.., all of the head dim), once
 #pragma unroll
       for (int ks = 0; ks < DP / 16; ++ks) load_a<T, DP>(qf[ks], sq, warp * 16, ks);
@@ -83,11 +93,13 @@ __global__ void __launch_bounds__(kThreads)
     const T* ks_ = sk + stage * kBN * kLd;
     const T* vs_ = sv + stage * kBN * kLd;
 
-    // S = Q K^T: 16 x 64 per warp, 8 blocks of 8 keys.
+    // S = Q K^T: 16 x 64 per warp, 8 blocks of 8 keys; in the last block only the 16-key groups that hold keys
+    // below hi (past hi every key is masked: p = 0 whatever the score, so those groups are skipped).
+    const int valid = min(kBN, hi - n0);
     float s[kBN / 8][4];
     zero(s);
 #pragma unroll
-    for (int ks = 0; ks < DP / 16; ++ks) mma_abt<T, DP, kBN>(s, qf[ks], ks_, ks);
+    for (int ks = 0; ks < DP / 16; ++ks) mma_abt<T, DP, kBN>(s, qf[ks], ks_, ks, valid);
 
     // Scale, bias, masks; row max.
     float mx[2] = {-INFINITY, -INFINITY};
@@ -132,9 +144,11 @@ __global__ void __launch_bounds__(kThreads)
     // O += P V: P's accumulator layout is the A operand's (two 8-key blocks per 16-key step).
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t pa[4];
-      c_to_a<T>(pa, s, kk);
-      mma_ab<T, DP>(acc, pa, vs_, kk);
+      if (kk * 16 < valid) {  // groups past the valid rows hold zeros
+        uint32_t pa[4];
+        c_to_a<T>(pa, s, kk);
+        mma_ab<T, DP>(acc, pa, vs_, kk);
+      }
     }
     __syncthreads();  // this stage is read; the next iteration's prefetch overwrites it
   }
@@ -177,7 +191,8 @@ constexpr int smem_bytes() {
 
 template <typename T, int DP>
 void launch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
-               const at::Tensor& lse, const float* bias, const uint8_t* kpm, const AttnArgs& a, int B) {
+               const at::Tensor& lse, const float* bias, const uint8_t* kpm, const float* rope_cos,
+               const float* rope_sin, const AttnArgs& a, int B) {
   auto kernel = attn_fwd_kernel<T, DP>;
   constexpr int bytes = smem_bytes<DP>();
   set_smem(kernel, bytes, "dlcv_fast_cuda::attention_fwd: ");
@@ -185,15 +200,35 @@ void launch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   kernel<<<grid, kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k.data_ptr()),
       reinterpret_cast<const T*>(v.data_ptr()), reinterpret_cast<T*>(o.data_ptr()), lse.data_ptr<float>(), bias, kpm,
-      a);
+      rope_cos, rope_sin, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
-            const float* bias, const uint8_t* kpm, const AttnArgs& a, int B) {
-  with_padded_head_dim(a.head_dim,
-                       [&](auto dp) { launch_dp<T, decltype(dp)::value>(q, k, v, o, lse, bias, kpm, a, B); });
+            const float* bias, const uint8_t* kpm, const float* rope_cos, const float* rope_sin, const AttnArgs& a,
+            int B) {
+  with_padded_head_dim(a.head_dim, [&](auto dp) {
+    launch_dp<T, decltype(dp)::value>(q, k, v, o, lse, bias, kpm, rope_cos, rope_sin, a, B);
+  });
+}
+
+// The RoPE tables as fp32 (B or 1, N, R) with a unit last stride, checked against q (half-split pairs; Lq = Lk = N).
+void rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+               at::Tensor& cos32, at::Tensor& sin32, AttnArgs& a) {
+  const int64_t B = q.size(0), Lq = q.size(2), D = q.size(3);
+  TORCH_CHECK(cos.sizes() == sin.sizes() && (cos.dim() == 2 || (cos.dim() == 3 && (cos.size(0) == B || cos.size(0) == 1))),
+              op, "rope_cos / rope_sin must both be (N, R) or (B, N, R), got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), op, "rope tables must be on q's device");
+  const int64_t N = cos.size(-2), R = cos.size(-1);
+  TORCH_CHECK(N == Lq && N == k.size(2), op, "rope tables have ", N, " positions; q and k have ", Lq, " and ",
+              k.size(2));
+  TORCH_CHECK(R >= 1 && 2 * R <= D, op, "rotary dim 2R=", 2 * R, " must be in [2, D=", D, "]");
+  cos32 = cos.to(at::kFloat).contiguous();
+  sin32 = sin.to(at::kFloat).contiguous();
+  a.has_rope = true;
+  a.rope_R = int(R);
+  a.srb = (cos.dim() == 3 && cos.size(0) == B && B > 1) ? N * R : 0;
 }
 
 }  // namespace
@@ -201,21 +236,28 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& attn_bias,
                                                       const std::optional<at::Tensor>& key_padding_mask, bool causal,
-                                                      int64_t prefix_len, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "dlcv_fast_cuda::attention_fwd: 4-D q, k, v expected");
+                                                      int64_t prefix_len, double scale,
+                                                      const std::optional<at::Tensor>& rope_cos,
+                                                      const std::optional<at::Tensor>& rope_sin) {
+  constexpr const char* kOp = "dlcv_fast_cuda::attention_fwd: ";
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, kOp, "4-D q, k, v expected");
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
   auto o = at::empty({B, Lq, H, D}, q.options()).transpose(1, 2);
   auto lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
   at::Tensor bias, kpm;
-  const AttnArgs a = make_args("dlcv_fast_cuda::attention_fwd: ", q, k, v, o, attn_bias, key_padding_mask, causal,
-                               prefix_len, scale, bias, kpm);
+  AttnArgs a = make_args(kOp, q, k, v, o, attn_bias, key_padding_mask, causal, prefix_len, scale, bias, kpm);
+  TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(), kOp, "rope_cos and rope_sin go together");
+  at::Tensor cos32, sin32;
+  if (rope_cos.has_value()) rope_args(kOp, q, k, *rope_cos, *rope_sin, cos32, sin32, a);
   if (o.numel() == 0) return {o, lse};
   if (Lk == 0) return {o.zero_(), lse.fill_(-INFINITY)};
   c10::cuda::CUDAGuard guard(q.device());
   const uint8_t* kp = a.has_kpm ? reinterpret_cast<const uint8_t*>(kpm.data_ptr()) : nullptr;
   const float* bp = a.has_bias ? bias.data_ptr<float>() : nullptr;
-  if (q.scalar_type() == at::kHalf) launch<__half>(q, k, v, o, lse, bp, kp, a, int(B));
-  else launch<__nv_bfloat16>(q, k, v, o, lse, bp, kp, a, int(B));
+  const float* rc = a.has_rope ? cos32.data_ptr<float>() : nullptr;
+  const float* rs = a.has_rope ? sin32.data_ptr<float>() : nullptr;
+  if (q.scalar_type() == at::kHalf) launch<__half>(q, k, v, o, lse, bp, kp, rc, rs, a, int(B));
+  else launch<__nv_bfloat16>(q, k, v, o, lse, bp, kp, rc, rs, a, int(B));
   return {o, lse};
 }
 

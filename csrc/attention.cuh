@@ -21,6 +21,11 @@ struct AttnArgs {
   int H, group, Lq, Lk, prefix_len, head_dim;
   float qk_scale;  // scale * log2(e)
   bool causal, has_bias, has_kpm;
+  // RoPE inside the forward (half-split pairs c, c + rope_R of the first 2 rope_R channels), fp32 tables
+  // (B or 1, N, rope_R) with batch stride srb (0: shared) and row stride rope_R
+  bool has_rope;
+  int rope_R;
+  int64_t srb;
 };
 
 // The score of (row, col) in log2 units, the bias added; -inf where the key is out of range or masked
@@ -70,6 +75,25 @@ __device__ __forceinline__ int2 key_range(int m0, const uint8_t* kp, const AttnA
   return make_int2(lo, hi);
 }
 
+
+// Rotate rows [0, kBN) of a (kBN, DP + 8) shared tile in place by RoPE, row r at sequence position pos0 + r (rows at
+// or past n_pos are left alone): pair (x_c, x_{c+R}) -> (x_c cos - x_{c+R} sin, x_{c+R} cos + x_c sin) in fp32,
+// rounded to T, as the standalone kernel (rope.cu) computes it. cos / sin: the batch's (N, R) tables.
+template <typename T, int DP>
+__device__ __forceinline__ void rope_tile(T* tile, int pos0, int n_pos, const float* cos, const float* sin,
+                                          const AttnArgs& a) {
+  const int R = a.rope_R;
+  for (int i = threadIdx.x; i < kBN * R; i += mma::kThreads) {
+    const int r = i / R, c = i - r * R;
+    if (pos0 + r >= n_pos) continue;
+    const int64_t t = int64_t(pos0 + r) * R + c;
+    const float co = cos[t], si = sin[t];
+    T* row = tile + r * (DP + 8);
+    const float x0 = to_float(row[c]), x1 = to_float(row[c + R]);
+    row[c] = from_float<T>(x0 * co - x1 * si);
+    row[c + R] = from_float<T>(x1 * co + x0 * si);
+  }
+}
 
 // K and V rows [n0, n0 + kBN) of one (batch, kv head) (kb, vb: its first key) into shared tiles sk, sv by cp.async
 // (zero fill past Lk and past the head dim); the caller commits the group.
@@ -130,6 +154,9 @@ inline AttnArgs make_args(const char* op, const at::Tensor& q, const at::Tensor&
   a.head_dim = int(D);
   a.qk_scale = float(scale) * kLog2e;
   a.causal = causal;
+  a.has_rope = false;
+  a.rope_R = 0;
+  a.srb = 0;
   a.sbb = a.sbh = a.sbm = a.sbn = 0;
   a.skpb = 0;
   if (attn_bias.has_value()) {

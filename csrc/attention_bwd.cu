@@ -149,7 +149,8 @@ __global__ void __launch_bounds__(kThreads)
     const float* l2 = s_lse2 + st * BQ;
     const float* dl = s_delta + st * BQ;
 
-    // S^T = K Q^T and dP^T = V dO^T: 16 keys x BQ queries per warp.
+    // S^T = K Q^T and dP^T = V dO^T: 16 keys x BQ queries per warp (16-query groups past Lq skipped: P = 0 there).
+    const int valid = min(BQ, a.Lq - m0);
     float s[BQ / 8][4], dp[BQ / 8][4];
     zero(s);
     zero(dp);
@@ -158,8 +159,8 @@ __global__ void __launch_bounds__(kThreads)
       uint32_t kf[4], vf[4];
       load_a<T, DP>(kf, sk, warp * 16, ks);
       load_a<T, DP>(vf, sv, warp * 16, ks);
-      mma_abt<T, DP, BQ>(s, kf, qs, ks);
-      mma_abt<T, DP, BQ>(dp, vf, dos, ks);
+      mma_abt<T, DP, BQ>(s, kf, qs, ks, valid);
+      mma_abt<T, DP, BQ>(dp, vf, dos, ks, valid);
     }
     // P^T and dS^T (natural units), in place of S^T and dP^T.
 #pragma unroll
@@ -177,11 +178,13 @@ __global__ void __launch_bounds__(kThreads)
     // dV += P^T dO, dK += dS^T Q: 16 queries a step; dO and Q transposed by ldmatrix.trans.
 #pragma unroll
     for (int kk = 0; kk < BQ / 16; ++kk) {
-      uint32_t pa[4], da[4];
-      c_to_a<T>(pa, s, kk);
-      c_to_a<T>(da, dp, kk);
-      mma_ab<T, DP>(acc_v, pa, dos, kk);
-      mma_ab<T, DP>(acc_k, da, qs, kk);
+      if (kk * 16 < valid) {  // groups past the valid rows hold zeros
+        uint32_t pa[4], da[4];
+        c_to_a<T>(pa, s, kk);
+        c_to_a<T>(da, dp, kk);
+        mma_ab<T, DP>(acc_v, pa, dos, kk);
+        mma_ab<T, DP>(acc_k, da, qs, kk);
+      }
     }
     __syncthreads();  // this stage is read; the next step's prefetch overwrites it
   }
@@ -249,6 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
     const T* ks_ = sk + stage * kBN * kLd;
     const T* vs_ = sv + stage * kBN * kLd;
 
+    const int valid = min(kBN, hi - n0);  // keys past hi are masked (P = 0): their 16-key groups are skipped
     float s[kBN / 8][4], dp[kBN / 8][4];
     zero(s);
     zero(dp);
@@ -257,8 +261,8 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
       uint32_t qf[4], df[4];
       load_a<T, DP>(qf, sq, warp * 16, ks);
       load_a<T, DP>(df, sdo, warp * 16, ks);
-      mma_abt<T, DP, kBN>(s, qf, ks_, ks);
-      mma_abt<T, DP, kBN>(dp, df, vs_, ks);
+      mma_abt<T, DP, kBN>(s, qf, ks_, ks, valid);
+      mma_abt<T, DP, kBN>(dp, df, vs_, ks, valid);
     }
 #pragma unroll
     for (int nb = 0; nb < kBN / 8; ++nb) {
@@ -275,9 +279,11 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
     // dQ += dS K: K transposed by ldmatrix.trans.
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t da[4];
-      c_to_a<T>(da, dp, kk);
-      mma_ab<T, DP>(acc, da, ks_, kk);
+      if (kk * 16 < valid) {  // groups past the valid rows hold zeros
+        uint32_t da[4];
+        c_to_a<T>(da, dp, kk);
+        mma_ab<T, DP>(acc, da, ks_, kk);
+      }
     }
     __syncthreads();
   }

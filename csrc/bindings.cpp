@@ -10,7 +10,7 @@
 TORCH_LIBRARY(dlcv_fast_cuda, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? key_padding_mask, bool causal, "
-      "int prefix_len, float scale) -> (Tensor, Tensor)");
+      "int prefix_len, float scale, Tensor? rope_cos=None, Tensor? rope_sin=None) -> (Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
       "Tensor? key_padding_mask, bool causal, int prefix_len, float scale, bool bias_grad) "

@@ -94,16 +94,20 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0
 }
 
 // c (16 x N) += a (16 x 16: channels [16 ks, 16 ks + 16) of 16 rows) x (rows [0, N) of the tile, same channels)^T:
-// one k-step of a score-like product A B^T, both operands row-major in shared memory.
+// one k-step of a score-like product A B^T, both operands row-major in shared memory. Only the 16-row groups
+// that start below n_valid are computed (the others keep c; n_valid is the same across the warp).
 template <typename T, int DP, int N>
-__device__ __forceinline__ void mma_abt(float (&c)[N / 8][4], const uint32_t (&a)[4], const T* tile, int ks) {
+__device__ __forceinline__ void mma_abt(float (&c)[N / 8][4], const uint32_t (&a)[4], const T* tile, int ks,
+                                        int n_valid = N) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int nb = 0; nb < N / 8; nb += 2) {
-    uint32_t b[4];  // rows nb*8.. and (nb+1)*8.., channels ks*16.. (+8)
-    ldmatrix_x4(b, tile + (nb * 8 + (lane / 16) * 8 + lane % 8) * (DP + 8) + ks * 16 + ((lane / 8) % 2) * 8);
-    mma_16816<T>(c[nb], a, b[0], b[1]);
-    mma_16816<T>(c[nb + 1], a, b[2], b[3]);
+    if (nb * 8 < n_valid) {
+      uint32_t b[4];  // rows nb*8.. and (nb+1)*8.., channels ks*16.. (+8)
+      ldmatrix_x4(b, tile + (nb * 8 + (lane / 16) * 8 + lane % 8) * (DP + 8) + ks * 16 + ((lane / 8) % 2) * 8);
+      mma_16816<T>(c[nb], a, b[0], b[1]);
+      mma_16816<T>(c[nb + 1], a, b[2], b[3]);
+    }
   }
 }
 

@@ -10,11 +10,14 @@ namespace dlcv_fast {
 
 // attention.cu: the dense attention forward (FlashAttention-2 style) for fp16/bf16, head dims that are multiples of
 // 8 up to 128. Returns (out (B, Hq, Lq, D) over a (B, Lq, Hq, D) buffer, lse (B, Hq, Lq) fp32 natural log), as
-// kernels/attention.py's forward.
+// kernels/attention.py's forward. With rope_cos / rope_sin ((N, R) or (B, N, R), N = Lq = Lk), q and k are rotated
+// (half-split pairs) inside the kernel as their tiles arrive in shared memory: the result of apply_rope first.
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& attn_bias,
                                                       const std::optional<at::Tensor>& key_padding_mask, bool causal,
-                                                      int64_t prefix_len, double scale);
+                                                      int64_t prefix_len, double scale,
+                                                      const std::optional<at::Tensor>& rope_cos,
+                                                      const std::optional<at::Tensor>& rope_sin);
 
 // attention_bwd.cu: its backward (same scope) from the forward's out and lse: (dq, dk, dv) as (B, L, H, D) buffers
 // viewed as (B, H, L, D), and dS (B, Hq, Lq, Lk) fp32 when bias_grad (else an empty tensor).

@@ -172,12 +172,9 @@ def _attention_fwd_impl(q: Tensor, k: Tensor, v: Tensor, attn_bias: Optional[Ten
     rope = None if cos is None else (cos, sin)
     if name == "torch":
         return _fwd_torch(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope)
-    if name == "cuda":
-        if rope is not None:  # one rotation pass each over q and k, as the Triton route does
-            from dlcv_fast.ops.rope import _rope_impl
-
-            q, k = (_rope_impl(t, cos, sin, False, False, "cuda") for t in (q, k))
-        return _backend.cuda_op("attention_fwd")(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale)
+    if name == "cuda":  # rope: q and k rotated inside the kernel, as their tiles reach shared memory
+        return _backend.cuda_op("attention_fwd")(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale,
+                                                 cos, sin)
     from dlcv_fast.kernels import attention as kernels
 
     return kernels.forward(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, rope=rope)
@@ -280,9 +277,10 @@ _attention = _eager.routed(attention_fwd, _eager.autograd_function(
 # ------------------------------------------------------------------------------------------------
 
 def fusable_rope(q, k, rope) -> bool:
-    """Whether ``rope=(cos, sin)`` can be handled inside the attention op (rotation passes before the kernel,
-    recomputed in the backward): tables shared by all heads ((N, R) or (B, N, R)), constant (no learnable
-    frequencies), and Lq = Lk = N. Otherwise the caller rotates q and k with the standalone RoPE op first."""
+    """Whether ``rope=(cos, sin)`` can be handled inside the attention op (the Triton route: rotation passes
+    before the kernel; the CUDA route: rotation inside its forward kernel; the backward recomputes the
+    rotation): tables shared by all heads ((N, R) or (B, N, R)), constant (no learnable frequencies), and
+    Lq = Lk = N. Otherwise the caller rotates q and k with the standalone RoPE op first."""
     cos, sin = rope
     return (cos.dim() in (2, 3) and not (cos.requires_grad or sin.requires_grad)
             and q.shape[2] == k.shape[2] == cos.shape[-2])

@@ -251,3 +251,27 @@ def test_emulator_faults_past_the_dynamic_shared_memory(selftest):
     r = subprocess.run([sys.executable, "-c", code], cwd=emu_build.ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(emu_build.ROOT)})
     assert r.returncode != 0 and "no fault" not in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("table,R,kind", [("n", 32, "none"), ("bn", 16, "causal+padding"), ("1n", 8, "bias")])
+def test_emulated_attention_rotates_q_and_k_inside_the_kernel(cuda_on_cpu, table, R, kind):
+    """attention(rope=) on the CUDA route rotates q and k in shared memory inside the forward kernel: the same as
+    rotating them with apply_rope first (partial rotary, batch tables, masks), and its gradients match too."""
+    B, H, L, D = 2, 2, 150, 64
+    q, k, v = attn_tests.make_inputs(B, H, H, L, L, D, torch.float16, "cpu")
+    kw = attn_tests.make_mask_args(kind, B, H, L, L, torch.float16, "cpu")
+    shape = {"n": (L, R), "bn": (B, L, R), "1n": (1, L, R)}[table]
+    ang = torch.rand(shape, generator=torch.Generator().manual_seed(3)) * 6
+    cos, sin = ang.cos(), ang.sin()
+    qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
+    fused = dlcv_fast.attention(qr, kr, vr, rope=(cos, sin), backend="cuda", **kw)
+    q2, k2 = (dlcv_fast.apply_rope(t, cos, sin, backend="cuda") for t in (qr, kr))
+    unfused = dlcv_fast.attention(q2, k2, vr, backend="cuda", **kw)
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=2e-3)
+    do = torch.randn_like(fused)
+    wrt = (qr, kr, vr)
+    for a, b in zip(torch.autograd.grad(fused, wrt, do), torch.autograd.grad(unfused, wrt, do)):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+    with torch.no_grad():
+        want = dlcv_fast.attention(q.float(), k.float(), v.float(), rope=(cos, sin), backend="torch", **kw)
+    assert (fused.float() - want).abs().max().item() < 1e-2
