@@ -269,9 +269,38 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = e < 2 ? row_a : row_b, col = n0 + nb * 8 + 2 * tig + (e & 1);
-        const float x = masked_score(s[nb][e], row, col, b, h, bias, kp, a);
-        const float p = exp2f(x - l2[e / 2]);
-        const float d = p * (dp[nb][e] - dl[e / 2]);
+        s[nb][e] = exp2f(masked_score(s[nb][e], row, col, b, h, bias, kp, a) - l2[e / 2]);  // P
+      }
+    }
+    // delta = rowsum(dO * O) from the delta kernel, or, when this one block holds every key the rows see,
+    // rowsum(P dP) / rowsum(P) from the tile: the same quantity without the rounding of the stored output
+    // (|dO| x that rounding, summed over the head dim, dominated dS for short key ranges), and exactly what
+    // makes this dS sum to zero over the row, as a softmax gradient does.
+    float dlt[2] = {dl[0], dl[1]};
+    if (hi - lo <= kBN) {
+      float pdp[2] = {0.f, 0.f}, psum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int nb = 0; nb < kBN / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          pdp[e / 2] += s[nb][e] * dp[nb][e];
+          psum[e / 2] += s[nb][e];
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        for (int off = 1; off < 4; off <<= 1) {  // the quad holding the row
+          pdp[r] += __shfl_xor_sync(0xffffffffu, pdp[r], off);
+          psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], off);
+        }
+        dlt[r] = psum[r] > 0.f ? pdp[r] / psum[r] : 0.f;
+      }
+    }
+#pragma unroll
+    for (int nb = 0; nb < kBN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = e < 2 ? row_a : row_b, col = n0 + nb * 8 + 2 * tig + (e & 1);
+        const float d = s[nb][e] * (dp[nb][e] - dlt[e / 2]);
         dp[nb][e] = d;
         if (args.bias_grad && row < a.Lq && col < a.Lk) ds_rows[int64_t(row) * a.Lk + col] = d;
       }
