@@ -153,6 +153,17 @@ def test_emulated_attention_is_race_free_and_deterministic(cuda_on_cpu, monkeypa
             assert torch.equal(a, b)
 
 
+def test_emulated_random_shapes(cuda_on_cpu, monkeypatch):
+    """A fixed-seed slice of the random-shape sweep (tests/csrc/emu/fuzz.py: attention and window attention
+    problems anywhere in the kernels' scope, RoPE inside the forward, thread-schedule seeds); longer sweeps run
+    with ``python -m tests.csrc.emu.fuzz --minutes M --seed S``."""
+    from tests.csrc.emu import fuzz
+
+    monkeypatch.setenv("DLCV_FAST_EMU_SMS", "132")  # restored after the test (the sweep sets it per case)
+    failed = fuzz.sweep(seed=2026, trials=40)
+    assert not failed, "\n".join(f"{c}: {e}" for c, e in failed)
+
+
 # ------------------------------------------------------------------------------------------------
 # Window attention (window_attention.cu)
 # ------------------------------------------------------------------------------------------------
