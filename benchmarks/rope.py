@@ -177,6 +177,9 @@ register(Benchmark(
     cases=ATTN_CASES, quick=ATTN_CASES,
     providers=[Provider("dlcv_fast.rope", attn_with_rope),
                Provider("dlcv_fast.no_rope", attn_without_rope, parity=False),
+               # the CUDA forward rotates q and k in shared memory (no passes): the same pair on backend "cuda"
+               Provider("dlcv_fast.cuda.rope", cuda_backend(attn_with_rope)),
+               Provider("dlcv_fast.cuda.no_rope", cuda_backend(attn_without_rope), parity=False),
                Provider("dlcv_fast.apply_rope+attention", rope_then_attn),
                Provider("eager_rope+sdpa", eager_rope_then_sdpa)],
     make_inputs=make_attn, reference=attn_reference, view=lambda c, out: [out[:1, :2]],
