@@ -5,6 +5,14 @@ the host compiler through ``torch.utils.cpp_extension.load`` (cached by content 
 ``torch.ops.dlcv_fast_emu``: the ops of bindings.cpp (attention_fwd, attention_bwd, rope, window_attention_fwd,
 window_attention_bwd) with the same schemas, taking CPU tensors. Needs the CUDA toolkit's headers (cuda_fp16.h and
 friends; nothing is linked from it) and a C++ compiler. ``python -m tests.csrc.emu.build`` builds it once.
+
+``DLCV_FAST_EMU_ASAN=1`` builds it with AddressSanitizer, to catch a kernel reading or writing outside a tensor
+(the emulation cannot see global-memory bounds otherwise); run Python with the sanitizer and libstdc++ preloaded
+(triton's module throws C++ exceptions at import), e.g.
+``LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0
+DLCV_FAST_EMU_ASAN=1 python -m pytest tests/csrc/test_cuda_emulated.py -k "not faults"`` (the guard-page test
+expects a plain segfault). ASan warns once that it does not fully support swapcontext; it has reported nothing
+else on these kernels.
 """
 from __future__ import annotations
 
@@ -114,7 +122,8 @@ def _build(name: str, files, digest: str, verbose: bool):
     inc = cuda_include_dir()
     if inc is None:
         raise FileNotFoundError("the CUDA toolkit's headers (cuda_fp16.h) were not found; set CUDA_HOME")
-    out = ROOT / "build" / "emu" / f"{name}-{digest}"
+    asan = os.environ.get("DLCV_FAST_EMU_ASAN") == "1"
+    out = ROOT / "build" / "emu" / f"{name}-{digest}{'-asan' if asan else ''}"
     src_dir = out / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     sources = []
@@ -135,7 +144,8 @@ def _build(name: str, files, digest: str, verbose: bool):
         # -fno-strict-aliasing: the kernels move 16-byte vectors through reinterpret_cast (uint4 <-> T), as CUDA
         # code does; GCC's type-based alias analysis would drop those stores
         extra_cflags=["-O2", "-fno-strict-aliasing", "-DDLCV_FAST_EMU", "-Wno-unknown-pragmas",
-                      "-Wno-unused-variable"],
+                      "-Wno-unused-variable"] + (["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []),
+        extra_ldflags=["-fsanitize=address"] if asan else [],
         is_python_module=False, verbose=verbose)
 
 
