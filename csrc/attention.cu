@@ -213,24 +213,6 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   });
 }
 
-// The RoPE tables as fp32 (B or 1, N, R) with a unit last stride, checked against q (half-split pairs; Lq = Lk = N).
-void rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-               at::Tensor& cos32, at::Tensor& sin32, AttnArgs& a) {
-  const int64_t B = q.size(0), Lq = q.size(2), D = q.size(3);
-  TORCH_CHECK(cos.sizes() == sin.sizes() && (cos.dim() == 2 || (cos.dim() == 3 && (cos.size(0) == B || cos.size(0) == 1))),
-              op, "rope_cos / rope_sin must both be (N, R) or (B, N, R), got ", cos.sizes(), " and ", sin.sizes());
-  TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), op, "rope tables must be on q's device");
-  const int64_t N = cos.size(-2), R = cos.size(-1);
-  TORCH_CHECK(N == Lq && N == k.size(2), op, "rope tables have ", N, " positions; q and k have ", Lq, " and ",
-              k.size(2));
-  TORCH_CHECK(R >= 1 && 2 * R <= D, op, "rotary dim 2R=", 2 * R, " must be in [2, D=", D, "]");
-  cos32 = cos.to(at::kFloat).contiguous();
-  sin32 = sin.to(at::kFloat).contiguous();
-  a.has_rope = true;
-  a.rope_R = int(R);
-  a.srb = (cos.dim() == 3 && cos.size(0) == B && B > 1) ? N * R : 0;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

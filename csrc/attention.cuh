@@ -76,14 +76,14 @@ __device__ __forceinline__ int2 key_range(int m0, const uint8_t* kp, const AttnA
 }
 
 
-// Rotate rows [0, kBN) of a (kBN, DP + 8) shared tile in place by RoPE, row r at sequence position pos0 + r (rows at
-// or past n_pos are left alone): pair (x_c, x_{c+R}) -> (x_c cos - x_{c+R} sin, x_{c+R} cos + x_c sin) in fp32,
+// Rotate rows [0, ROWS) of a (ROWS, DP + 8) shared tile in place by RoPE, row r at sequence position pos0 + r (rows
+// at or past n_pos are left alone): pair (x_c, x_{c+R}) -> (x_c cos - x_{c+R} sin, x_{c+R} cos + x_c sin) in fp32,
 // rounded to T, as the standalone kernel (rope.cu) computes it. cos / sin: the batch's (N, R) tables.
-template <typename T, int DP>
+template <typename T, int DP, int ROWS = kBN>
 __device__ __forceinline__ void rope_tile(T* tile, int pos0, int n_pos, const float* cos, const float* sin,
                                           const AttnArgs& a) {
   const int R = a.rope_R;
-  for (int i = threadIdx.x; i < kBN * R; i += mma::kThreads) {
+  for (int i = threadIdx.x; i < ROWS * R; i += mma::kThreads) {
     const int r = i / R, c = i - r * R;
     if (pos0 + r >= n_pos) continue;
     const int64_t t = int64_t(pos0 + r) * R + c;
@@ -179,6 +179,26 @@ inline AttnArgs make_args(const char* op, const at::Tensor& q, const at::Tensor&
   }
   a.has_kpm = kpm.defined();
   return a;
+}
+
+// The RoPE tables as fp32 (B or 1, N, R) with a unit last stride, checked against q (half-split pairs; Lq = Lk = N),
+// into a's rope fields.
+inline void rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                      const at::Tensor& sin, at::Tensor& cos32, at::Tensor& sin32, AttnArgs& a) {
+  const int64_t B = q.size(0), Lq = q.size(2), D = q.size(3);
+  TORCH_CHECK(cos.sizes() == sin.sizes() &&
+                  (cos.dim() == 2 || (cos.dim() == 3 && (cos.size(0) == B || cos.size(0) == 1))),
+              op, "rope_cos / rope_sin must both be (N, R) or (B, N, R), got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), op, "rope tables must be on q's device");
+  const int64_t N = cos.size(-2), R = cos.size(-1);
+  TORCH_CHECK(N == Lq && N == k.size(2), op, "rope tables have ", N, " positions; q and k have ", Lq, " and ",
+              k.size(2));
+  TORCH_CHECK(R >= 1 && 2 * R <= D, op, "rotary dim 2R=", 2 * R, " must be in [2, D=", D, "]");
+  cos32 = cos.to(at::kFloat).contiguous();
+  sin32 = sin.to(at::kFloat).contiguous();
+  a.has_rope = true;
+  a.rope_R = int(R);
+  a.srb = (cos.dim() == 3 && cos.size(0) == B && B > 1) ? N * R : 0;
 }
 
 }  // namespace attn

@@ -80,12 +80,41 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], float 
   }
 }
 
-template <typename T, int DP, int BQ>
+// store_rows for a gradient w.r.t. RoPE-rotated q or k: the rows go back through the inverse rotation (the
+// gradient w.r.t. the unrotated input), (g_c, g_{c+R}) -> (g_c cos + g_{c+R} sin, g_{c+R} cos - g_c sin) at
+// position row0 + r, in fp32 from the warp's 16 x DP fp32 staging tile `stage`.
+template <typename T, int DP>
+__device__ __forceinline__ void store_rows_rope(const float (&acc)[DP / 8][4], float mul, float* stage, T* dst,
+                                                int64_t ld, int row0, int n_rows, int D, const float* cos,
+                                                const float* sin, int R) {
+  const int lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int nd = 0; nd < DP / 8; ++nd)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) stage[(g + 8 * (e / 2)) * DP + nd * 8 + 2 * tig + (e & 1)] = acc[nd][e] * mul;
+  __syncwarp();
+  for (int i = lane; i < 16 * D; i += 32) {
+    const int r = i / D, c = i - r * D;
+    if (row0 + r >= n_rows) continue;
+    const float* row = stage + r * DP;
+    float x = row[c];
+    if (c < 2 * R) {
+      const int64_t t = int64_t(row0 + r) * R + (c < R ? c : c - R);
+      x = c < R ? row[c] * cos[t] + row[c + R] * sin[t] : row[c] * cos[t] - row[c - R] * sin[t];
+    }
+    dst[int64_t(row0 + r) * ld + c] = from_float<T>(x);
+  }
+}
+
+// ROPE: q and k rotated in shared memory, dK rotated back (a template flag: at head dim 64 the runtime branch
+// alone pushed the plain kernel, at 255 registers, into spilling).
+template <typename T, int DP, int BQ, bool ROPE>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          const T* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
                          T* __restrict__ dk, T* __restrict__ dv, const float* __restrict__ bias,
-                         const uint8_t* __restrict__ kpm, BwdArgs args) {
+                         const uint8_t* __restrict__ kpm, const float* __restrict__ rope_cos,
+                         const float* __restrict__ rope_sin, BwdArgs args) {
   constexpr int kLd = DP + 8;
   const AttnArgs& a = args.f;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -125,6 +154,11 @@ __global__ void __launch_bounds__(kThreads)
   };
   if (steps > 0) issue(0, 0);
   cp_async_commit();
+  if (ROPE && steps > 0) {  // the K tile (the first group) rotated in place, once
+    cp_async_wait<1>();
+    __syncthreads();
+    rope_tile<T, DP>(sk, n0, a.Lk, rope_cos + b * a.srb, rope_sin + b * a.srb, a);
+  }  // (published by the loop's first barrier)
 
   for (int step = 0; step < steps; ++step) {
     const int st = step & 1;
@@ -144,6 +178,10 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_wait<0>();
     }
     __syncthreads();
+    if (ROPE) {  // rotate this step's Q tile in place
+      rope_tile<T, DP, BQ>(sq + st * BQ * kLd, m0, a.Lq, rope_cos + b * a.srb, rope_sin + b * a.srb, a);
+      __syncthreads();
+    }
     const T* qs = sq + st * BQ * kLd;
     const T* dos = sdo + st * BQ * kLd;
     const float* l2 = s_lse2 + st * BQ;
@@ -194,7 +232,14 @@ __global__ void __launch_bounds__(kThreads)
   // Keys past Lk are not stored; rows of a key block no query sees are zeros.
   T* stage = sk + warp * 16 * kLd;
   const int row0 = n0 + warp * 16;
-  store_rows<T, DP>(acc_k, args.sm_scale, stage, dk + b * args.sgkb + hk * args.sgkh, args.sgkn, row0, a.Lk, D);
+  if (ROPE) {  // through a fp32 staging tile over K and V (4 x 16 x DP floats fit in their 2 x 64 x (DP + 8))
+    store_rows_rope<T, DP>(acc_k, args.sm_scale, reinterpret_cast<float*>(sk) + warp * 16 * DP,
+                           dk + b * args.sgkb + hk * args.sgkh, args.sgkn, row0, a.Lk, D, rope_cos + b * a.srb,
+                           rope_sin + b * a.srb, a.rope_R);
+    __syncthreads();  // the next warp's dV staging below overlaps this warp's fp32 staging
+  } else {
+    store_rows<T, DP>(acc_k, args.sm_scale, stage, dk + b * args.sgkb + hk * args.sgkh, args.sgkn, row0, a.Lk, D);
+  }
   __syncwarp();
   store_rows<T, DP>(acc_v, 1.f, stage, dv + b * args.sgkb + hk * args.sgkh, args.sgkn, row0, a.Lk, D);
 }
@@ -204,7 +249,8 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
     attn_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                        const T* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
                        T* __restrict__ dq, float* __restrict__ ds_out, const float* __restrict__ bias,
-                       const uint8_t* __restrict__ kpm, BwdArgs args) {
+                       const uint8_t* __restrict__ kpm, const float* __restrict__ rope_cos,
+                       const float* __restrict__ rope_sin, BwdArgs args) {
   constexpr int kLd = DP + 8;
   const AttnArgs& a = args.f;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -249,6 +295,11 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
       cp_async_wait<0>();
     }
     __syncthreads();
+    if (a.has_rope) {  // rotate this K block and, the first time, the Q tile, in place
+      rope_tile<T, DP>(sk + stage * kBN * kLd, n0, a.Lk, rope_cos + b * a.srb, rope_sin + b * a.srb, a);
+      if (n0 == lo) rope_tile<T, DP>(sq, m0, a.Lq, rope_cos + b * a.srb, rope_sin + b * a.srb, a);
+      __syncthreads();
+    }
     const T* ks_ = sk + stage * kBN * kLd;
     const T* vs_ = sv + stage * kBN * kLd;
 
@@ -318,43 +369,54 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
   }
   cp_async_wait<0>();
   __syncthreads();  // Q / dO tiles free for staging
-  store_rows<T, DP>(acc, args.sm_scale, sq + warp * 16 * kLd, dq + b * args.sgqb + h * args.sgqh, args.sgqm,
-                    m0 + warp * 16, a.Lq, D);
+  if (a.has_rope)  // through a fp32 staging tile over Q and dO
+    store_rows_rope<T, DP>(acc, args.sm_scale, reinterpret_cast<float*>(sq) + warp * 16 * DP,
+                           dq + b * args.sgqb + h * args.sgqh, args.sgqm, m0 + warp * 16, a.Lq, D,
+                           rope_cos + b * a.srb, rope_sin + b * a.srb, a.rope_R);
+  else
+    store_rows<T, DP>(acc, args.sm_scale, sq + warp * 16 * kLd, dq + b * args.sgqb + h * args.sgqh, args.sgqm,
+                      m0 + warp * 16, a.Lq, D);
 }
 
 // Queries per step of the dK/dV kernel: its dK and dV accumulators take 2 * DP / 2 registers a thread, so larger
-// head dims walk the queries in smaller steps (at 128, 32-query steps spilled on sm_80).
-template <int DP>
-constexpr int bq() { return DP <= 64 ? 64 : DP <= 96 ? 32 : 16; }
+// head dims walk the queries in smaller steps (at 128, 32-query steps spilled on sm_80; with RoPE at 64, 64-query
+// steps spilled on sm_90).
+template <int DP, bool ROPE>
+constexpr int bq() { return DP <= 32 || (DP <= 64 && !ROPE) ? 64 : DP <= 96 ? 32 : 16; }
 
 template <typename T, int DP>
 void launch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
                const at::Tensor& lse2, const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
-               const at::Tensor& dv, float* ds, const float* bias, const uint8_t* kpm, const BwdArgs& args, int B) {
+               const at::Tensor& dv, float* ds, const float* bias, const uint8_t* kpm, const float* rcos,
+               const float* rsin, const BwdArgs& args, int B) {
   const AttnArgs& a = args.f;
   auto stream = at::cuda::getCurrentCUDAStream();
-  constexpr int kLd = DP + 8, BQ = bq<DP>();
+  constexpr int kLd = DP + 8;
   const T* qp = reinterpret_cast<const T*>(q.data_ptr());
   const T* kp = reinterpret_cast<const T*>(k.data_ptr());
   const T* vp = reinterpret_cast<const T*>(v.data_ptr());
   const T* dop = reinterpret_cast<const T*>(dout.data_ptr());
-  {
-    auto kernel = attn_bwd_dkdv_kernel<T, DP, BQ>;
+  auto dkdv = [&](auto rope) {
+    constexpr bool ROPE = decltype(rope)::value;
+    constexpr int BQ = bq<DP, ROPE>();
+    auto kernel = attn_bwd_dkdv_kernel<T, DP, BQ, ROPE>;
     constexpr int bytes = (2 * kBN + 4 * BQ) * kLd * 2 + 4 * BQ * 4;
     set_smem(kernel, bytes, "dlcv_fast_cuda::attention_bwd: ");
     dim3 grid(unsigned((a.Lk + kBN - 1) / kBN), unsigned(B * (a.H / a.group)));
     kernel<<<grid, kThreads, bytes, stream>>>(qp, kp, vp, dop, lse2.data_ptr<float>(), delta.data_ptr<float>(),
                                                reinterpret_cast<T*>(dk.data_ptr()), reinterpret_cast<T*>(dv.data_ptr()),
-                                               bias, kpm, args);
+                                               bias, kpm, rcos, rsin, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  };
+  if (a.has_rope) dkdv(std::true_type{});
+  else dkdv(std::false_type{});
   {
     auto kernel = attn_bwd_dq_kernel<T, DP>;
     constexpr int bytes = (2 * kBM + 4 * kBN) * kLd * 2;
     set_smem(kernel, bytes, "dlcv_fast_cuda::attention_bwd: ");
     dim3 grid(unsigned((a.Lq + kBM - 1) / kBM), unsigned(B * a.H));
     kernel<<<grid, kThreads, bytes, stream>>>(qp, kp, vp, dop, lse2.data_ptr<float>(), delta.data_ptr<float>(),
-                                               reinterpret_cast<T*>(dq.data_ptr()), ds, bias, kpm, args);
+                                               reinterpret_cast<T*>(dq.data_ptr()), ds, bias, kpm, rcos, rsin, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -362,9 +424,10 @@ void launch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
             const at::Tensor& lse2, const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
-            const at::Tensor& dv, float* ds, const float* bias, const uint8_t* kpm, const BwdArgs& args, int B) {
+            const at::Tensor& dv, float* ds, const float* bias, const uint8_t* kpm, const float* rcos,
+            const float* rsin, const BwdArgs& args, int B) {
   with_padded_head_dim(args.f.head_dim, [&](auto dp) {
-    launch_dp<T, decltype(dp)::value>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, args, B);
+    launch_dp<T, decltype(dp)::value>(q, k, v, dout, lse2, delta, dq, dk, dv, ds, bias, kpm, rcos, rsin, args, B);
   });
 }
 
@@ -377,11 +440,15 @@ at::Tensor like_kernel(const at::Tensor& t) {  // a (B, L, H, D) buffer viewed a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& key_padding_mask, bool causal, int64_t prefix_len, double scale, bool bias_grad) {
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, int64_t prefix_len, double scale, bool bias_grad,
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin) {
   constexpr const char* kOp = "dlcv_fast_cuda::attention_bwd: ";
   BwdArgs args;
   at::Tensor bias, kpm;
   args.f = make_args(kOp, q, k, v, out, attn_bias, key_padding_mask, causal, prefix_len, scale, bias, kpm);
+  TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(), kOp, "rope_cos and rope_sin go together");
+  at::Tensor cos32, sin32;
+  if (rope_cos.has_value()) rope_args(kOp, q, k, *rope_cos, *rope_sin, cos32, sin32, args.f);
   const AttnArgs& a = args.f;
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2);
   TORCH_CHECK(dout_in.device() == q.device() && dout_in.scalar_type() == q.scalar_type() &&
@@ -415,12 +482,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const uint8_t* kp = a.has_kpm ? reinterpret_cast<const uint8_t*>(kpm.data_ptr()) : nullptr;
   float* dsp = args.bias_grad ? ds.data_ptr<float>() : nullptr;
   const float* bp = a.has_bias ? bias.data_ptr<float>() : nullptr;
+  const float* rc = a.has_rope ? cos32.data_ptr<float>() : nullptr;
+  const float* rs = a.has_rope ? sin32.data_ptr<float>() : nullptr;
 #define DLCV_ATTN_BWD(T)                                                                                          \
   attn_bwd_delta_kernel<T><<<delta_blocks, kThreads, 0, stream>>>(                                               \
       reinterpret_cast<const T*>(dout.data_ptr()), reinterpret_cast<const T*>(out.data_ptr()), lse.data_ptr<float>(), \
       delta.data_ptr<float>(), lse2.data_ptr<float>(), args, rows);                                               \
   C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                                 \
-  launch<T>(q, k, v, dout, lse2, delta, dq, dk, dv, dsp, bp, kp, args, int(B));
+  launch<T>(q, k, v, dout, lse2, delta, dq, dk, dv, dsp, bp, kp, rc, rs, args, int(B));
   if (q.scalar_type() == at::kHalf) {
     DLCV_ATTN_BWD(__half)
   } else {

@@ -13,8 +13,8 @@ TORCH_LIBRARY(dlcv_fast_cuda, m) {
       "int prefix_len, float scale, Tensor? rope_cos=None, Tensor? rope_sin=None) -> (Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias, "
-      "Tensor? key_padding_mask, bool causal, int prefix_len, float scale, bool bias_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? key_padding_mask, bool causal, int prefix_len, float scale, bool bias_grad, Tensor? rope_cos=None, "
+      "Tensor? rope_sin=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, Tensor(a!) out, bool interleaved, float sin_sign) -> ()");
   m.def(
       "window_attention_fwd(Tensor qkv, Tensor? table, Tensor? qkv_bias, int num_heads, int window_h, "

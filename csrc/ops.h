@@ -20,11 +20,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& rope_sin);
 
 // attention_bwd.cu: its backward (same scope) from the forward's out and lse: (dq, dk, dv) as (B, L, H, D) buffers
-// viewed as (B, H, L, D), and dS (B, Hq, Lq, Lk) fp32 when bias_grad (else an empty tensor).
+// viewed as (B, H, L, D), and dS (B, Hq, Lq, Lk) fp32 when bias_grad (else an empty tensor). With the forward's
+// RoPE tables, q and k are rotated inside the kernels and dq, dk are the gradients w.r.t. the unrotated q, k.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& key_padding_mask, bool causal, int64_t prefix_len, double scale, bool bias_grad);
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, int64_t prefix_len, double scale, bool bias_grad,
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin);
 
 // rope.cu: rotate x by (cos, sin) into out (out may be x). See kernels/rope.py for the contract.
 void rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& out,

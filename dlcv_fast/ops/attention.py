@@ -190,18 +190,30 @@ def _(q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, cos, sin,
 
 def _attention_bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                         attn_bias: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool, prefix_len: int,
-                        scale: float, bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        scale: float, bias_grad: bool, cos: Optional[Tensor], sin: Optional[Tensor],
+                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients (dq, dk, dv, dS or an empty tensor). With RoPE tables (``cos``, ``sin``: the forward's fused
+    rope), q and k are the unrotated inputs and dq, dk the gradients w.r.t. them: the CUDA kernels rotate inside;
+    the other routes rotate q and k first (one pass each) and the gradients back by the inverse rotation."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if B * H * Lq == 0 or Lk == 0:
         ds = q.new_zeros((B, H, Lq, Lk), dtype=torch.float32) if bias_grad else _empty_ds(q)
         return _like_kernel(q).zero_(), _like_kernel(k).zero_(), _like_kernel(v).zero_(), ds
     name = _backend.resolve_in_scope(q.device, backend, "attention", lambda: _cuda_problems(q, k, v))
+    if cos is not None and name != "cuda":
+        from dlcv_fast.ops.rope import _rope_impl  # the plain kernels: this runs inside the backward op
+
+        q, k = (_rope_impl(t, cos, sin, False, False, name) for t in (q, k))
+        dq, dk, dv, ds = _attention_bwd_impl(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal, prefix_len,
+                                             scale, bias_grad, None, None, name)
+        dq, dk = (_rope_impl(t, cos, sin, False, True, name) for t in (dq, dk))
+        return dq, dk, dv, ds
     if name == "torch":
         dq, dk, dv, ds = _bwd_torch(do, q, k, v, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad)
     elif name == "cuda":
         dq, dk, dv, ds = _backend.cuda_op("attention_bwd")(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal,
-                                                            prefix_len, scale, bias_grad)
+                                                            prefix_len, scale, bias_grad, cos, sin)
     else:
         from dlcv_fast.kernels import attention as kernels
 
@@ -214,7 +226,7 @@ attention_bwd = torch.library.custom_op("dlcv_fast::attention_bwd", _attention_b
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad, backend):
+def _(do, q, k, v, o, lse, attn_bias, key_padding_mask, causal, prefix_len, scale, bias_grad, cos, sin, backend):
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     ds = q.new_empty((B, H, Lq, Lk), dtype=torch.float32) if bias_grad else _empty_ds(q)
@@ -250,16 +262,8 @@ def _grads(ctx, do, bwd):
     """The gradients of attention_fwd's inputs, computed with ``bwd`` (the registered backward op, or its
     implementation on the eager route)."""
     q, k, v, o, lse, attn_bias, key_padding_mask, cos, sin = ctx.saved_tensors
-    if cos is not None:
-        # Fused RoPE: the backward runs on the rotated q and k (one rotation pass each with the standalone
-        # kernel), and the gradients are rotated back by the inverse (conjugate) rotation.
-        from dlcv_fast.ops.rope import rotate
-
-        q, k = (rotate(t, cos, sin, False, False, ctx.backend) for t in (q, k))
     dq, dk, dv, ds = bwd(do, q, k, v, o, lse, attn_bias, key_padding_mask, ctx.causal, ctx.prefix_len, ctx.scale,
-                         ctx.bias_grad, ctx.backend)
-    if cos is not None:
-        dq, dk = (rotate(t, cos, sin, False, True, ctx.backend) for t in (dq, dk))
+                         ctx.bias_grad, cos, sin, ctx.backend)  # fused RoPE: gradients w.r.t. the unrotated q, k
     dbias = reduce_to_shape(ds, ctx.bias_shape).to(attn_bias.dtype) if ctx.bias_grad else None
     if ctx.bias_zero_grad:
         dbias = torch.zeros_like(attn_bias)

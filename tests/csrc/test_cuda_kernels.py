@@ -79,9 +79,9 @@ def test_cuda_kernels_compile_without_spills(arch, tmp_path):
             elif "spill stores" in line:
                 stores = int(line.split("bytes spill stores")[0].split(",")[-1])
                 assert stores == 0, f"{name}: {entry} spills on {arch}: {line.strip()}"
-    # attention: 2 dtypes x 4 head dims, forward, dK/dV and dQ, plus 2 delta kernels; rope: 5
-    # dtype pairs x 2 widths x 2 layouts; window attention: 12 forward + 12 backward
-    assert kernels == 3 * 8 + 2 + 20 + 2 * 12
+    # attention: 2 dtypes x 4 head dims, forward, dK/dV (plain and RoPE) and dQ, plus 2 delta kernels; rope:
+    # 5 dtype pairs x 2 widths x 2 layouts; window attention: 12 forward + 12 backward
+    assert kernels == 4 * 8 + 2 + 20 + 2 * 12
 
 
 def test_cuda_backend_needs_cuda_tensors():
