@@ -164,6 +164,46 @@ def test_emulated_random_shapes(cuda_on_cpu, monkeypatch):
     assert not failed, "\n".join(f"{c}: {e}" for c, e in failed)
 
 
+def _bad_op_calls():
+    """(what, call(ops), message) for calls of the CUDA ops themselves (torch.ops.dlcv_fast_cuda.*, as a user of
+    the raw ops would make them) that their host code must refuse with a RuntimeError naming the problem."""
+    h = torch.float16
+    q = torch.randn(1, 2, 10, 64, dtype=h)
+    cos = torch.rand(10, 32)
+    qkv = torch.randn(1, 7, 7, 3 * 64, dtype=h)
+    lse = torch.zeros(1, 2, 10)
+    yield "fp32 q", lambda o: o.attention_fwd(q.float(), q.float(), q.float(), None, None, False, 0, 0.1), \
+        "must all be float16 or all bfloat16"
+    yield "head dim 36", lambda o: o.attention_fwd(q[..., :36], q[..., :36], q[..., :36], None, None, False, 0, 0.1), \
+        "multiples of 8 up to 128"
+    odd = torch.randn(2 * 10 * 64 + 1, dtype=h)[1:].view(1, 2, 10, 64)  # data 2 bytes past 16-byte alignment
+    yield "misaligned", lambda o: o.attention_fwd(odd, q, q, None, None, False, 0, 0.1), "16-byte aligned"
+    yield "rope cos only", lambda o: o.attention_fwd(q, q, q, None, None, False, 0, 0.1, cos, None), "go together"
+    yield "rope length", lambda o: o.attention_fwd(q, q, q, None, None, False, 0, 0.1, cos[:9], cos[:9]), \
+        "9 positions"
+    yield "rope width", lambda o: o.attention_fwd(q, q, q, None, None, False, 0, 0.1, torch.rand(10, 40),
+                                                  torch.rand(10, 40)), "rotary dim 2R=80"
+    yield "bwd lse shape", lambda o: o.attention_bwd(q, q, q, q, q, lse[..., :9], None, None, False, 0, 0.1,
+                                                     False), "lse must be the forward's"
+    yield "bwd dout dtype", lambda o: o.attention_bwd(q.float(), q, q, q, q, lse, None, None, False, 0, 0.1, False), \
+        "dout must match q's shape, dtype and device"
+    yield "rope 3-D x", lambda o: o.rope(q[0], cos, cos, q[0].clone(), False, 1.0), "x must be 4-D"
+    yield "rope tables", lambda o: o.rope(q, cos[:, :8], cos, q.clone(), False, 1.0), "same shape and dtype"
+    yield "window heads", lambda o: o.window_attention_fwd(qkv, None, None, 5, 7, 7, 0, 0, 0.1), "qkv's 192"
+    yield "window size", lambda o: o.window_attention_fwd(qkv, None, None, 2, 9, 9, 0, 0, 0.1), \
+        "windows of at most 64 tokens, got 9x9"
+    yield "window shift", lambda o: o.window_attention_fwd(qkv, None, None, 2, 7, 7, 7, 0, 0.1), \
+        r"shift must be in \[0, window\)"
+    yield "window table", lambda o: o.window_attention_fwd(qkv, torch.zeros(10, 2), None, 2, 7, 7, 0, 0, 0.1), \
+        "rel_pos_bias_table"
+
+
+@pytest.mark.parametrize("what,call,match", list(_bad_op_calls()), ids=[c[0] for c in _bad_op_calls()])
+def test_emulated_ops_refuse_bad_inputs(emu_ops, what, call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call(emu_ops)
+
+
 # ------------------------------------------------------------------------------------------------
 # Window attention (window_attention.cu)
 # ------------------------------------------------------------------------------------------------

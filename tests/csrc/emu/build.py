@@ -76,7 +76,8 @@ def _static_shared(m: re.Match) -> str:
                                   for d in _split_declarators(body)[1:]]
     parts = []
     for name, dims in decls:
-        parts.append(f"static char emu_key_{name}_; auto& {name} = ::emu::shared_var<{type_} {dims}>(&emu_key_{name}_);")
+        key = f"emu_key_{name}_"
+        parts.append(f"static char {key}; auto& {name} = ::emu::shared_var<{type_} {dims}>(&{key});")
     return indent + " ".join(parts)
 
 
