@@ -79,13 +79,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (a.has_rope) {  // rotate this K block, and the first time the Q tile, in place
-      const float* cb = rope_cos + b * a.srb;
-      const float* sb = rope_sin + b * a.srb;
-      rope_tile<T, DP>(sk + stage * kBN * kLd, n0, a.Lk, cb, sb, a);
-      if (n0 == lo) rope_tile<T, DP>(sq, m0, a.Lq, cb, sb, a);
-      __syncthreads();
-    }
+    if (a.has_rope) rope_block<T, DP>(sk + stage * kBN * kLd, n0, sq, m0, n0 == lo, b, rope_cos, rope_sin, a);
     if (n0 == lo) {  // Q fragments (rows 16 warp.., all of the head dim), once
 #pragma unroll
       for (int ks = 0; ks < DP / 16; ++ks) load_a<T, DP>(qf[ks], sq, warp * 16, ks);
@@ -228,9 +222,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   auto lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
   at::Tensor bias, kpm;
   AttnArgs a = make_args(kOp, q, k, v, o, attn_bias, key_padding_mask, causal, prefix_len, scale, bias, kpm);
-  TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(), kOp, "rope_cos and rope_sin go together");
   at::Tensor cos32, sin32;
-  if (rope_cos.has_value()) rope_args(kOp, q, k, *rope_cos, *rope_sin, cos32, sin32, a);
+  rope_args(kOp, q, k, rope_cos, rope_sin, cos32, sin32, a);
   if (o.numel() == 0) return {o, lse};
   if (Lk == 0) return {o.zero_(), lse.fill_(-INFINITY)};
   c10::cuda::CUDAGuard guard(q.device());

@@ -21,7 +21,7 @@ struct AttnArgs {
   int H, group, Lq, Lk, prefix_len, head_dim;
   float qk_scale;  // scale * log2(e)
   bool causal, has_bias, has_kpm;
-  // RoPE inside the forward (half-split pairs c, c + rope_R of the first 2 rope_R channels), fp32 tables
+  // RoPE inside the kernels (half-split pairs c, c + rope_R of the first 2 rope_R channels), fp32 tables
   // (B or 1, N, rope_R) with batch stride srb (0: shared) and row stride rope_R
   bool has_rope;
   int rope_R;
@@ -93,6 +93,19 @@ __device__ __forceinline__ void rope_tile(T* tile, int pos0, int n_pos, const fl
     row[c] = from_float<T>(x0 * co - x1 * si);
     row[c + R] = from_float<T>(x1 * co + x0 * si);
   }
+}
+
+// The forward's and the dQ kernel's RoPE step once key block n0 has landed in sk_block: that block rotated and, on
+// the first block, the Q tile (queries from m0) too, then a barrier. cos / sin: all batches' tables (batch b's at
+// b * a.srb).
+template <typename T, int DP>
+__device__ __forceinline__ void rope_block(T* sk_block, int n0, T* sq, int m0, bool first, int b, const float* cos,
+                                           const float* sin, const AttnArgs& a) {
+  const float* cb = cos + b * a.srb;
+  const float* sb = sin + b * a.srb;
+  rope_tile<T, DP>(sk_block, n0, a.Lk, cb, sb, a);
+  if (first) rope_tile<T, DP>(sq, m0, a.Lq, cb, sb, a);
+  __syncthreads();
 }
 
 // K and V rows [n0, n0 + kBN) of one (batch, kv head) (kb, vb: its first key) into shared tiles sk, sv by cp.async
@@ -181,10 +194,15 @@ inline AttnArgs make_args(const char* op, const at::Tensor& q, const at::Tensor&
   return a;
 }
 
-// The RoPE tables as fp32 (B or 1, N, R) with a unit last stride, checked against q (half-split pairs; Lq = Lk = N),
-// into a's rope fields.
-inline void rope_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                      const at::Tensor& sin, at::Tensor& cos32, at::Tensor& sin32, AttnArgs& a) {
+// The optional RoPE tables as fp32 (B or 1, N, R) with a unit last stride (cos32 / sin32 stay undefined without
+// them), checked against q (half-split pairs; Lq = Lk = N), into a's rope fields.
+inline void rope_args(const char* op, const at::Tensor& q, const at::Tensor& k,
+                      const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
+                      at::Tensor& cos32, at::Tensor& sin32, AttnArgs& a) {
+  TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(), op, "rope_cos and rope_sin go together");
+  if (!rope_cos.has_value()) return;
+  const at::Tensor& cos = *rope_cos;
+  const at::Tensor& sin = *rope_sin;
   const int64_t B = q.size(0), Lq = q.size(2), D = q.size(3);
   TORCH_CHECK(cos.sizes() == sin.sizes() &&
                   (cos.dim() == 2 || (cos.dim() == 3 && (cos.size(0) == B || cos.size(0) == 1))),

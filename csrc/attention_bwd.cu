@@ -295,11 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (a.has_rope) {  // rotate this K block and, the first time, the Q tile, in place
-      rope_tile<T, DP>(sk + stage * kBN * kLd, n0, a.Lk, rope_cos + b * a.srb, rope_sin + b * a.srb, a);
-      if (n0 == lo) rope_tile<T, DP>(sq, m0, a.Lq, rope_cos + b * a.srb, rope_sin + b * a.srb, a);
-      __syncthreads();
-    }
+    if (a.has_rope) rope_block<T, DP>(sk + stage * kBN * kLd, n0, sq, m0, n0 == lo, b, rope_cos, rope_sin, a);
     const T* ks_ = sk + stage * kBN * kLd;
     const T* vs_ = sv + stage * kBN * kLd;
 
@@ -446,9 +442,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   BwdArgs args;
   at::Tensor bias, kpm;
   args.f = make_args(kOp, q, k, v, out, attn_bias, key_padding_mask, causal, prefix_len, scale, bias, kpm);
-  TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(), kOp, "rope_cos and rope_sin go together");
   at::Tensor cos32, sin32;
-  if (rope_cos.has_value()) rope_args(kOp, q, k, *rope_cos, *rope_sin, cos32, sin32, args.f);
+  rope_args(kOp, q, k, rope_cos, rope_sin, cos32, sin32, args.f);
   const AttnArgs& a = args.f;
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2);
   TORCH_CHECK(dout_in.device() == q.device() && dout_in.scalar_type() == q.scalar_type() &&

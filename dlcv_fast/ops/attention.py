@@ -282,9 +282,9 @@ _attention = _eager.routed(attention_fwd, _eager.autograd_function(
 
 def fusable_rope(q, k, rope) -> bool:
     """Whether ``rope=(cos, sin)`` can be handled inside the attention op (the Triton route: rotation passes
-    before the kernel; the CUDA route: rotation inside its forward kernel; the backward recomputes the
-    rotation): tables shared by all heads ((N, R) or (B, N, R)), constant (no learnable frequencies), and
-    Lq = Lk = N. Otherwise the caller rotates q and k with the standalone RoPE op first."""
+    before its kernels, forward and backward; the CUDA route: rotation inside its kernels): tables shared by
+    all heads ((N, R) or (B, N, R)), constant (no learnable frequencies), and Lq = Lk = N. Otherwise the caller
+    rotates q and k with the standalone RoPE op first."""
     cos, sin = rope
     return (cos.dim() in (2, 3) and not (cos.requires_grad or sin.requires_grad)
             and q.shape[2] == k.shape[2] == cos.shape[-2])

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import dlcv_fast
-from dlcv_fast import backend as _backend
 from tests.csrc import test_cuda_kernels as gpu_tests
 from tests.csrc.emu import build as emu_build
+from tests.csrc.emu import fuzz
 from tests.kernels import test_attention as attn_tests
 from tests.kernels import test_window_attention as win_tests
 
@@ -45,16 +45,7 @@ def emu_ops():
 @pytest.fixture
 def cuda_on_cpu(emu_ops, monkeypatch):
     """Backend "cuda" on CPU tensors runs the emulated kernels (ops without a CUDA kernel: their default)."""
-    real_resolve = _backend.resolve
-
-    def resolve(device, backend=None, op=None):
-        name = backend if backend is not None else _backend.get_backend()
-        if name == "cuda" and op in _backend.CUDA_OPS:
-            return "cuda"
-        return real_resolve(device, backend, op)
-
-    monkeypatch.setattr(_backend, "resolve", resolve)
-    monkeypatch.setattr(_backend, "cuda_op", lambda name: getattr(emu_ops, name))
+    fuzz.route_cuda_to_emulation(emu_ops, monkeypatch.setattr)
     monkeypatch.setenv("DLCV_FAST_EMU_SEED", "0")
     return emu_ops
 
@@ -157,8 +148,6 @@ def test_emulated_random_shapes(cuda_on_cpu, monkeypatch):
     """A fixed-seed slice of the random-shape sweep (tests/csrc/emu/fuzz.py: attention and window attention
     problems anywhere in the kernels' scope, RoPE inside the forward, thread-schedule seeds); longer sweeps run
     with ``python -m tests.csrc.emu.fuzz --minutes M --seed S``."""
-    from tests.csrc.emu import fuzz
-
     monkeypatch.setenv("DLCV_FAST_EMU_SMS", "132")  # restored after the test (the sweep sets it per case)
     failed = fuzz.sweep(seed=2026, trials=40)
     assert not failed, "\n".join(f"{c}: {e}" for c, e in failed)

@@ -69,11 +69,11 @@ def _split_declarators(text: str) -> list[str]:
 def _static_shared(m: re.Match) -> str:
     """``__shared__ [__align__(n)] TYPE a[..], b[..];`` -> one emu::shared_var reference per declarator."""
     indent, body = m.group(1), m.group(2)
-    body = re.sub(r"__align__\(\s*\d+\s*\)", "", body).strip()
-    first = re.match(r"(.*?)\b(\w+)\s*((?:\[[^\]]*\])*)\s*$", _split_declarators(body)[0])
+    declarators = _split_declarators(re.sub(r"__align__\(\s*\d+\s*\)", "", body).strip())
+    first = re.match(r"(.*?)\b(\w+)\s*((?:\[[^\]]*\])*)\s*$", declarators[0])
     type_ = first.group(1).strip()
     decls = [first.group(2, 3)] + [re.match(r"(\w+)\s*((?:\[[^\]]*\])*)$", d).group(1, 2)
-                                  for d in _split_declarators(body)[1:]]
+                                  for d in declarators[1:]]
     parts = []
     for name, dims in decls:
         key = f"emu_key_{name}_"

@@ -98,8 +98,8 @@ struct Warp {
 };
 
 struct DeviceProp {
-  int major = 9, minor = 0, multiProcessorCount = 132;
-  size_t sharedMemPerBlockOptin = 227 * 1024, sharedMemPerBlock = 48 * 1024;
+  int major = 9, multiProcessorCount = 132;
+  size_t sharedMemPerBlockOptin = 227 * 1024;
 };
 
 struct State {
@@ -163,11 +163,8 @@ inline void arrive_wait(Barrier& b, const char* what) {
     fail(std::string("threads of one group wait at different barriers: ") + what + " and " + b.what);
   ++s.events;
   const long gen = b.gen;
-  if (++b.arrived >= b.expected) {
-    b.arrived = 0;
-    ++b.gen;
-    return;
-  }
+  ++b.arrived;
+  release_if_complete(b);  // the last to arrive goes on
   while (b.gen == gen) yield();
 }
 

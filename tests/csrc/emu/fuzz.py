@@ -25,8 +25,9 @@ MASKS = ["none", "causal", "padding", "leftpad", "holes", "prefix", "bias", "bia
          "causal+padding", "prefix+padding", "causal+padding+bias", "causal+leftpad", "leftpad+bias_full"]
 
 
-def route_cuda_to_emulation(ops):
-    """Backend "cuda" on CPU tensors -> the emulated ops (what test_cuda_emulated.py's fixture does)."""
+def route_cuda_to_emulation(ops, setattr=setattr):
+    """Backend "cuda" on CPU tensors -> the emulated ops (ops without a CUDA kernel: their default). ``setattr``:
+    how to patch dlcv_fast.backend (test_cuda_emulated.py's fixture passes pytest's monkeypatch.setattr)."""
     real = _backend.resolve
 
     def resolve(device, backend=None, op=None):
@@ -34,8 +35,8 @@ def route_cuda_to_emulation(ops):
             return "cuda"
         return real(device, backend, op)
 
-    _backend.resolve = resolve
-    _backend.cuda_op = lambda name: getattr(ops, name)
+    setattr(_backend, "resolve", resolve)
+    setattr(_backend, "cuda_op", lambda name: getattr(ops, name))
 
 
 def attention_case(rng: random.Random) -> dict:
