@@ -6,7 +6,11 @@ the host compiler through ``torch.utils.cpp_extension.load`` (cached by content 
 window_attention_bwd) with the same schemas, taking CPU tensors. Needs the CUDA toolkit's headers (cuda_fp16.h and
 friends; nothing is linked from it) and a C++ compiler. ``python -m tests.csrc.emu.build`` builds it once.
 
-``DLCV_FAST_EMU_ASAN=1`` builds it with AddressSanitizer, to catch a kernel reading or writing outside a tensor
+The kernels are compiled with GCC's ThreadSanitizer instrumentation (``-fsanitize=thread``) but not its runtime:
+every load and store of the kernel code calls a hook of cuda_emu.h's race check, which reports unordered accesses
+to one byte by two threads or blocks (``DLCV_FAST_EMU_RACECHECK=0`` turns it off at run time).
+
+``DLCV_FAST_EMU_ASAN=1`` builds it with AddressSanitizer instead (no race check then), to catch a kernel reading or writing outside a tensor
 (the emulation cannot see global-memory bounds otherwise); run Python with the sanitizer and libstdc++ preloaded
 (triton's module throws C++ exceptions at import), e.g.
 ``LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0
@@ -23,7 +27,8 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-CSRC = ROOT / "csrc"
+# the kernel sources (another copy of them through DLCV_FAST_EMU_CSRC, as tests/csrc/emu/barriers.py does)
+CSRC = Path(os.environ.get("DLCV_FAST_EMU_CSRC", ROOT / "csrc"))
 HERE = Path(__file__).resolve().parent
 
 _DROPPED_INCLUDES = ("ATen/cuda/CUDAContext.h", "c10/cuda/CUDAGuard.h", "c10/cuda/CUDAException.h", "mma.h")
@@ -125,6 +130,8 @@ def _build(name: str, files, digest: str, verbose: bool):
         raise FileNotFoundError("the CUDA toolkit's headers (cuda_fp16.h) were not found; set CUDA_HOME")
     asan = os.environ.get("DLCV_FAST_EMU_ASAN") == "1"
     out = ROOT / "build" / "emu" / f"{name}-{digest}{'-asan' if asan else ''}"
+    if os.environ.get("DLCV_FAST_EMU_OUT"):  # one directory for successive variants: ninja rebuilds what changed
+        out = Path(os.environ["DLCV_FAST_EMU_OUT"]) / name
     src_dir = out / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     sources = []
@@ -145,7 +152,9 @@ def _build(name: str, files, digest: str, verbose: bool):
         # -fno-strict-aliasing: the kernels move 16-byte vectors through reinterpret_cast (uint4 <-> T), as CUDA
         # code does; GCC's type-based alias analysis would drop those stores
         extra_cflags=["-O2", "-fno-strict-aliasing", "-DDLCV_FAST_EMU", "-Wno-unknown-pragmas",
-                      "-Wno-unused-variable"] + (["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []),
+                      "-Wno-unused-variable"] + (["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else
+                                                 # the race check's hooks (cuda_emu.h); no TSan runtime linked
+                                                 ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]),
         extra_ldflags=["-fsanitize=address"] if asan else [],
         is_python_module=False, verbose=verbose)
 

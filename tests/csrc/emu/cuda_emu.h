@@ -20,9 +20,12 @@
 //    leading dimensions that are multiples of 16 bytes;
 //  - shared memory starts as NaN bytes each block; the dynamic allocation ends at an inaccessible page (an
 //    access past the launch's byte count faults); a launch asking for more than 48 KB of dynamic shared memory
-//    needs the cudaFuncSetAttribute opt-in first, and never more than the device's limit.
-// Not modelled: timing, memory ordering between blocks, global-memory bounds (reads past a tensor are not
-// caught), floating-point summation order inside a tensor-core instruction (fp32 here, in k order).
+//    needs the cudaFuncSetAttribute opt-in first, and never more than the device's limit;
+//  - races (see "Race check"): two accesses to a byte of shared or global memory, one a write, that no barrier
+//    orders (threads of a block, lanes of a warp, or two blocks of a launch), whatever order the schedule ran
+//    them in; a cp.async destination touched while the copy is in flight.
+// Not modelled: timing, global-memory bounds (reads past a tensor are not caught; build.py's AddressSanitizer
+// build does that), floating-point summation order inside a tensor-core instruction (fp32 here, in k order).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -40,6 +43,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -64,6 +68,10 @@
 // __shared__ declarations are rewritten by build.py; one left over does not compile:
 #define __shared__ __shared_memory_declaration_not_rewritten_by_build_py__
 
+// The emulation's own code is left out of the race check's instrumentation (see "Race check" below): its
+// bookkeeping is not the kernel's memory traffic. Lambdas inside such functions need the attribute too.
+#define EMU_NOSAN __attribute__((no_sanitize_thread))
+
 namespace emu {
 
 constexpr size_t kStack = 256 * 1024;
@@ -80,6 +88,7 @@ struct Fiber {
   uint3 tid;
   int linear = 0;
   bool done = false;
+  int quiet = 0;  // > 0 while the emulation's own code runs for this thread: the race check's hooks ignore it
   std::vector<Copy> open;                 // cp.async issued since the last commit
   std::vector<std::vector<Copy>> groups;  // committed, not yet waited for
 };
@@ -87,6 +96,7 @@ struct Fiber {
 struct Barrier {
   int expected = 0, arrived = 0;
   long gen = 0;
+  long syncs = 0;  // releases of __syncwarp: the only warp-wide operation that orders memory (the race check)
   const char* what = "";
 };
 
@@ -95,6 +105,19 @@ struct Warp {
   int size = 0, live = 0;
   uint32_t u32[32][8];
   const void* ptr[32];
+};
+
+// The race check's record of one byte (see "Race check" below): the last write and the reads since, each as
+// (block, thread, __syncthreads generation, __syncwarp generation of the thread's warp).
+struct Cell {
+  uint32_t stamp = 0;  // shared memory: the block the record belongs to (a stale stamp reads as no record)
+  int32_t wblock = -1, rblock = -1;
+  int16_t wthr = -1, rthr = -1;  // -1: none
+  int16_t rwarp = -1;            // the warp of every read since the last block barrier, or -1: several warps
+  int16_t pending = -1;          // the thread whose cp.async to this byte has not been waited for
+  bool rmulti = false;           // reads by more than one thread of rblock since its last block barrier
+  bool rblocks = false;          // reads by more than one block in this launch
+  uint32_t wbgen = 0, wwgen = 0, rbgen = 0, rwgen = 0;
 };
 
 struct DeviceProp {
@@ -126,20 +149,38 @@ struct State {
   long events = 0;
   std::mt19937 rng;
   DeviceProp prop;
+  // race check
+  bool race_on = true;
+  uint32_t block_serial = 0;  // blocks run so far (all launches): a block's identity in the records
+  std::vector<Cell> race_dyn, race_arena;
+  std::unordered_map<uintptr_t, Cell> race_global;  // this launch's global-memory bytes touched by the kernel
 };
 
-inline State& st() {
+EMU_NOSAN inline State& st() {
   static State s;
   return s;
 }
 
-inline void yield() {
+EMU_NOSAN inline void yield() {
   State& s = st();
   swapcontext(&s.cur->ctx, &s.sched);
 }
 
+// For the scope of the emulation's own work inside a thread: EMU_NOSAN leaves a function's own loads and stores
+// uninstrumented, not those of the library templates it calls (containers, strings).
+struct Quiet {
+  Fiber* f;
+  EMU_NOSAN Quiet() : f(st().cur) {
+    if (f != nullptr) ++f->quiet;
+  }
+  EMU_NOSAN ~Quiet() {
+    if (f != nullptr) --f->quiet;
+  }
+};
+
 // Report a failure from inside a thread: recorded, and the thread parks until the launch gives up.
-[[noreturn]] inline void fail(const std::string& msg) {
+[[noreturn]] EMU_NOSAN inline void fail(const std::string& msg) {
+  Quiet quiet;
   State& s = st();
   if (s.cur == nullptr) throw std::runtime_error("dlcv_fast emu: " + msg);
   if (s.error.empty())
@@ -148,15 +189,17 @@ inline void yield() {
   for (;;) yield();
 }
 
-inline void release_if_complete(Barrier& b) {
+EMU_NOSAN inline void release_if_complete(Barrier& b) {
   if (b.arrived > 0 && b.arrived >= b.expected) {
     b.arrived = 0;
     ++b.gen;
+    if (std::strcmp(b.what, "__syncwarp") == 0) ++b.syncs;
     ++st().events;
   }
 }
 
-inline void arrive_wait(Barrier& b, const char* what) {
+EMU_NOSAN inline void arrive_wait(Barrier& b, const char* what) {
+  Quiet quiet;
   State& s = st();
   if (b.arrived == 0) b.what = what;
   else if (std::strcmp(b.what, what) != 0)
@@ -168,33 +211,35 @@ inline void arrive_wait(Barrier& b, const char* what) {
   while (b.gen == gen) yield();
 }
 
-inline Warp& this_warp() { return st().warps[st().cur->linear / 32]; }
-inline int lane_id() { return st().cur->linear % 32; }
+EMU_NOSAN inline Warp& this_warp() { return st().warps[st().cur->linear / 32]; }
+EMU_NOSAN inline int lane_id() { return st().cur->linear % 32; }
 
 // A warp-wide operation with every lane present: arrive, exchange, leave.
-inline Warp& warp_op(const char* what) {
+EMU_NOSAN inline Warp& warp_op(const char* what) {
+  Quiet quiet;
   Warp& w = this_warp();
   if (w.live != w.size) fail(std::string(what) + " with lanes of the warp already exited");
   return w;
 }
 
-inline bool in_smem(const void* p, size_t n) {
+EMU_NOSAN inline bool in_smem(const void* p, size_t n) {
   const State& s = st();
   auto c = static_cast<const unsigned char*>(p);
   if (s.dyn != nullptr && c >= s.dyn && c + n <= s.dyn + s.dyn_size) return true;
   return c >= s.arena && c + n <= s.arena + s.arena_used;
 }
 
-inline bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+EMU_NOSAN inline bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
 
-inline const uint3& thread_idx() { return st().cur->tid; }
+EMU_NOSAN inline const uint3& thread_idx() { return st().cur->tid; }
 
-inline unsigned char* dynamic_smem() { return st().dyn; }
+EMU_NOSAN inline unsigned char* dynamic_smem() { return st().dyn; }
 
 // The block's instance of a static __shared__ variable of type A (key: the address of a static local unique to
 // the declaration and template instance).
 template <typename A>
-A& shared_var(const void* key) {
+EMU_NOSAN A& shared_var(const void* key) {
+  Quiet quiet;
   State& s = st();
   auto it = s.statics.find(key);
   if (it == s.statics.end()) {
@@ -206,14 +251,186 @@ A& shared_var(const void* key) {
   return *static_cast<A*>(it->second);
 }
 
-inline void complete(std::vector<Copy>& group) {
+// ---- Race check ----
+// build.py compiles the kernels with GCC's -fsanitize=thread instrumentation but without its runtime: every load
+// and store of the kernels' code calls a __tsan_* hook, defined at the end of this file, that lands here (the
+// emulation's own functions are EMU_NOSAN). The collective operations (cp.async, ldmatrix, WMMA) report their
+// memory traffic themselves. A byte's accesses by two threads are ordered when they are the same thread, or a
+// __syncthreads was passed in between (the block barrier's generation moved), or both are in one warp and a
+// __syncwarp was passed in between. The other warp-wide operations (shuffles, ldmatrix, mma.sync, WMMA) make the
+// lanes converge but do not order their memory accesses (the CUDA memory model; the compiler may move a
+// shared-memory store across a shuffle), so they do not count. Two accesses
+// to a byte, at least one a write, that are not ordered are a race, reported as a RuntimeError: read after
+// write, write after read and write after write, in shared memory (per block) and in global memory, where
+// accesses by two blocks of one launch are never ordered (no grid-wide sync, no atomics in csrc/). A cp.async is
+// in flight from its issue to the cp.async.wait_group that covers it: any access to its destination meanwhile is
+// a race, and other threads see the data only after a barrier that follows the wait. The check is per byte and
+// independent of the schedule: it judges the order the barriers guarantee, not the order the emulation ran.
+// DLCV_FAST_EMU_RACECHECK=0 turns it off (the results are then judged by their values only).
+namespace race {
+
+// Set while a launch with the check on runs its blocks. The hooks test it before anything else: they are also
+// called from instrumented host code, the emulation state's own constructor among it.
+inline bool live = false;
+
+struct Access {
+  int32_t block;
+  int16_t thr, warp;
+  uint32_t bgen, wgen;
+};
+
+EMU_NOSAN inline Access current() {
+  State& s = st();
+  const int t = s.cur->linear;
+  return Access{int32_t(s.block_serial), int16_t(t), int16_t(t / 32), uint32_t(s.block_bar.gen),
+                uint32_t(s.warps[t / 32].bar.syncs)};
+}
+
+// Whether an earlier access (block, thread, generations) is ordered before the access `a`.
+EMU_NOSAN inline bool ordered(int32_t block, int16_t thr, uint32_t bgen, uint32_t wgen, const Access& a) {
+  if (block != a.block) return false;
+  if (thr == a.thr || a.bgen != bgen) return true;  // generations only grow
+  return thr / 32 == a.warp && a.wgen != wgen;
+}
+
+// Who made the earlier access, for the report.
+EMU_NOSAN inline std::string who(bool other_block, int thr) {
+  if (other_block) return "another block of the launch (blocks are not ordered)";
+  return thr >= 0 ? "thread " + std::to_string(thr) + " with no barrier between" : "another thread with no barrier between";
+}
+
+[[noreturn]] EMU_NOSAN inline void report(const char* kind, const char* space, size_t where, const Access& a,
+                                          const char* verb, const std::string& other) {
+  char at[32];
+  std::snprintf(at, sizeof(at), std::strcmp(space, "global memory") == 0 ? "at %#zx" : "byte %zu", where);
+  fail(std::string("race (") + kind + ") on " + space + " " + at + ": thread " +
+       std::to_string(a.thr) + " " + verb + " " + other);
+}
+
+EMU_NOSAN inline void on_read(Cell& c, const Access& a, const char* space, size_t where) {
+  if (c.pending >= 0) {
+    if (c.pending == a.thr) fail("reads its cp.async destination (" + std::string(space) + " byte " +
+                                 std::to_string(where) + ") before the cp.async.wait_group that covers it");
+    report("read of a cp.async in flight", space, where, a, "reads the destination of a cp.async that thread",
+           std::to_string(c.pending) + " has not waited for (cp.async.wait_group, then a barrier)");
+  }
+  if (c.wthr >= 0 && !ordered(c.wblock, c.wthr, c.wbgen, c.wwgen, a))
+    report("read after write", space, where, a, "reads what was written by", who(c.wblock != a.block, c.wthr));
+  if (c.rthr < 0 || (c.rblock == a.block && c.rbgen != a.bgen)) {  // the first read since the last block barrier
+    c.rthr = a.thr;
+    c.rblock = a.block;
+    c.rbgen = a.bgen;
+    c.rwgen = a.wgen;
+    c.rwarp = a.warp;
+    c.rmulti = false;
+  } else if (c.rblock != a.block) {
+    c.rblocks = true;
+  } else {
+    c.rmulti |= a.thr != c.rthr;
+    if (a.warp != c.rwarp) c.rwarp = -1;
+    c.rwgen = std::max(c.rwgen, a.wgen);
+  }
+}
+
+// The checks of a write (a store, or a cp.async at its issue); `record`: note it as the byte's last write.
+EMU_NOSAN inline void on_write(Cell& c, const Access& a, const char* space, size_t where, bool record = true) {
+  if (c.pending == a.thr) fail("writes its cp.async destination (" + std::string(space) + " byte " +
+                               std::to_string(where) + ") before the cp.async.wait_group that covers it");
+  if (c.pending >= 0)
+    report("write to a cp.async in flight", space, where, a, "writes the destination of a cp.async that thread",
+           std::to_string(c.pending) + " has not waited for (cp.async.wait_group, then a barrier)");
+  if (c.wthr >= 0 && !ordered(c.wblock, c.wthr, c.wbgen, c.wwgen, a))
+    report("write after write", space, where, a, "overwrites what was written by", who(c.wblock != a.block, c.wthr));
+  if (c.rthr >= 0) {
+    if (c.rblocks || c.rblock != a.block)
+      report("write after read", space, where, a, "writes what was read by", who(true, -1));
+    const bool others = c.rthr != a.thr || c.rmulti;
+    const bool warp_synced = c.rwarp == a.warp && a.wgen != c.rwgen;
+    if (c.rbgen == a.bgen && others && !warp_synced)
+      report("write after read", space, where, a, "writes what was read by",
+             who(false, c.rthr == a.thr ? -1 : c.rthr));
+  }
+  if (!record) return;
+  c.wblock = a.block;
+  c.wthr = a.thr;
+  c.wbgen = a.bgen;
+  c.wwgen = a.wgen;
+  c.rthr = -1;
+  c.rmulti = c.rblocks = false;
+}
+
+enum Kind { kRead, kWrite, kAsyncIssue, kAsyncLand };
+
+// The record of byte p, or nullptr where nothing is checked (the thread's own stack, the emulation's state).
+EMU_NOSAN inline Cell* cell(const unsigned char* p, const char** space, size_t* where) {
+  State& s = st();
+  if (s.dyn != nullptr && p >= s.dyn && p < s.dyn + s.dyn_size) {
+    *space = "dynamic shared memory";
+    *where = size_t(p - s.dyn);
+    Cell& c = s.race_dyn[*where];
+    if (c.stamp != s.block_serial) c = Cell{s.block_serial};
+    return &c;
+  }
+  if (p >= s.arena && p < s.arena + kStaticSmem) {
+    *space = "static shared memory";
+    *where = size_t(p - s.arena);
+    Cell& c = s.race_arena[*where];
+    if (c.stamp != s.block_serial) c = Cell{s.block_serial};
+    return &c;
+  }
+  const unsigned char* stack = reinterpret_cast<unsigned char*>(s.stacks[s.cur->linear]);
+  if (p >= stack && p < stack + kStack) return nullptr;
+  if (p >= reinterpret_cast<const unsigned char*>(&s) && p < reinterpret_cast<const unsigned char*>(&s + 1))
+    return nullptr;  // blockIdx, gridDim, blockDim
+  *space = "global memory";
+  *where = reinterpret_cast<uintptr_t>(p);
+  return &s.race_global[*where];
+}
+
+EMU_NOSAN inline void access(const void* p, size_t n, Kind kind) {
+  if (!live) return;
+  State& s = st();
+  if (s.cur == nullptr) return;
+  Quiet quiet;
+  const Access a = current();
+  for (size_t i = 0; i < n; ++i) {
+    const char* space;
+    size_t where;
+    Cell* c = cell(static_cast<const unsigned char*>(p) + i, &space, &where);
+    if (c == nullptr) continue;
+    switch (kind) {
+      case kRead: on_read(*c, a, space, where); break;
+      case kWrite: on_write(*c, a, space, where); break;
+      case kAsyncIssue:
+        on_write(*c, a, space, where, false);
+        c->pending = a.thr;
+        break;
+      case kAsyncLand:
+        c->pending = -1;
+        on_write(*c, a, space, where);
+        break;
+    }
+  }
+}
+
+// A load or store of the kernel's code (the instrumentation's hooks).
+EMU_NOSAN inline void hook(const void* p, size_t n, Kind kind) {
+  if (!live) return;
+  const Fiber* f = st().cur;
+  if (f != nullptr && f->quiet == 0) access(p, n, kind);
+}
+
+}  // namespace race
+
+EMU_NOSAN inline void complete(std::vector<Copy>& group) {
   for (const Copy& c : group) {
+    race::access(c.dst, 16, race::kAsyncLand);
     if (c.valid) std::memcpy(c.dst, c.src, 16);
     else std::memset(c.dst, 0, 16);
   }
 }
 
-inline void on_exit() {
+EMU_NOSAN inline void on_exit() {
   State& s = st();
   Fiber& f = *s.cur;
   f.done = true;
@@ -226,17 +443,18 @@ inline void on_exit() {
   release_if_complete(s.block_bar);
 }
 
-inline void trampoline() {
+EMU_NOSAN inline void trampoline() {
   st().body();
   on_exit();
 }  // returns to the scheduler (uc_link)
 
-inline void map_dynamic(size_t bytes) {
+EMU_NOSAN inline void map_dynamic(size_t bytes) {
   State& s = st();
   if (s.dyn_map != nullptr) munmap(s.dyn_map, s.dyn_map_size);
   s.dyn_map = nullptr;
   s.dyn = nullptr;
   s.dyn_size = bytes;
+  s.race_dyn.assign(bytes, Cell());
   if (bytes == 0) return;
   const size_t page = size_t(sysconf(_SC_PAGESIZE));
   const size_t body = (bytes + page - 1) / page * page;
@@ -248,17 +466,18 @@ inline void map_dynamic(size_t bytes) {
   s.dyn = base + body - (bytes + 127) / 128 * 128;
 }
 
-inline uint64_t splitmix64(uint64_t x) {
+EMU_NOSAN inline uint64_t splitmix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return x ^ (x >> 31);
 }
 
-inline void run_block(const dim3& bid, unsigned seed) {
+EMU_NOSAN inline void run_block(const dim3& bid, unsigned seed) {
   State& s = st();
   const int n = s.nthreads;
   s.bid = bid;
+  ++s.block_serial;
   // the block's schedule: a function of the seed and the block's place only
   s.rng.seed(uint32_t(splitmix64(splitmix64(seed) ^ (uint64_t(bid.z) << 42 | uint64_t(bid.y) << 21 | bid.x))));
   while (int(s.stacks.size()) < n) s.stacks.push_back(static_cast<char*>(std::malloc(kStack)));
@@ -292,11 +511,12 @@ inline void run_block(const dim3& bid, unsigned seed) {
   for (int i = 0; i < n; ++i) order[i] = i;
   for (int w = 0; w < int(warp_order.size()); ++w) warp_order[w] = w;
   int live = n;
-  auto step = [&](int i) {  // resume thread i until it waits or exits
+  auto step = [&](int i) EMU_NOSAN {  // resume thread i until it waits or exits
     Fiber& f = s.fibers[i];
     if (f.done) return;
     s.cur = &f;
     swapcontext(&s.sched, &f.ctx);
+    s.cur = nullptr;  // the scheduler's own work is nobody's
     if (f.done) --live;
   };
   while (live > 0 && s.error.empty()) {
@@ -324,12 +544,12 @@ inline void run_block(const dim3& bid, unsigned seed) {
   s.cur = nullptr;
 }
 
-inline unsigned seed_from_env() {
+EMU_NOSAN inline unsigned seed_from_env() {
   const char* e = std::getenv("DLCV_FAST_EMU_SEED");
   return e != nullptr ? unsigned(std::strtoul(e, nullptr, 10)) : 0u;
 }
 
-inline const DeviceProp* device_prop() {
+EMU_NOSAN inline const DeviceProp* device_prop() {
   State& s = st();
   if (const char* e = std::getenv("DLCV_FAST_EMU_SMS")) s.prop.multiProcessorCount = std::atoi(e);
   if (const char* e = std::getenv("DLCV_FAST_EMU_SMEM_OPTIN")) s.prop.sharedMemPerBlockOptin = std::atol(e);
@@ -343,7 +563,7 @@ struct Launch {
   size_t smem;
 
   template <typename... A>
-  void operator()(A&&... args) {
+  EMU_NOSAN void operator()(A&&... args) {
     State& s = st();
     const int n = int(block.x * block.y * block.z);
     if (n < 1 || n > 1024) throw std::runtime_error("dlcv_fast emu: block of " + std::to_string(n) + " threads");
@@ -355,8 +575,11 @@ struct Launch {
                                " bytes of dynamic shared memory; allowed " + std::to_string(std::min(allowed, limit)));
     std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
     auto fnp = fn;
-    s.body = [fnp, &params]() {
-      auto copy = params;  // each thread its own copy of the parameters
+    s.body = [fnp, &params]() EMU_NOSAN {
+      auto copy = [&] EMU_NOSAN {  // each thread its own copy of the parameters
+        Quiet quiet;
+        return params;
+      }();
       std::apply(fnp, copy);
     };
     s.grid = grid;
@@ -364,10 +587,16 @@ struct Launch {
     s.nthreads = n;
     const unsigned seed = seed_from_env();
     s.error.clear();
+    const char* race = std::getenv("DLCV_FAST_EMU_RACECHECK");
+    s.race_on = race == nullptr || std::strcmp(race, "0") != 0;
+    s.race_arena.resize(kStaticSmem);
+    s.race_global.clear();
     map_dynamic(smem);
+    race::live = s.race_on;
     for (unsigned z = 0; z < grid.z && s.error.empty(); ++z)
       for (unsigned y = 0; y < grid.y && s.error.empty(); ++y)
         for (unsigned x = 0; x < grid.x && s.error.empty(); ++x) run_block(dim3(x, y, z), seed);
+    race::live = false;
     s.body = nullptr;
     if (!s.error.empty()) {
       std::string msg = "dlcv_fast emu: " + s.error;
@@ -378,14 +607,14 @@ struct Launch {
 };
 
 template <typename... P>
-Launch<P...> launch(void (*fn)(P...), dim3 grid, dim3 block, size_t smem = 0, int /*stream*/ = 0) {
+EMU_NOSAN Launch<P...> launch(void (*fn)(P...), dim3 grid, dim3 block, size_t smem = 0, int /*stream*/ = 0) {
   return Launch<P...>{fn, grid, block, smem};
 }
 
 inline uint16_t half_bits(uint32_t reg, int hi) { return uint16_t(hi ? reg >> 16 : reg & 0xffffu); }
 
 template <typename T>
-float bits_to_float(uint16_t b) {
+EMU_NOSAN float bits_to_float(uint16_t b) {
   T v;
   std::memcpy(&v, &b, 2);
   if constexpr (std::is_same_v<T, __half>) return __half2float(v);
@@ -401,13 +630,13 @@ float bits_to_float(uint16_t b) {
 #define blockDim (::emu::st().block)
 #define gridDim (::emu::st().grid)
 
-inline void __syncthreads() { ::emu::arrive_wait(::emu::st().block_bar, "__syncthreads"); }
-inline void __syncwarp(unsigned = 0xffffffffu) {
+EMU_NOSAN inline void __syncthreads() { ::emu::arrive_wait(::emu::st().block_bar, "__syncthreads"); }
+EMU_NOSAN inline void __syncwarp(unsigned = 0xffffffffu) {
   ::emu::arrive_wait(::emu::warp_op("__syncwarp").bar, "__syncwarp");
 }
 
 template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+EMU_NOSAN T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
   if (mask != 0xffffffffu) ::emu::fail("__shfl_xor_sync with a partial mask is not modelled");
   ::emu::Warp& w = ::emu::warp_op("__shfl_xor_sync");
@@ -433,9 +662,9 @@ inline typename std::common_type<A, B>::type max(A a, B b) { return a < b ? b : 
 
 namespace at {
 namespace cuda {
-inline int getCurrentCUDAStream() { return 0; }
-inline const ::emu::DeviceProp* getCurrentDeviceProperties() { return ::emu::device_prop(); }
-inline const ::emu::DeviceProp* getDeviceProperties(int) { return ::emu::device_prop(); }
+EMU_NOSAN inline int getCurrentCUDAStream() { return 0; }
+EMU_NOSAN inline const ::emu::DeviceProp* getCurrentDeviceProperties() { return ::emu::device_prop(); }
+EMU_NOSAN inline const ::emu::DeviceProp* getDeviceProperties(int) { return ::emu::device_prop(); }
 }  // namespace cuda
 }  // namespace at
 
@@ -448,7 +677,7 @@ struct CUDAGuard {
 }  // namespace c10
 
 template <typename... P>
-cudaError_t cudaFuncSetAttribute(void (*fn)(P...), cudaFuncAttribute attr, int value) {
+EMU_NOSAN cudaError_t cudaFuncSetAttribute(void (*fn)(P...), cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
     if (size_t(value) > ::emu::device_prop()->sharedMemPerBlockOptin) return cudaErrorInvalidValue;
     ::emu::st().optin[reinterpret_cast<const void*>(fn)] = value;
@@ -457,7 +686,7 @@ cudaError_t cudaFuncSetAttribute(void (*fn)(P...), cudaFuncAttribute attr, int v
 }
 
 template <typename... P>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void (*)(P...), int threads, size_t smem) {
+EMU_NOSAN cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void (*)(P...), int threads, size_t smem) {
   const size_t per_sm = 228 * 1024;
   *n = int(std::min<size_t>(2048 / size_t(threads), smem > 0 ? per_sm / (smem + 1024) : 32));
   return cudaSuccess;
@@ -477,21 +706,26 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void (*)(P...)
 namespace dlcv_fast {
 namespace mma {
 
-inline void cp_async16(void* dst, const void* src, bool valid) {
+EMU_NOSAN inline void cp_async16(void* dst, const void* src, bool valid) {
+  emu::Quiet quiet;
   if (!emu::in_smem(dst, 16)) emu::fail("cp.async destination outside shared memory");
   if (!emu::aligned(dst, 16) || !emu::aligned(src, 16)) emu::fail("cp.async of 16 bytes from/to a misaligned address");
+  emu::race::access(dst, 16, emu::race::kAsyncIssue);
+  if (valid) emu::race::access(src, 16, emu::race::kRead);
   std::memset(dst, 0xff, 16);  // NaN until the wait that covers it
   emu::st().cur->open.push_back({dst, src, valid});
 }
 
-inline void cp_async_commit() {
+EMU_NOSAN inline void cp_async_commit() {
+  emu::Quiet quiet;
   emu::Fiber& f = *emu::st().cur;
   f.groups.push_back(std::move(f.open));
   f.open.clear();
 }
 
 template <int N>
-void cp_async_wait() {
+EMU_NOSAN void cp_async_wait() {
+  emu::Quiet quiet;
   emu::Fiber& f = *emu::st().cur;
   while (int(f.groups.size()) > N) {
     emu::complete(f.groups.front());
@@ -499,10 +733,11 @@ void cp_async_wait() {
   }
 }
 
-inline void ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
+EMU_NOSAN inline void ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
   emu::Warp& w = emu::warp_op("ldmatrix");
   const int lane = emu::lane_id();
   if (!emu::in_smem(p, 16) || !emu::aligned(p, 16)) emu::fail("ldmatrix row address not 16-byte aligned shared memory");
+  emu::race::access(p, 16, emu::race::kRead);
   w.ptr[lane] = p;
   emu::arrive_wait(w.bar, "ldmatrix");
   const int g = lane / 4, t = lane % 4;
@@ -520,23 +755,23 @@ inline void ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
   }
   emu::arrive_wait(w.bar, "ldmatrix (read)");
 }
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ldmatrix(r, p, false); }
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { ldmatrix(r, p, true); }
+EMU_NOSAN inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ldmatrix(r, p, false); }
+EMU_NOSAN inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { ldmatrix(r, p, true); }
 
 // c += a (16x16, row) * b (16x8, col), the PTX ISA's fragment layouts (see mma.cuh).
 template <typename T>
-void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+EMU_NOSAN void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   emu::Warp& w = emu::warp_op("mma.sync");
   const int lane = emu::lane_id();
   for (int i = 0; i < 4; ++i) w.u32[lane][i] = a[i];
   w.u32[lane][4] = b0;
   w.u32[lane][5] = b1;
   emu::arrive_wait(w.bar, "mma.sync");
-  auto A = [&](int r, int k) {  // a0 (r, k), a1 (r + 8, k), a2 (r, k + 8), a3 (r + 8, k + 8)
+  auto A = [&](int r, int k) EMU_NOSAN {  // a0 (r, k), a1 (r + 8, k), a2 (r, k + 8), a3 (r + 8, k + 8)
     const uint32_t reg = w.u32[(r % 8) * 4 + (k % 8) / 2][(r / 8) + 2 * (k / 8)];
     return emu::bits_to_float<T>(emu::half_bits(reg, k % 2));
   };
-  auto B = [&](int k, int n) {  // b0 (rows 2t, 2t + 1; column g), b1 (rows 2t + 8, 2t + 9)
+  auto B = [&](int k, int n) EMU_NOSAN {  // b0 (rows 2t, 2t + 1; column g), b1 (rows 2t + 8, 2t + 9)
     const uint32_t reg = w.u32[n * 4 + (k % 8) / 2][4 + k / 8];
     return emu::bits_to_float<T>(emu::half_bits(reg, k % 2));
   };
@@ -574,14 +809,23 @@ struct fragment {
 };
 
 template <typename Use, typename T, typename L>
-void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float x) {
+EMU_NOSAN void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float x) {
   for (auto& row : f.v)
     for (float& e : row) e = x;
 }
 
-inline void check_ptr(const void* p, unsigned ld, size_t elem, const char* what) {
+EMU_NOSAN inline void check_ptr(const void* p, unsigned ld, size_t elem, const char* what) {
+  ::emu::Quiet quiet;
   if (!::emu::aligned(p, 32)) ::emu::fail(std::string(what) + ": pointer not 32-byte aligned");
   if ((size_t(ld) * elem) % 16 != 0) ::emu::fail(std::string(what) + ": leading dimension not a multiple of 16 bytes");
+}
+
+// The race check's view of a warp's tile load: lane i < 16 reads the tile's i-th line of 16 elements (rows or
+// columns, as laid out), so a write to the tile by another thread that is not ordered before the load is seen.
+template <typename T>
+EMU_NOSAN void read_share(const T* p, unsigned ld) {
+  const int lane = ::emu::lane_id();
+  if (lane < 16) ::emu::race::access(p + size_t(lane) * ld, 16 * sizeof(T), ::emu::race::kRead);
 }
 
 inline float elem(float x) { return x; }
@@ -590,10 +834,11 @@ inline float elem(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Operand tiles: matrix_a is (M, K), matrix_b is (K, N); row_major: element (r, c) at p[r * ld + c].
 template <typename Use, typename T, typename L>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ld) {
+EMU_NOSAN void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ld) {
   static_assert(std::is_same_v<L, row_major> || std::is_same_v<L, col_major>, "operand fragment needs a layout");
   ::emu::Warp& w = ::emu::warp_op("wmma::load_matrix_sync");
   check_ptr(p, ld, sizeof(T), "wmma::load_matrix_sync");
+  read_share(p, ld);
   ::emu::arrive_wait(w.bar, "wmma::load_matrix_sync");
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c)
@@ -602,9 +847,10 @@ void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned l
 }
 
 template <typename T>
-void load_matrix_sync(fragment<accumulator, 16, 16, 16, T, void>& f, const T* p, unsigned ld, layout_t layout) {
+EMU_NOSAN void load_matrix_sync(fragment<accumulator, 16, 16, 16, T, void>& f, const T* p, unsigned ld, layout_t layout) {
   ::emu::Warp& w = ::emu::warp_op("wmma::load_matrix_sync");
   check_ptr(p, ld, sizeof(T), "wmma::load_matrix_sync");
+  read_share(p, ld);
   ::emu::arrive_wait(w.bar, "wmma::load_matrix_sync");
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.v[r][c] = elem(layout == mem_row_major ? p[r * ld + c] : p[c * ld + r]);
@@ -612,19 +858,21 @@ void load_matrix_sync(fragment<accumulator, 16, 16, 16, T, void>& f, const T* p,
 }
 
 template <typename T>
-void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T, void>& f, unsigned ld, layout_t layout) {
+EMU_NOSAN void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T, void>& f, unsigned ld, layout_t layout) {
   ::emu::Warp& w = ::emu::warp_op("wmma::store_matrix_sync");
   check_ptr(p, ld, sizeof(T), "wmma::store_matrix_sync");
   ::emu::arrive_wait(w.bar, "wmma::store_matrix_sync");
   for (int i = ::emu::lane_id(); i < 256; i += 32) {  // each lane its share of the tile
     const int r = i / 16, c = i % 16;
-    p[layout == mem_row_major ? r * ld + c : c * ld + r] = f.v[r][c];
+    T* e = p + (layout == mem_row_major ? r * ld + c : c * ld + r);
+    ::emu::race::access(e, sizeof(T), ::emu::race::kWrite);
+    *e = f.v[r][c];
   }
   ::emu::arrive_wait(w.bar, "wmma::store_matrix_sync (written)");
 }
 
 template <typename TA, typename LA, typename TB, typename LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+EMU_NOSAN void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
               const fragment<matrix_b, 16, 16, 16, TB, LB>& b,
               const fragment<accumulator, 16, 16, 16, float, void>& c) {
   ::emu::Warp& w = ::emu::warp_op("wmma::mma_sync");
@@ -641,3 +889,59 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d, const fragment<
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---- the hooks of GCC's -fsanitize=thread instrumentation (the race check; no TSan runtime is linked) ----
+// Hidden and weak: each extension has its own copy, bound to its own emulation state.
+#define EMU_HOOK extern "C" __attribute__((visibility("hidden"), weak, no_sanitize_thread))
+#define EMU_RW(N)                                                                                         \
+  EMU_HOOK void __tsan_read##N(void* p) { ::emu::race::hook(p, N, ::emu::race::kRead); }              \
+  EMU_HOOK void __tsan_write##N(void* p) { ::emu::race::hook(p, N, ::emu::race::kWrite); }            \
+  EMU_HOOK void __tsan_unaligned_read##N(void* p) { ::emu::race::hook(p, N, ::emu::race::kRead); }    \
+  EMU_HOOK void __tsan_unaligned_write##N(void* p) { ::emu::race::hook(p, N, ::emu::race::kWrite); }
+EMU_RW(1)
+EMU_RW(2)
+EMU_RW(4)
+EMU_RW(8)
+EMU_RW(16)
+#undef EMU_RW
+EMU_HOOK void __tsan_read_range(void* p, unsigned long n) { ::emu::race::hook(p, n, ::emu::race::kRead); }
+EMU_HOOK void __tsan_write_range(void* p, unsigned long n) { ::emu::race::hook(p, n, ::emu::race::kWrite); }
+EMU_HOOK void __tsan_init() {}
+EMU_HOOK void __tsan_func_entry(void*) {}
+EMU_HOOK void __tsan_func_exit() {}
+EMU_HOOK void __tsan_vptr_update(void**, void*) {}
+EMU_HOOK void __tsan_vptr_read(void**) {}
+// Atomics are instrumented by replacement: the hook does the operation (seq_cst; the host code's reference counts
+// and such: the kernels have none).
+#define EMU_ATOMIC(N, T)                                                                                        \
+  EMU_HOOK T __tsan_atomic##N##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+  EMU_HOOK void __tsan_atomic##N##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+  EMU_HOOK T __tsan_atomic##N##_exchange(volatile T* a, T v, int) {                                           \
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                       \
+  }                                                                                                           \
+  EMU_HOOK T __tsan_atomic##N##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
+  EMU_HOOK T __tsan_atomic##N##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
+  EMU_HOOK T __tsan_atomic##N##_fetch_and(volatile T* a, T v, int) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
+  EMU_HOOK T __tsan_atomic##N##_fetch_or(volatile T* a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }   \
+  EMU_HOOK T __tsan_atomic##N##_fetch_xor(volatile T* a, T v, int) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
+  EMU_HOOK T __tsan_atomic##N##_fetch_nand(volatile T* a, T v, int) {                                         \
+    return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST);                                                       \
+  }                                                                                                           \
+  EMU_HOOK int __tsan_atomic##N##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {               \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                   \
+  }                                                                                                           \
+  EMU_HOOK int __tsan_atomic##N##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                 \
+    return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                    \
+  }                                                                                                           \
+  EMU_HOOK T __tsan_atomic##N##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                     \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                         \
+    return c;                                                                                                 \
+  }
+EMU_ATOMIC(8, char)
+EMU_ATOMIC(16, short)
+EMU_ATOMIC(32, int)
+EMU_ATOMIC(64, long long)
+#undef EMU_ATOMIC
+EMU_HOOK void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+EMU_HOOK void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+#undef EMU_HOOK

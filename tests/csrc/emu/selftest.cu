@@ -70,6 +70,40 @@ __global__ void smem_overflow_kernel(float* out, int n) {
   }
 }
 
+// The race check (cuda_emu.h), each with a correct twin:
+// Lanes of one warp exchange values through shared memory; `sync`: a __syncwarp between the store and the load.
+__global__ void lane_exchange_kernel(float* out, bool sync) {
+  __shared__ float x[32];
+  const int t = threadIdx.x;
+  x[t] = float(t);
+  if (sync) __syncwarp();
+  out[t] = x[(t + 1) % 32];
+}
+
+// Every block writes out[0, 32) (`overlap`) or its own 32 floats.
+__global__ void block_overlap_kernel(float* out, bool overlap) {
+  const int t = threadIdx.x;
+  out[(overlap ? 0 : 32 * blockIdx.x) + t] = float(t);
+}
+
+// Warp 0 reads a staged tile while warp 1 starts the next stage's cp.async into the same buffer; `barrier`: a
+// __syncthreads between the reads and the copy (as a double-buffered loop needs before it refills a stage).
+__global__ void stage_reuse_kernel(const float* src, float* out, bool barrier) {
+  __shared__ __align__(16) float tile[32 * 4];
+  const int t = threadIdx.x;
+  if (t < 32) {
+    for (int i = 0; i < 4; ++i) tile[4 * t + i] = 0.f;
+  }
+  __syncthreads();
+  if (t < 32) out[t] = tile[4 * t];
+  if (barrier) __syncthreads();
+  if (t >= 32) {
+    cp_async16(tile + 4 * (t - 32), src + 4 * (t - 32), true);
+    cp_async_commit();
+    cp_async_wait<0>();
+  }
+}
+
 at::Tensor run(int64_t which) {
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor out = at::zeros({512}, f32);
@@ -101,6 +135,20 @@ at::Tensor run(int64_t which) {
     case 9:  // 1 KB, written at float 256 + 32: past the allocation (rounded to 128 bytes), into the guard page
       smem_overflow_kernel<<<1, 32, 1024>>>(o, 256 + 32);
       break;
+    case 10:
+    case 11:
+      lane_exchange_kernel<<<1, 32>>>(o, which == 11);
+      break;
+    case 12:
+    case 13:
+      block_overlap_kernel<<<4, 32>>>(o, which == 12);
+      break;
+    case 14:
+    case 15: {
+      at::Tensor src = at::arange(512, f32);
+      stage_reuse_kernel<<<1, 64>>>(src.data_ptr<float>(), o, which == 15);
+      break;
+    }
     default:
       TORCH_CHECK(false, "no self-test case ", which);
   }
