@@ -325,11 +325,15 @@ def test_emulator_race_check(selftest, monkeypatch, broken, fixed, match):
     (5, "different barriers"),
     (7, "ldmatrix row address not 16-byte aligned"),
     (8, "65536 bytes of dynamic shared memory; allowed 49152"),
+    # ldmatrix rows 128 bytes apart: all eight in one bank group (selftest 17, padded rows, is fine)
+    (16, r"ldmatrix bank conflict: the rows of lanes 0 and 1 are in the same 16-byte bank group \(shared-memory "
+         r"offsets 0 and 128\)"),
 ])
 def test_emulator_reports_broken_kernels(selftest, which, match):
     with pytest.raises(RuntimeError, match=match):
         selftest.run(which)
     selftest.run(6)  # the aligned ldmatrix is fine, and the emulator is usable after an error
+    assert selftest.run(17)[4].item() == 72.0  # lane 4 holds row 1 (element 72 of the padded tile), column 0
     assert torch.equal(selftest.run(0)[:4], torch.arange(4, 8, dtype=torch.float32))
 
 

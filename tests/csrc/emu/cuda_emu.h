@@ -16,8 +16,9 @@
 //  - cp.async: destination in shared memory, 16-byte aligned source and destination; the copy lands only at the
 //    cp.async.wait_group that covers it, and the destination holds NaN bytes until then (a read before the wait
 //    gives NaN results);
-//  - ldmatrix: every row address in shared memory and 16-byte aligned; WMMA: 32-byte aligned pointers and
-//    leading dimensions that are multiples of 16 bytes;
+//  - ldmatrix: every row address in shared memory and 16-byte aligned, and no bank conflict (the 8 rows of each
+//    8x8 matrix in 8 different 16-byte bank groups; DLCV_FAST_EMU_BANKCHECK=0 turns this one off); WMMA: 32-byte
+//    aligned pointers and leading dimensions that are multiples of 16 bytes;
 //  - shared memory starts as NaN bytes each block; the dynamic allocation ends at an inaccessible page (an
 //    access past the launch's byte count faults); a launch asking for more than 48 KB of dynamic shared memory
 //    needs the cudaFuncSetAttribute opt-in first, and never more than the device's limit;
@@ -227,6 +228,13 @@ EMU_NOSAN inline bool in_smem(const void* p, size_t n) {
   auto c = static_cast<const unsigned char*>(p);
   if (s.dyn != nullptr && c >= s.dyn && c + n <= s.dyn + s.dyn_size) return true;
   return c >= s.arena && c + n <= s.arena + s.arena_used;
+}
+
+// The start of the shared-memory region (dynamic or static) holding p, for offsets in messages.
+EMU_NOSAN inline const unsigned char* smem_base(const void* p) {
+  const State& s = st();
+  auto c = static_cast<const unsigned char*>(p);
+  return s.dyn != nullptr && c >= s.dyn && c < s.dyn + s.dyn_size ? s.dyn : s.arena;
 }
 
 EMU_NOSAN inline bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
@@ -621,6 +629,30 @@ EMU_NOSAN float bits_to_float(uint16_t b) {
   else return __bfloat162float(v);
 }
 
+// Shared memory serves 32 four-byte banks a cycle; ldmatrix reads each 8x8 matrix (8 rows of 16 bytes, the row
+// addresses of lanes 8j..8j+7) in one go when the 8 rows fall in 8 different 16-byte bank groups, and in
+// several passes otherwise. A conflict is a performance bug in an inner loop (the kernels pad their tile rows to
+// avoid them), so the emulation fails on one; DLCV_FAST_EMU_BANKCHECK=0 turns this off.
+EMU_NOSAN inline void check_ldmatrix_banks(const Warp& w) {
+  static const bool on = [] {
+    const char* e = std::getenv("DLCV_FAST_EMU_BANKCHECK");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  if (!on) return;
+  for (int j = 0; j < 4; ++j) {
+    int seen[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
+    for (int i = 0; i < 8; ++i) {
+      const int lane = 8 * j + i, group = int((reinterpret_cast<uintptr_t>(w.ptr[lane]) >> 4) & 7);
+      if (seen[group] >= 0)
+        fail("ldmatrix bank conflict: the rows of lanes " + std::to_string(seen[group]) + " and " +
+             std::to_string(lane) + " are in the same 16-byte bank group (shared-memory offsets " +
+             std::to_string(static_cast<const unsigned char*>(w.ptr[seen[group]]) - smem_base(w.ptr[lane])) +
+             " and " + std::to_string(static_cast<const unsigned char*>(w.ptr[lane]) - smem_base(w.ptr[lane])) +
+             "): pad or swizzle the tile's rows");
+      seen[group] = lane;
+    }
+  }
+}
 }  // namespace emu
 
 // ---- the CUDA names the kernels use ----
@@ -740,6 +772,7 @@ EMU_NOSAN inline void ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
   emu::race::access(p, 16, emu::race::kRead);
   w.ptr[lane] = p;
   emu::arrive_wait(w.bar, "ldmatrix");
+  if (lane == 0) emu::check_ldmatrix_banks(w);
   const int g = lane / 4, t = lane % 4;
   for (int j = 0; j < 4; ++j) {
     uint16_t lo, hi;

@@ -60,6 +60,19 @@ __global__ void ldmatrix_kernel(float* out, int offset) {
   out[t] = float(r[0] & 0xffffu);
 }
 
+// ldmatrix over rows of a (32, stride) fp16 tile: stride 64 puts every row in the same bank group (128 bytes
+// apart), 72 (padded by 16 bytes, as the kernels do) in eight different ones.
+__global__ void ldmatrix_banks_kernel(float* out, int stride) {
+  __shared__ __align__(16) __half tile[32 * 72];
+  const int t = threadIdx.x;
+  for (int i = t; i < 32 * 72; i += blockDim.x) tile[i] = __float2half_rn(float(i % 1024));
+  __syncwarp();
+  uint32_t r[4];
+  ldmatrix_x4(r, tile + stride * t);
+  const uint16_t lo = uint16_t(r[0] & 0xffffu);
+  out[t] = __half2float(*reinterpret_cast<const __half*>(&lo));
+}
+
 // Writes one float past the dynamic shared memory it was launched with.
 __global__ void smem_overflow_kernel(float* out, int n) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -134,6 +147,10 @@ at::Tensor run(int64_t which) {
       break;
     case 9:  // 1 KB, written at float 256 + 32: past the allocation (rounded to 128 bytes), into the guard page
       smem_overflow_kernel<<<1, 32, 1024>>>(o, 256 + 32);
+      break;
+    case 16:
+    case 17:
+      ldmatrix_banks_kernel<<<1, 32>>>(o, which == 16 ? 64 : 72);
       break;
     case 10:
     case 11:
