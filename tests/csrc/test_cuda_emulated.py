@@ -263,42 +263,39 @@ def selftest():
     return emu_build.load_selftest()
 
 
+def test_emulator_catches_reads_before_cp_async_wait(selftest, monkeypatch):
+    """Without the race check (test_emulator_race_check has it), a cp.async destination holds NaN until its wait."""
+    monkeypatch.setenv("DLCV_FAST_EMU_SEED", "0")
+    good = selftest.run(0)
+    assert torch.equal(good, torch.arange(512, dtype=torch.float32).view(128, 4).roll(-1, 0).flatten())
+    monkeypatch.setenv("DLCV_FAST_EMU_RACECHECK", "0")
+    assert selftest.run(1).isnan().all()  # no wait_group: the tile is still in flight
+
+
+def test_emulator_catches_a_missing_barrier(selftest, monkeypatch):
+    """Without the __syncthreads (and without the race check, which reports it under every schedule), warp 0
+    reads what warp 1 has not written yet under some schedules."""
+    want = torch.arange(32, 64, dtype=torch.float32)
+    monkeypatch.setenv("DLCV_FAST_EMU_RACECHECK", "0")
+    broken = []
+    for seed in range(8):
+        monkeypatch.setenv("DLCV_FAST_EMU_SEED", str(seed))
+        assert torch.equal(selftest.run(2)[:32], want)
+        broken.append(not torch.equal(selftest.run(3)[:32], want))
+    assert any(broken) and not all(broken)
+
+
 # build.py's AddressSanitizer build (DLCV_FAST_EMU_ASAN=1) has no race check: its instrumentation is ThreadSanitizer's
 needs_race_check = pytest.mark.skipif(os.environ.get("DLCV_FAST_EMU_ASAN") == "1",
                                       reason="the AddressSanitizer build of the emulation has no race check")
 
 
-@needs_race_check
-def test_emulator_catches_reads_before_cp_async_wait(selftest, monkeypatch):
-    monkeypatch.setenv("DLCV_FAST_EMU_SEED", "0")
-    good = selftest.run(0)
-    assert torch.equal(good, torch.arange(512, dtype=torch.float32).view(128, 4).roll(-1, 0).flatten())
-    # no wait_group: the tile is still in flight when the neighbours read it
-    with pytest.raises(RuntimeError, match=r"race \(read of a cp.async in flight\).*has not waited for"):
-        selftest.run(1)
-    monkeypatch.setenv("DLCV_FAST_EMU_RACECHECK", "0")  # without the race check: NaN until the wait
-    assert selftest.run(1).isnan().all()
-
-
-@needs_race_check
-def test_emulator_catches_a_missing_barrier(selftest, monkeypatch):
-    """Without the __syncthreads, warp 0 reads what warp 1 may not have written yet. The race check reports it
-    under every schedule; without it, some schedules give wrong values."""
-    want = torch.arange(32, 64, dtype=torch.float32)
-    broken = []
-    for seed in range(8):
-        monkeypatch.setenv("DLCV_FAST_EMU_SEED", str(seed))
-        assert torch.equal(selftest.run(2)[:32], want)
-        with pytest.raises(RuntimeError, match=r"race \((read after write|write after read)\) on static shared "
-                                               r"memory byte \d+: thread \d+ .* with no barrier between"):
-            selftest.run(3)
-        monkeypatch.setenv("DLCV_FAST_EMU_RACECHECK", "0")
-        broken.append(not torch.equal(selftest.run(3)[:32], want))
-        monkeypatch.delenv("DLCV_FAST_EMU_RACECHECK")
-    assert any(broken) and not all(broken)
-
-
 @pytest.mark.parametrize("broken,fixed,match", [
+    # neighbours read a cp.async tile that was never waited for
+    (1, 0, r"race \(read of a cp.async in flight\).*has not waited for"),
+    # warp 0 reads what warp 1 writes, no __syncthreads between
+    (3, 2, r"race \((read after write|write after read)\) on static shared memory byte \d+: thread \d+ .* with no "
+           r"barrier between"),
     # lanes of one warp exchange values through shared memory without __syncwarp
     (10, 11, r"race \((write after read|read after write)\) on static shared memory byte \d+: thread \d+ \w+ what "
              r"was \w+ by thread \d+ with no barrier between"),
@@ -312,7 +309,8 @@ def test_emulator_race_check(selftest, monkeypatch, broken, fixed, match):
     """The race check judges the order the barriers guarantee, not the order a schedule ran: each broken kernel is
     reported under every seed (as a read after write or a write after read, whichever access the schedule ran
     first), its fixed twin never."""
-    want = {11: torch.arange(1, 33) % 32, 13: torch.arange(32).repeat(4), 15: torch.zeros(32)}[fixed].float()
+    want = {0: torch.arange(512).view(128, 4).roll(-1, 0).flatten(), 2: torch.arange(32, 64),
+            11: torch.arange(1, 33) % 32, 13: torch.arange(32).repeat(4), 15: torch.zeros(32)}[fixed].float()
     for seed in range(4):
         monkeypatch.setenv("DLCV_FAST_EMU_SEED", str(seed))
         with pytest.raises(RuntimeError, match=match):

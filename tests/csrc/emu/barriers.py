@@ -39,7 +39,7 @@ def barriers(files):
     """(file name, 1-based line, the line) of every barrier statement outside comments."""
     found = []
     for name in files:
-        for i, line in enumerate((build.ROOT / "csrc" / name).read_text().splitlines(), 1):
+        for i, line in enumerate((build.CSRC / name).read_text().splitlines(), 1):
             code = line.split("//", 1)[0]
             if BARRIER.search(code):
                 found.append((name, i, line.strip()))
@@ -82,10 +82,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per variant")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = ap.parse_args(argv)
-    files = args.files or sorted(p.name for p in (build.ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cuh"))
+    files = args.files or sorted(p.name for p in build.CSRC.iterdir() if p.suffix in (".cu", ".cuh"))
     work = Path(tempfile.mkdtemp(prefix="dlcv_fast_barriers_"))
     csrc, out = work / "csrc", work / "build"
-    shutil.copytree(build.ROOT / "csrc", csrc)
+    shutil.copytree(build.CSRC, csrc)
     rows = []
     try:
         print("warming the build directory with the unchanged sources ...", flush=True)

@@ -150,8 +150,8 @@ struct State {
   long events = 0;
   std::mt19937 rng;
   DeviceProp prop;
+  bool bank_check = true;  // DLCV_FAST_EMU_BANKCHECK, read at each launch
   // race check
-  bool race_on = true;
   uint32_t block_serial = 0;  // blocks run so far (all launches): a block's identity in the records
   std::vector<Cell> race_dyn, race_arena;
   std::unordered_map<uintptr_t, Cell> race_global;  // this launch's global-memory bytes touched by the kernel
@@ -315,13 +315,20 @@ EMU_NOSAN inline std::string who(bool other_block, int thr) {
        std::to_string(a.thr) + " " + verb + " " + other);
 }
 
+// Any access to a cp.async destination before the wait that covers it.
+EMU_NOSAN inline void check_in_flight(const Cell& c, const Access& a, const char* space, size_t where, bool write) {
+  if (c.pending < 0) return;
+  const std::string verb = write ? "writes" : "reads";
+  if (c.pending == a.thr)
+    fail(verb + " its cp.async destination (" + space + " byte " + std::to_string(where) +
+         ") before the cp.async.wait_group that covers it");
+  report(write ? "write to a cp.async in flight" : "read of a cp.async in flight", space, where, a,
+         (verb + " the destination of a cp.async that thread").c_str(),
+         std::to_string(c.pending) + " has not waited for (cp.async.wait_group, then a barrier)");
+}
+
 EMU_NOSAN inline void on_read(Cell& c, const Access& a, const char* space, size_t where) {
-  if (c.pending >= 0) {
-    if (c.pending == a.thr) fail("reads its cp.async destination (" + std::string(space) + " byte " +
-                                 std::to_string(where) + ") before the cp.async.wait_group that covers it");
-    report("read of a cp.async in flight", space, where, a, "reads the destination of a cp.async that thread",
-           std::to_string(c.pending) + " has not waited for (cp.async.wait_group, then a barrier)");
-  }
+  check_in_flight(c, a, space, where, false);
   if (c.wthr >= 0 && !ordered(c.wblock, c.wthr, c.wbgen, c.wwgen, a))
     report("read after write", space, where, a, "reads what was written by", who(c.wblock != a.block, c.wthr));
   if (c.rthr < 0 || (c.rblock == a.block && c.rbgen != a.bgen)) {  // the first read since the last block barrier
@@ -342,11 +349,7 @@ EMU_NOSAN inline void on_read(Cell& c, const Access& a, const char* space, size_
 
 // The checks of a write (a store, or a cp.async at its issue); `record`: note it as the byte's last write.
 EMU_NOSAN inline void on_write(Cell& c, const Access& a, const char* space, size_t where, bool record = true) {
-  if (c.pending == a.thr) fail("writes its cp.async destination (" + std::string(space) + " byte " +
-                               std::to_string(where) + ") before the cp.async.wait_group that covers it");
-  if (c.pending >= 0)
-    report("write to a cp.async in flight", space, where, a, "writes the destination of a cp.async that thread",
-           std::to_string(c.pending) + " has not waited for (cp.async.wait_group, then a barrier)");
+  check_in_flight(c, a, space, where, true);
   if (c.wthr >= 0 && !ordered(c.wblock, c.wthr, c.wbgen, c.wwgen, a))
     report("write after write", space, where, a, "overwrites what was written by", who(c.wblock != a.block, c.wthr));
   if (c.rthr >= 0) {
@@ -552,6 +555,12 @@ EMU_NOSAN inline void run_block(const dim3& bid, unsigned seed) {
   s.cur = nullptr;
 }
 
+// An on/off switch from the environment, read at each launch: on unless set to "0".
+EMU_NOSAN inline bool env_on(const char* name) {
+  const char* e = std::getenv(name);
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
+
 EMU_NOSAN inline unsigned seed_from_env() {
   const char* e = std::getenv("DLCV_FAST_EMU_SEED");
   return e != nullptr ? unsigned(std::strtoul(e, nullptr, 10)) : 0u;
@@ -595,12 +604,11 @@ struct Launch {
     s.nthreads = n;
     const unsigned seed = seed_from_env();
     s.error.clear();
-    const char* race = std::getenv("DLCV_FAST_EMU_RACECHECK");
-    s.race_on = race == nullptr || std::strcmp(race, "0") != 0;
+    s.bank_check = env_on("DLCV_FAST_EMU_BANKCHECK");
     s.race_arena.resize(kStaticSmem);
     s.race_global.clear();
     map_dynamic(smem);
-    race::live = s.race_on;
+    race::live = env_on("DLCV_FAST_EMU_RACECHECK");
     for (unsigned z = 0; z < grid.z && s.error.empty(); ++z)
       for (unsigned y = 0; y < grid.y && s.error.empty(); ++y)
         for (unsigned x = 0; x < grid.x && s.error.empty(); ++x) run_block(dim3(x, y, z), seed);
@@ -634,11 +642,7 @@ EMU_NOSAN float bits_to_float(uint16_t b) {
 // several passes otherwise. A conflict is a performance bug in an inner loop (the kernels pad their tile rows to
 // avoid them), so the emulation fails on one; DLCV_FAST_EMU_BANKCHECK=0 turns this off.
 EMU_NOSAN inline void check_ldmatrix_banks(const Warp& w) {
-  static const bool on = [] {
-    const char* e = std::getenv("DLCV_FAST_EMU_BANKCHECK");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
-  if (!on) return;
+  if (!st().bank_check) return;
   for (int j = 0; j < 4; ++j) {
     int seen[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
     for (int i = 0; i < 8; ++i) {

@@ -49,26 +49,17 @@ __global__ void divergent_kernel(float* out) {
   out[t] = v;
 }
 
-// ldmatrix with row addresses 2 bytes off the 16-byte alignment it needs.
-__global__ void ldmatrix_kernel(float* out, int offset) {
-  __shared__ __align__(16) __half tile[32 * 8 + 8];
-  const int t = threadIdx.x;
-  for (int i = t; i < 32 * 8 + 8; i += blockDim.x) tile[i] = __float2half_rn(float(i));
-  __syncwarp();
-  uint32_t r[4];
-  ldmatrix_x4(r, tile + offset + 8 * t);
-  out[t] = float(r[0] & 0xffffu);
-}
-
-// ldmatrix over rows of a (32, stride) fp16 tile: stride 64 puts every row in the same bank group (128 bytes
-// apart), 72 (padded by 16 bytes, as the kernels do) in eight different ones.
-__global__ void ldmatrix_banks_kernel(float* out, int stride) {
+// ldmatrix over the rows tile + offset + stride * lane of a (32, 72) fp16 tile holding i % 1024 at element i; out:
+// each lane's first element. offset 1: row addresses 2 bytes off the 16-byte alignment ldmatrix needs; stride 64:
+// every row in the same bank group (128 bytes apart); 72 (padded by 16 bytes, as the kernels do) or 8: eight
+// different ones.
+__global__ void ldmatrix_kernel(float* out, int offset, int stride) {
   __shared__ __align__(16) __half tile[32 * 72];
   const int t = threadIdx.x;
   for (int i = t; i < 32 * 72; i += blockDim.x) tile[i] = __float2half_rn(float(i % 1024));
   __syncwarp();
   uint32_t r[4];
-  ldmatrix_x4(r, tile + stride * t);
+  ldmatrix_x4(r, tile + offset + stride * t);
   const uint16_t lo = uint16_t(r[0] & 0xffffu);
   out[t] = __half2float(*reinterpret_cast<const __half*>(&lo));
 }
@@ -140,17 +131,13 @@ at::Tensor run(int64_t which) {
       break;
     case 6:
     case 7:
-      ldmatrix_kernel<<<1, 32>>>(o, which == 6 ? 0 : 1);
+      ldmatrix_kernel<<<1, 32>>>(o, which == 6 ? 0 : 1, 8);
       break;
     case 8:  // 64 KB without the opt-in
       smem_overflow_kernel<<<1, 32, 64 * 1024>>>(o, 0);
       break;
     case 9:  // 1 KB, written at float 256 + 32: past the allocation (rounded to 128 bytes), into the guard page
       smem_overflow_kernel<<<1, 32, 1024>>>(o, 256 + 32);
-      break;
-    case 16:
-    case 17:
-      ldmatrix_banks_kernel<<<1, 32>>>(o, which == 16 ? 64 : 72);
       break;
     case 10:
     case 11:
@@ -166,6 +153,10 @@ at::Tensor run(int64_t which) {
       stage_reuse_kernel<<<1, 64>>>(src.data_ptr<float>(), o, which == 15);
       break;
     }
+    case 16:
+    case 17:
+      ldmatrix_kernel<<<1, 32>>>(o, 0, which == 16 ? 64 : 72);
+      break;
     default:
       TORCH_CHECK(false, "no self-test case ", which);
   }
