@@ -1,9 +1,17 @@
 """python -m benchmarks [--suite kernels|models|all] [--quick] [--out DIR]: run the benchmark suite.
 
 Every provider of every case runs in this one process on the same inputs: first one call checked against the
-reference (parity), then timed. Results go to DIR/results.{csv,json} and DIR/<benchmark>.png, and on a GPU
-also to benchmarks/results/<date>_<card>.{json,csv} and benchmarks/results/<date>_<card>/*.png. Without a CUDA device the command times the CPU
-fallback at tiny sizes and says that kernel timings need a CUDA device.
+reference (parity), then timed. Without --quick the run goes benchmark by benchmark, case by case, every provider
+of a case in the order registered. --quick runs in three passes so that the time cap cuts the least important
+work: (A) the headline providers (ours and the peers the issues' speed targets name; registry.Provider.secondary)
+that compile nothing, round by round (every benchmark's first quick case, then every second one, ...); (B) the
+headline torch.compile / FlexAttention providers on each benchmark's first case; (C) the secondary providers
+(variants of ours, slow or redundant baselines), round by round, with whatever time is left. The output rows are
+in the registered order (benchmark, case, provider) whatever order they ran in.
+
+Results go to DIR/results.{csv,json} and DIR/<benchmark>.png, and on a GPU also to
+benchmarks/results/<date>_<card>.{json,csv} and benchmarks/results/<date>_<card>/*.png. Without a CUDA device
+the command times the CPU fallback at tiny sizes and says that kernel timings need a CUDA device.
 
 Exit status: on a GPU, 1 when one of dlcv_fast's own providers failed or gave a wrong result, else 0; on the
 CPU always 0 (failures are listed). Peers that are missing or fail are reported and do not change it.
@@ -25,6 +33,7 @@ COMPILE_RESERVE_S = 45  # a torch.compile warm-up is not started with less time 
 WARMED_COMPILE_RESERVE_S = 15  # ... or than this when the warm-up workers (benchmarks/warm.py) compiled it already
 QUICK_COMPILED_SHARE_S = 50  # --quick with a cap: the first pass stops this long before it, for the compiled pass
 WARMED_COMPILED_SHARE_S = 25  # ... when the warm-up workers compiled every compiled provider already
+SECONDARY_CAP_NOTE = "time cap (--quick runs the secondary providers last)"
 # --quick runs the compiled providers in this order of benchmarks (the issues' targets against FlexAttention and
 # torch.compile first); benchmarks not named here follow in registry order.
 COMPILED_ORDER = ("window_attn_fwd_bwd", "window_attn_fwd", "model_infer", "rope_fwd_bwd", "attn_fwd")
@@ -35,9 +44,12 @@ def parse_args(argv):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=("kernels", "models", "all"), default="all")
     ap.add_argument("--quick", action="store_true",
-                    help="headline shapes only; compiled providers on each benchmark's first case only, after "
-                         f"everything else (the first pass ends {QUICK_COMPILED_SHARE_S} s before the cap to leave "
-                         f"them time); a time cap ({QUICK_TIME_LIMIT_S} s on a GPU unless --time-limit says otherwise)")
+                    help="headline shapes only, in three passes: the headline providers of every benchmark (its "
+                         "first case, then its second, ...), then the compiled ones on each benchmark's first case "
+                         "only (the first pass ends "
+                         f"{QUICK_COMPILED_SHARE_S} s before the cap to leave them time), then the secondary providers "
+                         f"(variants, slow baselines) with the time left; a time cap ({QUICK_TIME_LIMIT_S} s on a GPU "
+                         "unless --time-limit says otherwise)")
     ap.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default: bench-out)")
     ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="benchmarks whose name contains one of these")
@@ -63,7 +75,7 @@ def list_benchmarks(benches):
     for b in benches:
         print(f"{b.name:<20} issue {b.issue:<2} {b.suite:<8} {b.title}")
         print(f"{'':<20} {len(b.cases)} cases, {len(b.quick)} quick, {len(b.cpu_cases)} on the CPU; providers: "
-              f"{', '.join(p.name for p in b.providers)}")
+              f"{', '.join(p.name + (' (secondary)' if p.secondary else '') for p in b.providers)}")
         reason = b.available()
         if reason:
             print(f"{'':<20} not available: {reason}")
@@ -76,6 +88,55 @@ def _row(bench, case, provider, status, note=""):
             "ms_launch": None, "tflops": None, "gbps": None, "items_per_s": None, "matmul_frac": None,
             "copy_frac": None, "speedup": None, "parity_err": None, "parity_tol": None, "peak_mib": None,
             "_key": f"{bench.name}|{label}"}
+
+
+def registered_order(plan, device) -> dict:
+    """``(benchmark, repr(case), provider) -> (benchmark index, case index, provider index)``: where each row goes in
+    the output (the benchmark's ``n/a`` row, with case ``{}`` and provider "-", first)."""
+    order = {}
+    for i, (bench, _, cases) in enumerate(plan):
+        order[bench.name, repr({}), "-"] = (i, -1, -1)
+        for j, case in enumerate(cases):
+            for k, p in enumerate(bench.providers_for(device)):
+                order.setdefault((bench.name, repr(case), p.name), (i, j, k))
+    return order
+
+
+def run_quick(session, runnable, left, save):
+    """--quick's three passes over ``runnable`` ((benchmark, case index, case) in registered order), calling
+    ``save()`` after each case. Pass A (headline providers that compile nothing) runs under ``session.left`` (the
+    cap less the compiled pass's share), pass B (compiled headline providers, first cases, ``COMPILED_ORDER``) and
+    pass C (secondary providers) under ``left``. Passes A and C go round by round: every benchmark's first case,
+    then every benchmark's second case, and so on."""
+    by_round = sorted(runnable, key=lambda r: r[1])  # stable: each round in registered order
+    ours_ran = {}  # (benchmark, case index) -> whether a dlcv_fast provider ran; None: pass A never started it
+    for bench, index, case in by_round:
+        providers = bench.providers_for(session.device)
+        started = session.left() > 0
+        ran = session.run_case(bench, case, [p for p in providers if not p.secondary and not p.compiled])
+        ours_ran[bench.name, index] = ran if started else None
+        for p in providers if index else []:
+            if p.compiled:
+                session.emit(_row(bench, case, p.name, "skipped", "--quick: compiled providers on the first case only"))
+        save()
+    session.left = left
+    rank = {name: i for i, name in enumerate(COMPILED_ORDER)}
+    first_cases = [r for r in by_round if r[1] == 0]
+    for bench, _, case in sorted(first_cases, key=lambda r: rank.get(r[0].name, len(rank))):
+        compiled = [p for p in bench.providers_for(session.device) if not p.secondary and p.compiled]
+        if compiled:
+            ours_ran[bench.name, 0] = session.run_case(bench, case, compiled, bool(ours_ran[bench.name, 0]))
+            save()
+    for bench, index, case in by_round:
+        secondary = [p for p in bench.providers_for(session.device) if p.secondary and not (p.compiled and index)]
+        if not secondary:
+            continue
+        if ours_ran[bench.name, index] is None:  # the cap stopped pass A before this case: nothing to add to
+            for p in secondary:
+                session.emit(_row(bench, case, p.name, "skipped", SECONDARY_CAP_NOTE))
+        else:
+            session.run_case(bench, case, secondary, ours_ran[bench.name, index], cap_note=SECONDARY_CAP_NOTE)
+        save()
 
 
 def main(argv=None) -> int:
@@ -127,8 +188,10 @@ def main(argv=None) -> int:
     share = compiled_share if args.quick and limit and limit > 2 * compiled_share else 0
     first_left = lambda: left() - share
     if args.quick:
-        note("--quick: headline shapes only; compiled providers (FlexAttention, torch.compile) on each "
-             "benchmark's first case only, after all the others" + (
+        note("--quick: headline shapes only, in three passes: the headline providers of every benchmark (ours and "
+             "the peers the issues' targets name; every benchmark's first case, then its second, ...), then the "
+             "compiled ones (FlexAttention, torch.compile) on each benchmark's first case only, then the secondary "
+             "providers (variants of ours, slow baselines)" + (
                  f"; time cap {limit:.0f} s (the first pass stops {share:.0f} s before it), "
                  "work past it reported as skipped" if limit else ""))
     roof = runner.roofline(device)
@@ -139,32 +202,25 @@ def main(argv=None) -> int:
     settings = {"suite": args.suite, "quick": args.quick, "device": device, "time_limit_s": limit,
                 "only": args.only, "warm_workers": workers, "warmed_items": len(warmed)}
     session = Session(device, args.quick, first_left, roof, total, start, warmed)
+    order = registered_order(plan, device)
 
     def save():  # after every case, so that partial results survive a kill
+        session.rows.sort(key=lambda r: order.get((r["benchmark"], repr(r["params"]), r["provider"]), (len(plan),)))
         report.add_speedups(session.rows)
         return report.write_files(args.out, env, roof, settings, notes, session.rows)
 
-    # --quick runs in two passes, so that every benchmark's headline is timed before torch.compile warm-ups spend
-    # the time cap: first all but the compiled providers, then those on each benchmark's first case.
-    deferred = []
+    runnable = []
     for bench, reason, cases in plan:
         if reason or not cases:
             session.emit(_row(bench, None, "-", "n/a", reason or f"no shapes for device {device}"))
-            continue
-        for index, case in enumerate(cases):
-            providers = bench.providers_for(device)
-            later = [p for p in providers if p.compiled] if args.quick else []
-            ours_ran = session.run_case(bench, case, [p for p in providers if p not in later])
-            if later and index == 0:
-                deferred.append((bench, case, later, ours_ran))
-            for p in later if index else []:
-                session.emit(_row(bench, case, p.name, "skipped", "--quick: compiled providers on the first case only"))
+        else:
+            runnable += [(bench, index, case) for index, case in enumerate(cases)]
+    if args.quick:
+        run_quick(session, runnable, left, save)
+    else:
+        for bench, _, case in runnable:
+            session.run_case(bench, case, bench.providers_for(device))
             save()
-    session.left = left
-    rank = {name: i for i, name in enumerate(COMPILED_ORDER)}
-    for bench, case, later, ours_ran in sorted(deferred, key=lambda d: rank.get(d[0].name, len(rank))):
-        session.run_case(bench, case, later, ours_ran)
-        save()
 
     rows = session.rows
     paths = save()
@@ -205,16 +261,18 @@ class Session:
         warmed = warm.item_key(bench.name, bench.label(case), provider.name) in self.warmed
         return WARMED_COMPILE_RESERVE_S if warmed else COMPILE_RESERVE_S
 
-    def run_case(self, bench, case, providers, ours_ran=None) -> bool:
+    def run_case(self, bench, case, providers, ours_ran=None, cap_note="time cap") -> bool:
         """Parity-check and time ``providers`` (ours listed first) on one case, one row each; returns whether a
         dlcv_fast provider ran. When none can (op not landed, shape unsupported; ``ours_ran`` False from an
-        earlier pass), the peers are skipped: there is nothing to compare them with."""
+        earlier pass), the peers are skipped: there is nothing to compare them with. Providers past the time
+        cap get a skipped row noted ``cap_note``. The inputs and the parity reference are built anew for each
+        call, so a case run in several passes (--quick) builds them once per pass."""
         ours = [p for p in providers if p.name.startswith(report.OURS)]
         if ours_ran is None:
             ours_ran = not ours  # with no dlcv_fast provider on this device, the peers run on their own
         if self.left() <= 0:
             for p in providers:
-                self.emit(_row(bench, case, p.name, "skipped", "time cap"))
+                self.emit(_row(bench, case, p.name, "skipped", cap_note))
             return ours_ran
         try:
             run = runner.CaseRun(bench, case, self.device)
@@ -225,7 +283,7 @@ class Session:
         for p in providers:
             row = _row(bench, case, p.name, "skipped")
             if self.left() <= 0:
-                row["note"] = "time cap"
+                row["note"] = cap_note
             elif p not in ours and not ours_ran:
                 row["note"] = "no dlcv_fast provider can run this case: nothing to compare with"
             elif p.compiled and self.left() < (reserve := self.compile_reserve(bench, case, p)):

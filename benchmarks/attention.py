@@ -6,6 +6,8 @@ backend), torch SDPA pinned to each of its backends (flash, cuDNN, memory-effici
 (compiled, masks as a BlockMask), and flash-attn 2 / 3 when installed. Every provider gets the same
 ``(B, H, L, D)`` tensors; a key padding mask is a ``(B, Lk)`` bool for us and FlexAttention, and a boolean
 ``attn_mask`` built once (not timed) for SDPA, which cannot take ``is_causal`` and a mask together.
+Headline (issue 2's targets): ours on Triton, SDPA flash and cuDNN, flash-attn, FlexAttention; secondary
+(``--quick`` times them last): our CUDA backend and flag variants (+tma, +keymajor), SDPA efficient and math.
 
 FLOPs count the matmuls of the visible (query, key) pairs under the causal mask (4 * pairs * D per head
 forward, 2.5x that backward, as flash-attn counts); key padding is counted as dense. Bytes are the
@@ -168,12 +170,12 @@ def flash_attn(module: str):
 
 PROVIDERS = [
     Provider("dlcv_fast.triton", ours("triton")),
-    Provider("dlcv_fast.cuda", ours("cuda")),
+    Provider("dlcv_fast.cuda", ours("cuda"), secondary=True),
     Provider("dlcv_fast.ref", ours("torch"), devices=("cpu",)),
     Provider("sdpa.flash", sdpa("FLASH_ATTENTION"), devices=("cuda", "cpu")),
     Provider("sdpa.cudnn", sdpa("CUDNN_ATTENTION")),
-    Provider("sdpa.efficient", sdpa("EFFICIENT_ATTENTION")),
-    Provider("sdpa.math", sdpa("MATH"), devices=("cuda", "cpu")),
+    Provider("sdpa.efficient", sdpa("EFFICIENT_ATTENTION"), secondary=True),
+    Provider("sdpa.math", sdpa("MATH"), devices=("cuda", "cpu"), secondary=True),
     Provider("flex", flex, compiled=True),
     Provider("flash_attn2", flash_attn("flash_attn")),
     Provider("flash_attn3", flash_attn("flash_attn_interface")),
@@ -228,7 +230,7 @@ def with_flags(provider: Provider, suffix: str, min_arch: int = 0, **flags) -> P
                 for name, value in saved.items():
                     setattr(A, name, value)
         return run
-    return replace(provider, name=provider.name + suffix, build=build_flagged)
+    return replace(provider, name=provider.name + suffix, build=build_flagged, secondary=True)
 
 
 def with_tma(provider: Provider) -> Provider:

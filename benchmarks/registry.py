@@ -7,6 +7,9 @@ GB/s or images/s. Modules register their benchmarks with :func:`register`; :func
 
 Adding a kernel's benchmarks = one new module listed in ``MODULES`` that calls ``register(Benchmark(...))``.
 Providers are listed ours (names starting with "dlcv_fast") first; speedups are over the fastest other one.
+Each provider is a headline one (ours by default and the peers the issues' speed targets name) or
+``secondary`` (variants of ours and slow or redundant baselines): ``--quick`` times every benchmark's headline
+providers before any secondary one (see benchmarks/__main__.py).
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ class Provider:
     equal across sets may be taken from the build set). ``ctx`` is a dict shared by the providers of one
     case (e.g. a model built once). ``compiled`` marks providers that pay a torch.compile warm-up;
     ``parity=False`` marks a timing baseline computing something else (e.g. attention without RoPE).
+    ``secondary=True`` marks a provider outside the benchmark's headline comparison: a variant of ours (another
+    backend, an off-by-default flag) or a peer no speed target is set against (e.g. SDPA's math backend). The
+    headline providers are our default one and the peers the issues compare it with; ``--quick`` times those
+    for every benchmark first and the secondary ones last, with whatever time the cap leaves.
     """
 
     name: str
@@ -42,6 +49,7 @@ class Provider:
     devices: tuple = ("cuda",)
     compiled: bool = False
     parity: bool = True
+    secondary: bool = False
 
 
 @dataclass
@@ -153,6 +161,11 @@ def register(bench: Benchmark) -> Benchmark:
         raise ValueError(f"benchmark {bench.name!r} registered twice")
     if not all(c in bench.cases for c in bench.quick):
         raise ValueError(f"{bench.name}: every quick case must also be in cases")
+    for device in ("cuda", "cpu"):
+        first = bench.providers_for(device)[:1]
+        if first and first[0].secondary:
+            raise ValueError(f"{bench.name}: the first provider on {device} ({first[0].name}) is what the others "
+                             "are compared with; it cannot be secondary")
     _REGISTRY[bench.name] = bench
     return bench
 

@@ -378,3 +378,91 @@ def test_warm_up_workers_do_not_outlive_the_run():
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the worker outlived its parent")
+
+
+def test_quick_times_every_headline_before_any_secondary_provider(tmp_path, monkeypatch):
+    """--quick under a time cap: pass A times the headline providers of every benchmark round by round (every
+    first case, then every second one), pass B the compiled ones on first cases, pass C the secondary providers
+    with the time left, the rest skipped with a note saying why; the files list the rows in registered order.
+    A synthetic registry on the CPU, every provider build costing one second of a fake clock."""
+    from types import SimpleNamespace
+
+    import benchmarks.__main__ as bm
+    from benchmarks import registry, report, runner
+
+    clock, built = [0.0], []
+
+    def provider(name, **kw):
+        def build(case, x0, ctx):
+            clock[0] += 1.0
+            built.append((bench_of[id(case)], case["i"], name))
+            return lambda x: x["a"] * 2
+        return registry.Provider(name, build, devices=("cpu",), **kw)
+
+    class Quick(registry.Benchmark):
+        def cases_for(self, device, quick):  # every case on the CPU too (the CPU mode keeps one)
+            return self.cases
+
+    providers = [provider("dlcv_fast"), provider("dlcv_fast.variant", secondary=True), provider("peer"),
+                 provider("peer.slow", secondary=True), provider("peer.compile", compiled=True)]
+    bench_of, benches = {}, []
+    for name in ("b0", "b1", "b2"):
+        cases = [{"i": 0}, {"i": 1}]
+        bench_of.update({id(c): name for c in cases})
+        benches.append(Quick(
+            name=name, suite="kernels", issue=3, title=name, cases=cases, quick=cases, providers=providers,
+            make_inputs=lambda case, device, dtype: {"a": torch.ones(4, dtype=dtype)},
+            reference=lambda case, x, ctx: [(x["a"].double() * 2, x["a"] * 2, 2.0)],
+            view=lambda case, out: [out], label=lambda case: f"case {case['i']}"))
+    monkeypatch.setattr(registry, "benchmarks", lambda suite="all", only=None: benches)
+    monkeypatch.setattr(bm, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(bm, "measure", lambda run, p, *a, **k: {"status": run.trial(p).status, "ms": 1.0})
+    monkeypatch.setattr(bm, "COMPILE_RESERVE_S", 0)
+    monkeypatch.setattr(bm, "QUICK_COMPILED_SHARE_S", 3)
+    monkeypatch.setattr(runner, "roofline", lambda device: dict(matmul_tflops=1.0, copy_gbps=1.0, matmul="-", copy="-"))
+    monkeypatch.setattr(report, "plots", lambda *a, **k: [])
+
+    # 12 headline builds (3 benchmarks x 2 cases x 2) end pass A at 12 s, within the cap less the compiled share
+    # (20 - 3 s); 3 compiled builds end pass B at 15 s; pass C then has 5 s for the 12 secondary rows.
+    assert bm.main(["--quick", "--device", "cpu", "--time-limit", "20", "--warm-workers", "0", "--no-save-results",
+                    "--out", str(tmp_path)]) == 0
+    headline = [(b, i, p) for i in (0, 1) for b in ("b0", "b1", "b2") for p in ("dlcv_fast", "peer")]
+    compiled = [(b, 0, "peer.compile") for b in ("b0", "b1", "b2")]
+    secondary = [(b, i, p) for i in (0, 1) for b in ("b0", "b1", "b2") for p in ("dlcv_fast.variant", "peer.slow")]
+    assert built == headline + compiled + secondary[:5]
+
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["benchmark"], r["case"], r["provider"]) for r in rows] == [
+        (b, f"case {i}", p.name) for b in ("b0", "b1", "b2") for i in (0, 1) for p in providers]
+    status = {(r["benchmark"], int(r["case"][-1]), r["provider"]): (r["status"], r["note"]) for r in rows}
+    assert all(status[k] == ("ok", "") for k in headline + compiled + secondary[:5])
+    assert all(status[k] == ("skipped", bm.SECONDARY_CAP_NOTE) for k in secondary[5:])
+    assert all(status[b, 1, "peer.compile"] == ("skipped", "--quick: compiled providers on the first case only")
+               for b in ("b0", "b1", "b2"))
+    # speedups over the fastest peer, whichever pass timed it
+    assert all(r["speedup"] == 1.0 for r in rows if r["status"] == "ok")
+
+    # a cap of 10 s: pass A stops at 7 s (10 - 3) in the second round, pass B takes the last 3 s, pass C gets none
+    clock[0], built[:] = 0.0, []
+    assert bm.main(["--quick", "--device", "cpu", "--time-limit", "10", "--warm-workers", "0", "--no-save-results",
+                    "--out", str(tmp_path)]) == 0
+    assert built == headline[:7] + compiled
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    status = {(r["benchmark"], int(r["case"][-1]), r["provider"]): (r["status"], r["note"]) for r in rows}
+    assert all(status[k] == ("skipped", "time cap") for k in headline[7:])
+    assert all(status[k] == ("skipped", bm.SECONDARY_CAP_NOTE) for k in secondary)
+
+
+def test_every_benchmark_times_a_headline_comparison_first():
+    """Each benchmark's first provider (ours) and at least one peer are headline on a GPU, so --quick's first pass
+    compares something; the variants of ours and the slow SDPA backends are secondary."""
+    from benchmarks import registry
+
+    for bench in registry.benchmarks():
+        headline = [p.name for p in bench.providers_for("cuda") if not p.secondary]
+        assert headline[0] == bench.providers_for("cuda")[0].name and headline[0].startswith("dlcv_fast"), bench.name
+        assert any(not n.startswith("dlcv_fast") for n in headline) or bench.name == "attn_rope_fwd", bench.name
+        secondary = {p.name for p in bench.providers if p.secondary}
+        assert not secondary & {"sdpa.flash", "sdpa.cudnn", "timm.eager", "ref.eager", "ref.compile", "torch.eager"}
+        if bench.name.startswith("attn_") and bench.name != "attn_rope_fwd":
+            assert {"dlcv_fast.cuda", "dlcv_fast.triton+tma", "sdpa.efficient", "sdpa.math"} <= secondary
