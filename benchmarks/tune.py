@@ -171,7 +171,7 @@ def sweep_rope(D, emit):
 WINDOW_SHAPES = {"stage1": (128, 56, 56, 3), "stage3": (128, 14, 14, 12)}  # B, H, W, heads (head dim 32)
 # Each job is backward()'s keyword arguments. None as a dK/dV tile = the table's entry (sm_90: 64x64 w8, one
 # query chunk per 7x7 window); 32x64 w8 is the sm_80 entry.
-WINDOW_FUSED = [None, (64, 8, 1), (64, 4, 1)]  # None: fused_config's entry (sm_90: 64-token tile, 8 warps, 2 stages)
+WINDOW_FUSED = [None, (64, 8, 2), (64, 8, 1)]  # None: fused_config's entry (sm_90: 64-token tile, 4 warps, 1 stage)
 WINDOW_DKDV = [None, (32, 64, 8, 1), (32, 64, 4, 1), (64, 64, 4, 1), (64, 32, 4, 1), (64, 32, 8, 1)]
 WINDOW_GROUP_SCALE = [0.5, 2.0, 4.0]
 WINDOW_CHECK_B = 2
@@ -414,10 +414,11 @@ def sweep_linear(emit):
                   ms=do_bench(lambda: kern.forward(x, w, b, "none", cfg=default), warmup=10, rep=40)))
         # each tile per-tile and persistent (one program per SM; TMA only, so where TMA is used)
         modes = [False, True] if kern.use_tma(x, w) else [False]
+        default_persistent = kern.PERSISTENT and kern.use_tma(x, w)  # as forward() decides
         for config in dict.fromkeys([default, *LINEAR_CANDIDATES]):
             for persistent in modes:
                 row = dict(base, kernel="linear_act" + (" persistent" if persistent else ""), config=config,
-                           default=config == default and persistent == kern.PERSISTENT)
+                           default=config == default and persistent == default_persistent)
                 try:
                     out = kern.forward(x, w, b, "gelu", cfg=config, persistent=persistent)
                     err = _rel_err(out[:4096], ref)

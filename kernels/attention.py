@@ -24,7 +24,8 @@ mask bounds them to the span of kept keys (read once per program; no branch insi
 stop software pipelining). ``rope=`` rotates q and k with the standalone RoPE kernel (one pass each) before
 the launch: on an H200 that was faster than rotating q in the kernel's prologue (benchmarks.tune).
 
-TMA (``KV_TMA`` forward, ``BWD_TMA`` backward; off until timed on a GPU): the blocks a kernel loops over (K/V
+TMA (``KV_TMA`` forward, ``BWD_TMA`` backward; on by default for long sequences, where an H200 ran them
+faster: :func:`_tma_by_default`): the blocks a kernel loops over (K/V
 in the forward and the dQ kernel, Q/dO in the dK/dV kernel) can come through 4-D (B, H, L, D) tensor
 descriptors instead of pointer tiles, out-of-bounds rows and head-dim columns zero-filled by the copy engine.
 Results are bitwise equal to the pointer path's; the backward's dK/dV tiles spill far less with them.
@@ -120,8 +121,17 @@ FUSED_DQ_BLOCK_M = 16
 INTERPRETER_CONFIG = (32, 32, 4, 1)
 TAIL_N = 16  # the forward's last key block when only a few keys are left (key_tail)
 EXP_EMU = 0  # the forward's exp2 split between MUFU and the FP32 pipes (see _exp2); off until timed on a GPU
-KV_TMA = False  # the forward's K/V through TMA tensor descriptors (sm_90+, fp16/bf16); off until timed on a GPU
-BWD_TMA = False  # the backward's Q/dO (dK/dV kernel) and K/V (dQ kernel) by TMA descriptors; off until timed
+# TMA descriptor loads: True / False force them on (where usable) / off; None (default) = where they were
+# measured faster (:func:`_tma_by_default`).
+KV_TMA = None  # the forward's K/V through TMA tensor descriptors (sm_90+, fp16/bf16)
+BWD_TMA = None  # the backward's Q/dO (dK/dV kernel) and K/V (dQ kernel) by TMA descriptors
+# The automatic choice (None above): on an H200 (benchmarks/results/2026-11-29T2207_nvidia-h200_tune.jsonl and
+# the 2026-11-29T2205 benchmarks, bf16, triton 3.6), TMA loads were faster at 4096 x 4096, forward 1.32 vs 1.39
+# ms (head dim 64) and 1.12 vs 1.24 ms (128), backward 4.25 vs 4.37 and 3.45 vs 3.77 ms, causal or not (the
+# causal forward at 64 within 1.5%); slower where the pointer path takes its 16-key tail block (ViT's 197
+# keys, the Q-Former's 257, the U-Net's 77: up to 7%). So: no bias, padded head dim 64 or 128, both sides at
+# least this long, and no tail block.
+TMA_MIN_LEN = 1024
 BWD_KEY_MAJOR = False  # the dK/dV kernel's tiles computed transposed (keys along rows); off until timed on a GPU
 TMA_MAX_HEAD_DIM = 128  # TMA paths at larger head dims (160, 256 buckets) are not compile-checked: pointer loads
 DQ_TAIL_MAX_BLOCK_D = 64  # the dQ kernel's sm_90 64x64 w4 tile spilled 16-64 B with a tail block at 128
@@ -801,7 +811,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     pairs) by the standalone RoPE kernel, one pass each, before the launch. ``tail``: the kernel's TAIL_N
     (default :func:`key_tail`). ``exp_emu``: the kernel's EXP_EMU (default :data:`EXP_EMU`; 0 in fp32 and
     under the interpreter, which runs no inline PTX). ``kv_tma``: K and V through TMA tensor descriptors
-    (default :data:`KV_TMA`; see :func:`_use_tma`)."""
+    (default: :func:`_tma_by_default`; see :func:`_use_tma`)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -816,7 +826,8 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         q, k = (rope_kernels.apply(t, *rope, interleaved=False) for t in (q, k))
     kind = "bias" if bias_t is not None else "plain"
     bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H)
-    use_tma = _use_tma("kv_tma", kv_tma, KV_TMA, k, v)
+    default = _tma_by_default(KV_TMA, kind, BLOCK_D, Lq, Lk, key_tail(Lk, bn, BLOCK_D) if tail is None else tail)
+    use_tma = _use_tma("kv_tma", kv_tma, default, k, v)
     if use_tma:
         k_arg, v_arg = _descriptors(bn, BLOCK_D, k, v)
         if tail:
@@ -845,6 +856,15 @@ def _tma_ready(t) -> bool:
     every stride but the last (which is 1)."""
     size = t.element_size()
     return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1]) and t.stride(-1) == 1
+
+
+def _tma_by_default(flag, kind: str, block_d: int, Lq: int, Lk: int, tail: int) -> bool:
+    """The TMA default of a launch: ``flag`` (:data:`KV_TMA` / :data:`BWD_TMA`) when set, else whether the
+    launch is of the kind measured faster with TMA (see :data:`TMA_MIN_LEN`): no bias, padded head dim 64 or
+    128, ``Lq`` and ``Lk`` at least TMA_MIN_LEN, and no tail block (``tail``: the pointer path's TAIL_N)."""
+    if flag is not None:
+        return bool(flag)
+    return kind == "plain" and block_d in (64, 128) and min(Lq, Lk) >= TMA_MIN_LEN and not tail
 
 
 def _use_tma(name, requested, default, *tensors) -> bool:
@@ -888,10 +908,13 @@ def _query_splits(n_key_blocks, BH_kv, Lq, block_m):
     """How many programs share one key block's queries in the dK/dV kernel. One per key block is FA2's
     layout; with few key blocks (short Lk: U-Net cross-attention has Lk = 77, two blocks) and few heads it
     leaves most of the GPU idle while each program walks every query serially. Then the queries are split
-    so the grid reaches about two waves, each split keeping at least 4 query blocks; the partial dK/dV
-    (fp32) are summed in a fixed order afterwards, so the result stays deterministic."""
+    so the grid fills about one wave (one program per SM), each split keeping at least 4 query blocks; the
+    partial dK/dV (fp32) are summed in a fixed order afterwards, so the result stays deterministic. One wave,
+    not two: U-Net cross-attention's backward (B=8, 8 heads, 4096 x 77) took 0.152 ms with 2 splits (256
+    programs on 132 SMs) against 0.169 ms with the 3 that a two-wave target gave, 0.154 with 4 and 0.178
+    unsplit (head dim 128: 0.253 / 0.278 / 0.259 / 0.270 ms; H200, 2026-11-29T2207 tune)."""
     programs = n_key_blocks * BH_kv
-    target = 2 * _sm_count()
+    target = _sm_count()
     if programs >= target:
         return 1
     return max(1, min(triton.cdiv(target, programs), triton.cdiv(Lq, block_m) // 4))
@@ -902,7 +925,7 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     """Launch the backward kernels. Returns ``(dq, dk, dv, ds)`` where ds is the (B, Hq, Lq, Lk) fp32
     gradient of the scores when ``bias_grad`` (else None). ``splits``: query splits of the dK/dV kernel
     (default: :func:`_query_splits`). ``tma``: Q/dO (dK/dV kernel) and K/V (dQ kernel) through TMA
-    descriptors (default :data:`BWD_TMA`; see :func:`_use_tma`). ``key_major``: the dK/dV kernel's transposed
+    descriptors (default: :func:`_tma_by_default`; see :func:`_use_tma`). ``key_major``: the dK/dV kernel's transposed
     tiles (default :data:`BWD_KEY_MAJOR`), with their own config (:data:`BWD_KM_TABLE`) unless ``config``.
     ``fused_dq`` (key-major only; default: ``key_major``): when every key fits in one dK/dV key block, that
     kernel writes dQ too (at :func:`fused_dq_config`'s tile unless ``config``) and takes delta from its tile:
@@ -937,7 +960,10 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
             o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Lq,
             HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
     dummy = q
-    use_tma = _use_tma("tma", tma, BWD_TMA, q, k, v, do)
+    # (the automatic choice was measured with the query-major dK/dV tiles only)
+    default = _tma_by_default(BWD_TMA if BWD_TMA is not None or not key_major else False, kind, BLOCK_D, Lq, Lk,
+                              key_tail(Lk, q_cfg[1], BLOCK_D, DQ_TAIL_MAX_BLOCK_D))
+    use_tma = _use_tma("tma", tma, default, q, k, v, do)
     common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None,
                   HAS_KPM=kpm_t is not None, DOT_PRECISION=_dot_precision(q.dtype),
                   ALIGN8=_strides_align8(q, k, v, do, dq, dk, dv), TMA=use_tma)
@@ -1024,7 +1050,7 @@ def aot_specs():
     def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU, tma=None,
              key_major=None, fused_dq=False):
         flags = tuple(f for f in short if f in flags and f in arg_names(fn))
-        tma = (KV_TMA if fn is _attn_fwd else BWD_TMA) if tma is None else tma
+        tma = bool(KV_TMA if fn is _attn_fwd else BWD_TMA) if tma is None else tma
         tma = tma and any(n in arg_names(fn) for n in ("KV_TMA", "TMA"))
         key_major = (BWD_KEY_MAJOR if key_major is None else key_major) and "KEY_MAJOR" in arg_names(fn)
         key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma, key_major, fused_dq)
@@ -1063,8 +1089,8 @@ def aot_specs():
         for emu in (4, 8):
             if emu != EXP_EMU:
                 want(_attn_fwd, dtype, d, (), cfg, 90, wgmma=True, emu=emu)
-    # TMA descriptors (KV_TMA, BWD_TMA, off by default; benchmarks.tune times them): the Hopper forward's long
-    # and short tiles and the backward's tiles at head dims 40-128, plain and with every mask of each kind.
+    # TMA descriptors (KV_TMA, BWD_TMA; by default on for long plain attention, _tma_by_default): the Hopper
+    # forward's long and short tiles and the backward's tiles at head dims 40-128, plain and with every mask of each kind.
     for dtype, d in (("fp16", 64), ("bf16", 40), ("bf16", 80), ("fp16", 128)):  # as the pointer specs above
         block_d = padded_head_dim(d)
         for kind in ("plain", "bias"):

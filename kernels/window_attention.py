@@ -87,14 +87,15 @@ DKDV_CONFIGS_FP32 = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 32, 4)}  # IEEE 
 # q/k/v loads in flight). Untimed on a GPU (benchmarks.tune --only window).
 FWD_GROUPED_CONFIGS = {90: {16: (4, 2), 32: (4, 2), 64: (4, 2)}, 80: {16: (4, 2), 32: (4, 2), 64: (4, 2)}}
 # The one-kernel backward of windows that fit one tile (N <= MAX_TILE): (num_warps, num_stages) per arch
-# and BLOCK_D; a BLOCK_D missing here takes the dq + dk/dv kernels. sm_90 at head dims up to 32 (Swin's), 8
-# warps: 233-255 registers, no spill with triton 3.6 and 3.8; 4 warps spilled. One program per SM at that
-# size, so at head dim 32 two stages keep the next window's loads in flight (37.5 KB of shared memory, still
-# no spill; at 16 two stages spilled 16 B with triton 3.6). At 64 it compiled clean with triton 3.8 but
-# spilled 56-192 B with 3.6; on sm_80 it spilled at 32 and 64 (24-304 B, either warp count), and fp32 (IEEE
-# dots) on sm_90 (364 B at 32): those keep the two kernels. Untimed on a GPU (benchmarks.tune --only window
-# compares the two paths and one stage against two).
-FUSED_CONFIGS = {90: {16: (4, 1), 32: (8, 2)}, 80: {16: (4, 1)}}
+# and BLOCK_D; a BLOCK_D missing here takes the dq + dk/dv kernels. sm_90 at head dims up to 32 (Swin's): 4
+# warps, 1 stage, timed on an H200 (benchmarks/results/2026-11-29T2207_nvidia-h200_tune.jsonl, bf16): 0.556 ms
+# at Swin-T stage 1 (B=128, 56x56, 3 heads) and 0.221 ms at stage 3, against 1.181 / 0.334 ms for the 8-warp,
+# 2-stage tile that compiled without spills (1.00 / 0.289 ms with 1 stage; the two-kernel path 0.85-2.0 ms).
+# With triton 3.8 it compiles without spills (249-255 registers, 20 KiB of shared memory, wgmma).
+# At 64 the 8-warp tile compiled clean with triton 3.8 but spilled 56-192 B with 3.6; on sm_80 it spilled at
+# 32 and 64 (24-304 B, either warp count), and fp32 (IEEE dots) on sm_90 (364 B at 32): those keep the two
+# kernels (untimed).
+FUSED_CONFIGS = {90: {16: (4, 1), 32: (4, 1)}, 80: {16: (4, 1)}}
 PROGRAMS_PER_SM = 4
 # The grouped forward's programs are lighter (4 warps, 128-251 registers: 2-3 resident per SM): 12 per SM
 # are whole waves of 2, 3 or 4 resident programs, each still looping over several windows at Swin sizes.

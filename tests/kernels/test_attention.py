@@ -222,8 +222,9 @@ def test_query_split_choice(monkeypatch):
     from dlcv_fast.kernels import attention as A
 
     monkeypatch.setattr(A, "_sm_count", lambda: 132)
-    assert A._query_splits(2, 64, 4096, 64) == 3  # U-Net cross: 128 programs -> 3 splits of the 64 blocks
-    assert A._query_splits(2, 8, 4096, 64) == 16  # capped at 4 query blocks per split
+    assert A._query_splits(2, 64, 4096, 64) == 2  # U-Net cross: 128 programs -> 2 splits (one wave, 256)
+    assert A._query_splits(2, 8, 4096, 64) == 9  # 16 programs -> 9 splits (144)
+    assert A._query_splits(2, 8, 1024, 64) == 4  # capped at 4 query blocks per split
     assert A._query_splits(64, 64, 4096, 64) == 1  # enough programs already
     assert A._query_splits(2, 8, 100, 64) == 1  # too few query blocks to split
 
@@ -288,6 +289,44 @@ def test_kv_tma_on_strided_views_and_its_limits(device, monkeypatch):
                    False, tma=True)
     with pytest.raises(ValueError, match="no tail block"):
         A.forward(q, k, v, None, None, False, 0, 0.2, kv_tma=True, tail=16)
+
+
+def test_tma_default_policy(device, monkeypatch):
+    """With KV_TMA / BWD_TMA left at None the launchers default to TMA loads only where an H200 ran them
+    faster: no bias, padded head dim 64 or 128, both lengths at least TMA_MIN_LEN, no tail block; True /
+    False force them. The forward and backward pass that default on to _use_tma."""
+    from dlcv_fast.kernels import attention as A
+
+    assert A.KV_TMA is None and A.BWD_TMA is None
+    pick = A._tma_by_default
+    assert pick(None, "plain", 64, 4096, 4096, 0) and pick(None, "plain", 128, A.TMA_MIN_LEN, A.TMA_MIN_LEN, 0)
+    assert not pick(None, "bias", 64, 4096, 4096, 0)
+    assert not pick(None, "plain", 64, 4096, 4096, A.TAIL_N)
+    assert not pick(None, "plain", 32, 4096, 4096, 0) and not pick(None, "plain", 256, 4096, 4096, 0)
+    assert not pick(None, "plain", 64, 197, 197, 0) and not pick(None, "plain", 64, 4096, 77, 0)
+    assert pick(True, "bias", 32, 1, 1, A.TAIL_N) and not pick(False, "plain", 64, 4096, 4096, 0)
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def spy(name, requested, default, *tensors):
+        seen.append((name, default))
+        raise Stop
+
+    monkeypatch.setattr(A, "_use_tma", spy)
+    for L, D, expect in ((1024, 64, True), (1024, 40, True), (1024, 32, False), (1000, 64, False)):
+        q = torch.randn(1, 2, L, D, device=device).half()
+        for call in (lambda: A.forward(q, q, q, None, None, True, 0, 0.1),
+                     lambda: A.backward(q, q, q, q, q, torch.zeros(1, 2, L, device=device), None, None, True, 0,
+                                        0.1, False)):
+            with pytest.raises(Stop):
+                call()
+            assert seen.pop()[1] is expect, (L, D)
+        with pytest.raises(Stop):
+            A.forward(q, q, q, torch.zeros(L, L, device=device).half(), None, False, 0, 0.1)
+        assert seen.pop()[1] is False
 
 
 @pytest.mark.parametrize("kind", ["none", "causal+padding+bias", "leftpad", "prefix"])

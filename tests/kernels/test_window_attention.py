@@ -392,8 +392,8 @@ def test_path_choice(device, monkeypatch):
     up to 32; sm_80 at 16 only: larger tiles spill), never fp32; not padded maps whose qkv bias needs a
     gradient (the one kernel does not compute it), which take the two kernels and still get it. The grouped
     forward: fp16/bf16 windows of at most 64 tokens."""
-    assert kernels.fused_config((7, 7), 32, torch.bfloat16, arch=90) == (64, 8, 2)
-    assert kernels.fused_config((8, 8), 32, torch.float16, arch=90) == (64, 8, 2)
+    assert kernels.fused_config((7, 7), 32, torch.bfloat16, arch=90) == (64, 4, 1)
+    assert kernels.fused_config((8, 8), 32, torch.float16, arch=90) == (64, 4, 1)
     assert kernels.fused_config((8, 8), 64, torch.float16, arch=90) is None
     assert kernels.fused_config((4, 4), 32, torch.float16, arch=90)[0] == 16
     assert kernels.fused_config((7, 7), 32, torch.bfloat16, arch=80) is None
