@@ -83,18 +83,20 @@ def plan_items(plan, device: str, quick: bool) -> list[dict]:
                 if not compiles(p) or quick and p.compiled and index:
                     continue
                 items.append(dict(bench=bench.name, case=index, label=bench.label(case), provider=p.name,
-                                  compiled=p.compiled))
+                                  compiled=p.compiled, secondary=p.secondary))
     return items
 
 
 def share(items: list[dict], n: int) -> list[list[dict]]:
     """``items`` in ``n`` lists: the compiled providers (the long warm-ups, the most worth doing before the budget
-    runs out) dealt out first and put first in each list, then the others dealt in run order; within each part a
+    runs out) dealt out first and put first in each list, then the other headline providers, then the secondary
+    ones (``Provider.secondary``, which ``--quick`` times last), each dealt in run order; within each part a
     list keeps run order, so that a worker builds each case's inputs once."""
     heavy = [it for it in items if it["compiled"]]
-    light = [it for it in items if not it["compiled"]]
+    light = [it for it in items if not it["compiled"] and not it.get("secondary")]
+    extra = [it for it in items if not it["compiled"] and it.get("secondary")]
     lists = [[] for _ in range(n)]
-    for i, it in enumerate(heavy + light):
+    for i, it in enumerate(heavy + light + extra):
         lists[i % n].append(it)
     return [lst for lst in lists if lst]
 

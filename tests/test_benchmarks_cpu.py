@@ -330,6 +330,12 @@ def test_warm_up_shares_the_compiled_items_out_first():
         assert lst[len(heavy):] == sorted(lst[len(heavy):], key=items.index)
     assert sorted(map(items.index, lists[0] + lists[1])) == list(range(len(items)))
     assert [len(lst) for lst in warm.share(items, 20)] == [1] * len(items)  # no empty worker lists
+    # secondary providers (timed last by --quick) after every headline one in each list
+    for it in items:
+        it["secondary"] = it["provider"] == "peer"
+    for lst in warm.share(items, 2):
+        kinds = [("compiled" if it["compiled"] else "secondary" if it["secondary"] else "headline") for it in lst]
+        assert kinds == sorted(kinds, key=["compiled", "headline", "secondary"].index), kinds
     assert warm.default_workers("cuda", True, cpus=16, shared=True) == 8
     assert warm.default_workers("cuda", True, cpus=16, shared=False) == 0  # one process per GPU at a time
     assert warm.default_workers("cuda", False, cpus=16, shared=True) == 0
