@@ -148,7 +148,9 @@ def profile_table(rows: list) -> str:
     parts = []
     for p in profiles(rows):
         parts.append(f"\n== where the time goes: {p['benchmark']} | {p['case']} | {p['provider']} "
-                     f"({p['total_ms']:.4g} ms traced per call)")
+                     f"({p['total_ms']:.4g} ms traced per call" + (
+                         f"; untraced: host {p['host_ms']:.4g} ms, wall {p['wall_ms']:.4g} ms" if "host_ms" in p
+                         else "") + ")")
         if p.get("kinds"):
             parts.append("  by kind: " + ", ".join(f"{k} {ms:.3g} ms" for k, ms in p["kinds"].items() if ms))
         for k in p["kernels"][:PROFILE_LINES]:

@@ -203,12 +203,23 @@ def kernel_breakdown(call: Callable[[], object], device: str, iters: int = PROFI
     GPU the kernels, memcpys and memsets (device time), on the CPU the aten ops (self CPU time), heaviest first.
     Returns ``{"total_ms": ..., "kinds": {kind: ms}, "kernels": [{"name", "calls", "ms", "share"}, ...]}`` per
     call: the time by kind of work (:func:`kernel_kind`, over every kernel), and the ``top`` heaviest kernels
-    followed by one ``"(other)"`` entry for the rest."""
+    followed by one ``"(other)"`` entry for the rest. Also ``host_ms``, the median time the host spends in one
+    call (it returns once the work is queued), and ``wall_ms``, the median of one call until the device is
+    done, both untraced: ``host_ms`` close to ``wall_ms`` and above ``total_ms`` means the device waited for
+    the host (launch-bound); ``wall_ms`` well above both means something else stalls it (a sync, the
+    allocator)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     call()
     sync()
+    host, wall = [], []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        call()
+        host.append(time.perf_counter() - t0)
+        sync()
+        wall.append(time.perf_counter() - t0)
     with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
             call()
@@ -237,7 +248,8 @@ def kernel_breakdown(call: Callable[[], object], device: str, iters: int = PROFI
                         "ms": sum(ms for ms, _, _ in spent[top:])})
     for e in entries:
         e["share"] = e["ms"] / total if total else 0.0
-    return {"total_ms": total, "kinds": kinds, "kernels": entries}
+    return {"total_ms": total, "host_ms": statistics.median(host) * 1e3, "wall_ms": statistics.median(wall) * 1e3,
+            "kinds": kinds, "kernels": entries}
 
 
 def _time_cpu(call, quick: bool) -> float:

@@ -41,7 +41,8 @@ def test_benchmark_command_without_gpu(tmp_path):
         assert abs(sum(k["share"] for k in p["kernels"]) - 1) < 1e-6
         assert any(k["name"] == "aten::addmm" for k in p["kernels"])
         assert abs(sum(p["kinds"].values()) - p["total_ms"]) < 1e-6 * p["total_ms"] and p["kinds"]["gemm"] > 0
-    assert "== where the time goes: model_infer" in proc.stdout
+        assert 0 < p["host_ms"] <= p["wall_ms"]  # on the CPU the call is synchronous: host time ~ wall time
+    assert "== where the time goes: model_infer" in proc.stdout and "untraced: host" in proc.stdout
 
     with (tmp_path / "results.csv").open() as f:
         reader = csv.DictReader(f)
