@@ -6,10 +6,15 @@
 # machine (the project already installed) and on a fresh one (installs the carried wheels and the project
 # first, as run.sh does).
 #
-#   bash benchmarks/gpu_followup.sh [SECONDS] [GROUPS]      # defaults: 420, table,fwd,split,window,linear
+# Before the sweeps, BENCH (benchmark names, comma-separated; "none" skips it) runs in full, every case and
+# provider (not --quick), within half the time: by default the window attention benchmarks, whose issue-4 goal
+# against FlexAttention covers all four Swin cases while --quick compiles FlexAttention on the first only.
+#
+#   bash benchmarks/gpu_followup.sh [SECONDS] [GROUPS] [BENCH]  # defaults: 420, table,fwd,split,window,linear, window_attn
 set -uo pipefail
 limit=${1:-420}
 groups=${2:-table,fwd,split,window,linear}
+bench=${3:-window_attn}
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
@@ -22,6 +27,13 @@ if ! python3 -c "import dlcv_fast.kernels.attention" >/dev/null 2>&1; then
 fi
 echo "== $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null), commit" \
      "$(git rev-parse --short HEAD 2>/dev/null), set-up $(( $(date +%s) - t0 )) s"
+if [[ $bench != none ]]; then
+  share=$(( (limit - ($(date +%s) - t0)) / 2 ))
+  timeout $(( share + 40 )) python3 -m benchmarks --only ${bench//,/ } --time-limit "$share" --warm-workers 8 \
+    --no-save-results --out "$out/bench" > "$out/bench.log" 2>&1
+  echo "== benchmarks --only $bench (full cases, ${share} s cap): rc=$? ($(( $(date +%s) - t0 )) s)"
+  grep -v "skipped\|^\[" "$out/bench.log" | tail -n 40
+fi
 left=$(( limit - ($(date +%s) - t0) ))
 if (( left < 30 )); then echo "== no time left for a sweep ($left s)"; exit 1; fi
 # the warm-up (each group compiled in its own process first) gets at most half of what is left
