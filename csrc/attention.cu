@@ -31,6 +31,76 @@ namespace {
 using namespace mma;
 using namespace attn;
 
+// One key block of the forward for a warp's 16 query rows: S = Q K^T, the online softmax, O += P V. MASKED: the
+// general step (scale, bias and masks per element; in the last block only the 16-key groups that hold keys below hi
+// are computed: past hi every key is masked, p = 0 whatever the score). !MASKED: the caller has checked that every
+// key of the block is visible to every row, unbiased, and that a.qk_scale > 0: the row max is taken on the raw
+// scores (x -> x * qk_scale keeps the order) and p = exp2(s * qk_scale - m) is one FFMA.
+template <bool MASKED, typename T, int DP>
+__device__ __forceinline__ void fwd_step(float (&acc)[DP / 8][4], float (&m_i)[2], float (&l_i)[2],
+                                         const uint32_t (&qf)[DP / 16][4], const T* ks_, const T* vs_, int n0, int hi,
+                                         int row_a, int row_b, int b, int h, const float* bias, const uint8_t* kp,
+                                         const AttnArgs& a) {
+  const int tig = threadIdx.x % 4;
+  const int valid = MASKED ? min(kBN, hi - n0) : kBN;
+  float s[kBN / 8][4];
+  zero(s);
+#pragma unroll
+  for (int ks = 0; ks < DP / 16; ++ks) mma_abt<T, DP, kBN>(s, qf[ks], ks_, ks, valid);
+
+  // Scale, bias, masks (MASKED); row max, in log2 units.
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nb = 0; nb < kBN / 8; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (MASKED) {
+        const int row = e < 2 ? row_a : row_b;
+        s[nb][e] = masked_score(s[nb][e], row, n0 + nb * 8 + 2 * tig + (e & 1), b, h, bias, kp, a);
+      }
+      mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+    }
+  }
+  float alpha[2], m_use[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    if (!MASKED) mx[r] *= a.qk_scale;
+    const float m_new = fmaxf(m_i[r], mx[r]);
+    m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no inf - inf
+    alpha[r] = exp2f(m_i[r] - m_use[r]);
+    m_i[r] = m_new;
+    l_i[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int nd = 0; nd < DP / 8; ++nd) {
+    acc[nd][0] *= alpha[0];
+    acc[nd][1] *= alpha[0];
+    acc[nd][2] *= alpha[1];
+    acc[nd][3] *= alpha[1];
+  }
+#pragma unroll
+  for (int nb = 0; nb < kBN / 8; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = MASKED ? exp2f(s[nb][e] - m_use[e / 2]) : exp2f(fmaf(s[nb][e], a.qk_scale, -m_use[e / 2]));
+      s[nb][e] = p;
+      l_i[e / 2] += p;  // this thread's share of the row sum; reduced over the quad at the end
+    }
+  }
+
+  // O += P V: P's accumulator layout is the A operand's (two 8-key blocks per 16-key step).
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    if (kk * 16 < valid) {  // groups past the valid rows hold zeros
+      uint32_t pa[4];
+      c_to_a<T>(pa, s, kk);
+      mma_ab<T, DP>(acc, pa, vs_, kk);
+    }
+  }
+}
+
 // min 1 CTA per SM in the launch bounds: without it ptxas capped head dim 64 at 128 registers (and spilled)
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -87,63 +157,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T* ks_ = sk + stage * kBN * kLd;
     const T* vs_ = sv + stage * kBN * kLd;
 
-    // S = Q K^T: 16 x 64 per warp, 8 blocks of 8 keys; in the last block only the 16-key groups that hold keys
-    // below hi (past hi every key is masked: p = 0 whatever the score, so those groups are skipped).
-    const int valid = min(kBN, hi - n0);
-    float s[kBN / 8][4];
-    zero(s);
-#pragma unroll
-    for (int ks = 0; ks < DP / 16; ++ks) mma_abt<T, DP, kBN>(s, qf[ks], ks_, ks, valid);
-
-    // Scale, bias, masks; row max.
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nb = 0; nb < kBN / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = e < 2 ? row_a : row_b;
-        const float x = masked_score(s[nb][e], row, n0 + nb * 8 + 2 * tig + (e & 1), b, h, bias, kp, a);
-        s[nb][e] = x;
-        mx[e / 2] = fmaxf(mx[e / 2], x);
-      }
-    }
-    float alpha[2], m_use[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m_i[r], mx[r]);
-      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no inf - inf
-      alpha[r] = exp2f(m_i[r] - m_use[r]);
-      m_i[r] = m_new;
-      l_i[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int nd = 0; nd < DP / 8; ++nd) {
-      acc[nd][0] *= alpha[0];
-      acc[nd][1] *= alpha[0];
-      acc[nd][2] *= alpha[1];
-      acc[nd][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int nb = 0; nb < kBN / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(s[nb][e] - m_use[e / 2]);
-        s[nb][e] = p;
-        l_i[e / 2] += p;  // this thread's share of the row sum; reduced over the quad at the end
-      }
-    }
-
-    // O += P V: P's accumulator layout is the A operand's (two 8-key blocks per 16-key step).
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      if (kk * 16 < valid) {  // groups past the valid rows hold zeros
-        uint32_t pa[4];
-        c_to_a<T>(pa, s, kk);
-        mma_ab<T, DP>(acc, pa, vs_, kk);
-      }
-    }
+    // A block with no bias, no padding mask, every key below hi and (causal) every key visible to every query of
+    // the CTA needs no per-element mask: it takes the unmasked instance of the step (no branches around the
+    // products, one FFMA and one EX2 per score), the rest the masked one.
+    const bool masked = a.has_bias || a.has_kpm || !(a.qk_scale > 0.f) || n0 + kBN > hi ||
+                        (a.causal && n0 + kBN - 1 > m0 && n0 + kBN > a.prefix_len);
+    if (masked) fwd_step<true, T, DP>(acc, m_i, l_i, qf, ks_, vs_, n0, hi, row_a, row_b, b, h, bias, kp, a);
+    else fwd_step<false, T, DP>(acc, m_i, l_i, qf, ks_, vs_, n0, hi, row_a, row_b, b, h, bias, kp, a);
     __syncthreads();  // this stage is read; the next iteration's prefetch overwrites it
   }
   cp_async_wait<0>();  // no block at all: the Q load is still outstanding

@@ -109,7 +109,7 @@ __device__ __forceinline__ void store_rows_rope(const float (&acc)[DP / 8][4], f
 // ROPE: q and k rotated in shared memory, dK rotated back (a template flag: at head dim 64 the runtime branch
 // alone pushed the plain kernel, at 255 registers, into spilling).
 template <typename T, int DP, int BQ, bool ROPE>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head dim 64 on sm_80 at 168 registers (spilled)
     attn_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          const T* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
                          T* __restrict__ dk, T* __restrict__ dv, const float* __restrict__ bias,
@@ -187,43 +187,54 @@ __global__ void __launch_bounds__(kThreads)
     const float* l2 = s_lse2 + st * BQ;
     const float* dl = s_delta + st * BQ;
 
-    // S^T = K Q^T and dP^T = V dO^T: 16 keys x BQ queries per warp (16-query groups past Lq skipped: P = 0 there).
-    const int valid = min(BQ, a.Lq - m0);
-    float s[BQ / 8][4], dp[BQ / 8][4];
-    zero(s);
-    zero(dp);
+    // A step with no bias, no padding mask, every key of the CTA below Lk, every query below Lq and (causal) every
+    // key visible to every query takes the unmasked instance (no per-element mask, no branches around the
+    // products), the rest the masked one.
+    const bool masked = a.has_bias || a.has_kpm || n0 + kBN > a.Lk || m0 + BQ > a.Lq ||
+                        (a.causal && n0 + kBN - 1 > m0 && n0 + kBN > a.prefix_len);
+    auto block = [&](auto masked_c) {
+      constexpr bool MASKED = decltype(masked_c)::value;
+      // S^T = K Q^T and dP^T = V dO^T: 16 keys x BQ queries per warp (16-query groups past Lq skipped: P = 0 there).
+      const int valid = MASKED ? min(BQ, a.Lq - m0) : BQ;
+      float s[BQ / 8][4], dp[BQ / 8][4];
+      zero(s);
+      zero(dp);
 #pragma unroll
-    for (int ks = 0; ks < DP / 16; ++ks) {
-      uint32_t kf[4], vf[4];
-      load_a<T, DP>(kf, sk, warp * 16, ks);
-      load_a<T, DP>(vf, sv, warp * 16, ks);
-      mma_abt<T, DP, BQ>(s, kf, qs, ks, valid);
-      mma_abt<T, DP, BQ>(dp, vf, dos, ks, valid);
-    }
-    // P^T and dS^T (natural units), in place of S^T and dP^T.
-#pragma unroll
-    for (int nb = 0; nb < BQ / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = e < 2 ? key_a : key_b;
-        const int qi = nb * 8 + 2 * tig + (e & 1);  // query within the block
-        const float x = masked_score(s[nb][e], m0 + qi, key, b, h, bias, kp, a);
-        const float p = exp2f(x - l2[qi]);  // 0 at masked keys (-inf) and empty rows (lse2 = +inf)
-        s[nb][e] = p;
-        dp[nb][e] = p * (dp[nb][e] - dl[qi]);
+      for (int ks = 0; ks < DP / 16; ++ks) {
+        uint32_t kf[4], vf[4];
+        load_a<T, DP>(kf, sk, warp * 16, ks);
+        load_a<T, DP>(vf, sv, warp * 16, ks);
+        mma_abt<T, DP, BQ>(s, kf, qs, ks, valid);
+        mma_abt<T, DP, BQ>(dp, vf, dos, ks, valid);
       }
-    }
-    // dV += P^T dO, dK += dS^T Q: 16 queries a step; dO and Q transposed by ldmatrix.trans.
+      // P^T and dS^T (natural units), in place of S^T and dP^T.
 #pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) {
-      if (kk * 16 < valid) {  // groups past the valid rows hold zeros
-        uint32_t pa[4], da[4];
-        c_to_a<T>(pa, s, kk);
-        c_to_a<T>(da, dp, kk);
-        mma_ab<T, DP>(acc_v, pa, dos, kk);
-        mma_ab<T, DP>(acc_k, da, qs, kk);
+      for (int nb = 0; nb < BQ / 8; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = e < 2 ? key_a : key_b;
+          const int qi = nb * 8 + 2 * tig + (e & 1);  // query within the block
+          // 0 at masked keys (-inf) and empty rows (lse2 = +inf)
+          const float p = MASKED ? exp2f(masked_score(s[nb][e], m0 + qi, key, b, h, bias, kp, a) - l2[qi])
+                                 : exp2f(fmaf(s[nb][e], a.qk_scale, -l2[qi]));
+          s[nb][e] = p;
+          dp[nb][e] = p * (dp[nb][e] - dl[qi]);
+        }
       }
-    }
+      // dV += P^T dO, dK += dS^T Q: 16 queries a step; dO and Q transposed by ldmatrix.trans.
+#pragma unroll
+      for (int kk = 0; kk < BQ / 16; ++kk) {
+        if (kk * 16 < valid) {  // groups past the valid rows hold zeros
+          uint32_t pa[4], da[4];
+          c_to_a<T>(pa, s, kk);
+          c_to_a<T>(da, dp, kk);
+          mma_ab<T, DP>(acc_v, pa, dos, kk);
+          mma_ab<T, DP>(acc_k, da, qs, kk);
+        }
+      }
+    };
+    if (masked) block(std::true_type{});
+    else block(std::false_type{});
     __syncthreads();  // this stage is read; the next step's prefetch overwrites it
   }
   cp_async_wait<0>();
@@ -299,68 +310,79 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
     const T* ks_ = sk + stage * kBN * kLd;
     const T* vs_ = sv + stage * kBN * kLd;
 
-    const int valid = min(kBN, hi - n0);  // keys past hi are masked (P = 0): their 16-key groups are skipped
-    float s[kBN / 8][4], dp[kBN / 8][4];
-    zero(s);
-    zero(dp);
+    // A block with no bias, no padding mask, every key below hi and (causal) every key visible to every query of
+    // the CTA takes the unmasked instance (no per-element mask, no branches around the products), the rest the
+    // masked one (keys past hi are masked, P = 0: their 16-key groups are skipped).
+    const bool masked = a.has_bias || a.has_kpm || n0 + kBN > hi ||
+                        (a.causal && n0 + kBN - 1 > m0 && n0 + kBN > a.prefix_len);
+    auto block = [&](auto masked_c) {
+      constexpr bool MASKED = decltype(masked_c)::value;
+      const int valid = MASKED ? min(kBN, hi - n0) : kBN;
+      float s[kBN / 8][4], dp[kBN / 8][4];
+      zero(s);
+      zero(dp);
 #pragma unroll
-    for (int ks = 0; ks < DP / 16; ++ks) {
-      uint32_t qf[4], df[4];
-      load_a<T, DP>(qf, sq, warp * 16, ks);
-      load_a<T, DP>(df, sdo, warp * 16, ks);
-      mma_abt<T, DP, kBN>(s, qf, ks_, ks, valid);
-      mma_abt<T, DP, kBN>(dp, df, vs_, ks, valid);
-    }
-#pragma unroll
-    for (int nb = 0; nb < kBN / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = e < 2 ? row_a : row_b, col = n0 + nb * 8 + 2 * tig + (e & 1);
-        s[nb][e] = exp2f(masked_score(s[nb][e], row, col, b, h, bias, kp, a) - l2[e / 2]);  // P
+      for (int ks = 0; ks < DP / 16; ++ks) {
+        uint32_t qf[4], df[4];
+        load_a<T, DP>(qf, sq, warp * 16, ks);
+        load_a<T, DP>(df, sdo, warp * 16, ks);
+        mma_abt<T, DP, kBN>(s, qf, ks_, ks, valid);
+        mma_abt<T, DP, kBN>(dp, df, vs_, ks, valid);
       }
-    }
-    // delta = rowsum(dO * O) from the delta kernel, or, when this one block holds every key the rows see,
-    // rowsum(P dP) / rowsum(P) from the tile: the same quantity without the rounding of the stored output
-    // (|dO| x that rounding, summed over the head dim, dominated dS for short key ranges), and exactly what
-    // makes this dS sum to zero over the row, as a softmax gradient does.
-    float dlt[2] = {dl[0], dl[1]};
-    if (hi - lo <= kBN) {
-      float pdp[2] = {0.f, 0.f}, psum[2] = {0.f, 0.f};
 #pragma unroll
-      for (int nb = 0; nb < kBN / 8; ++nb)
+      for (int nb = 0; nb < kBN / 8; ++nb) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          pdp[e / 2] += s[nb][e] * dp[nb][e];
-          psum[e / 2] += s[nb][e];
+          const int row = e < 2 ? row_a : row_b, col = n0 + nb * 8 + 2 * tig + (e & 1);
+          s[nb][e] = MASKED ? exp2f(masked_score(s[nb][e], row, col, b, h, bias, kp, a) - l2[e / 2])  // P
+                            : exp2f(fmaf(s[nb][e], a.qk_scale, -l2[e / 2]));
         }
+      }
+      // delta = rowsum(dO * O) from the delta kernel, or, when this one block holds every key the rows see,
+      // rowsum(P dP) / rowsum(P) from the tile: the same quantity without the rounding of the stored output
+      // (|dO| x that rounding, summed over the head dim, dominated dS for short key ranges), and exactly what
+      // makes this dS sum to zero over the row, as a softmax gradient does.
+      float dlt[2] = {dl[0], dl[1]};
+      if (hi - lo <= kBN) {
+        float pdp[2] = {0.f, 0.f}, psum[2] = {0.f, 0.f};
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        for (int off = 1; off < 4; off <<= 1) {  // the quad holding the row
-          pdp[r] += __shfl_xor_sync(0xffffffffu, pdp[r], off);
-          psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], off);
+        for (int nb = 0; nb < kBN / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            pdp[e / 2] += s[nb][e] * dp[nb][e];
+            psum[e / 2] += s[nb][e];
+          }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          for (int off = 1; off < 4; off <<= 1) {  // the quad holding the row
+            pdp[r] += __shfl_xor_sync(0xffffffffu, pdp[r], off);
+            psum[r] += __shfl_xor_sync(0xffffffffu, psum[r], off);
+          }
+          dlt[r] = psum[r] > 0.f ? pdp[r] / psum[r] : 0.f;
         }
-        dlt[r] = psum[r] > 0.f ? pdp[r] / psum[r] : 0.f;
       }
-    }
 #pragma unroll
-    for (int nb = 0; nb < kBN / 8; ++nb) {
+      for (int nb = 0; nb < kBN / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = e < 2 ? row_a : row_b, col = n0 + nb * 8 + 2 * tig + (e & 1);
-        const float d = s[nb][e] * (dp[nb][e] - dlt[e / 2]);
-        dp[nb][e] = d;
-        if (args.bias_grad && row < a.Lq && col < a.Lk) ds_rows[int64_t(row) * a.Lk + col] = d;
+        for (int e = 0; e < 4; ++e) {
+          const int row = e < 2 ? row_a : row_b, col = n0 + nb * 8 + 2 * tig + (e & 1);
+          const float d = s[nb][e] * (dp[nb][e] - dlt[e / 2]);
+          dp[nb][e] = d;
+          if (MASKED && args.bias_grad && row < a.Lq && col < a.Lk) ds_rows[int64_t(row) * a.Lk + col] = d;  // (bias: MASKED)
+        }
       }
-    }
-    // dQ += dS K: K transposed by ldmatrix.trans.
+      // dQ += dS K: K transposed by ldmatrix.trans.
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      if (kk * 16 < valid) {  // groups past the valid rows hold zeros
-        uint32_t da[4];
-        c_to_a<T>(da, dp, kk);
-        mma_ab<T, DP>(acc, da, ks_, kk);
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        if (kk * 16 < valid) {  // groups past the valid rows hold zeros
+          uint32_t da[4];
+          c_to_a<T>(da, dp, kk);
+          mma_ab<T, DP>(acc, da, ks_, kk);
+        }
       }
-    }
+    };
+    if (masked) block(std::true_type{});
+    else block(std::false_type{});
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -376,9 +398,10 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
 
 // Queries per step of the dK/dV kernel: its dK and dV accumulators take 2 * DP / 2 registers a thread, so larger
 // head dims walk the queries in smaller steps (at 128, 32-query steps spilled on sm_80; with RoPE at 64, 64-query
-// steps spilled on sm_90).
+// steps spilled on sm_90; at 64 without RoPE, 64-query steps sat at 252-255 registers, 2 CTAs per SM, and spilled
+// once the unmasked step instance was added: 32-query steps take about 166 registers, 3 CTAs per SM).
 template <int DP, bool ROPE>
-constexpr int bq() { return DP <= 32 || (DP <= 64 && !ROPE) ? 64 : DP <= 96 ? 32 : 16; }
+constexpr int bq() { return DP <= 32 ? 64 : DP <= 96 ? 32 : 16; }
 
 template <typename T, int DP>
 void launch_dp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,

@@ -136,15 +136,29 @@ __device__ __forceinline__ void mma_ab(float (&acc)[DP / 8][4], const uint32_t (
 }
 
 // Rows [row0, row0 + ROWS) x the head dim of a (rows, D) matrix with row stride ld, into a (ROWS, DP + 8)
-// shared tile; rows at or past n_rows and channels at or past D are zero.
+// shared tile; rows at or past n_rows and channels at or past D are zero. The trip count is a constant and, where
+// kThreads is a multiple of the 16-byte chunks per row (DP 32, 64, 128), each thread keeps one column: the
+// addressing is a few integer ops per chunk (a runtime-bound loop cost about 25 per chunk, more than the maths of
+// a key block in the forward).
 template <typename T, int DP, int ROWS = 64>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int row0, int n_rows, int D) {
-  constexpr int kLd = DP + 8, kChunks = DP / 8;
-  for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = (i - r * kChunks) * 8;
+  constexpr int kLd = DP + 8, kChunks = DP / 8, kTotal = ROWS * kChunks;
+  constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    int r, c;
+    if constexpr (kThreads % kChunks == 0) {
+      r = int(threadIdx.x) / kChunks + it * (kThreads / kChunks);
+      c = (int(threadIdx.x) % kChunks) * 8;
+    } else {
+      const int i = int(threadIdx.x) + it * kThreads;
+      r = i / kChunks;
+      c = (i - r * kChunks) * 8;
+    }
+    if (kTotal % kThreads != 0 && r >= ROWS) break;
     const int row = row0 + r;
     const bool valid = row < n_rows && c < D;
-    const T* s = src + int64_t(valid ? row : 0) * ld + (valid ? c : 0);
+    const T* s = src + (valid ? int64_t(row) * ld + c : int64_t(0));
     cp_async16(dst + r * kLd + c, s, valid);
   }
 }
