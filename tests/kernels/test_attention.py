@@ -204,6 +204,27 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(device):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("Lk,D,seed", [(2, 72, 0), (5, 32, 1), (17, 128, 2), (40, 64, 4)])
+def test_bias_gradient_of_short_key_ranges(Lk, D, seed, device, monkeypatch):
+    """Two queries, a full fp16 bias that needs its gradient: when every key fits one key-major key block the
+    backward takes the key-major tiles, whose dQ and delta come from the tile (rowsum(P dP) / rowsum(P)), not
+    from rowsum(dO * O) with O rounded to fp16. With the query-major tiles the first case's bias gradient was
+    3.1e-3 off against 2.4e-3 allowed (3x PyTorch's own error); the random-shape sweep found it."""
+    from dlcv_fast.kernels import attention as A
+
+    chosen = []
+    real = A.backward
+    monkeypatch.setattr(A, "backward", lambda *a, **kw: chosen.append(A._bias_grad_in_one_block(
+        a[11], a[1].dtype, A.padded_head_dim(a[1].shape[-1]), "bias", False, a[2].shape[2])) or real(*a, **kw))
+    q, k, v = make_inputs(2, 2, 2, 2, Lk, D, torch.float16, device, seed=seed)
+    kw = make_mask_args("bias_full", 2, 2, 2, Lk, torch.float16, device, seed=seed)
+    torch.manual_seed(seed)
+    check_parity(q, k, v, kw)
+    assert chosen == [Lk <= A.bwd_configs(A.padded_head_dim(D), torch.float16, "bias", key_major=True)[0][1]]
+    assert not A._bias_grad_in_one_block(False, torch.float16, 64, "bias", False, 2)  # no bias gradient
+    assert not A._bias_grad_in_one_block(True, torch.float32, 64, "bias", False, 2)  # fp32: O is not rounded
+
+
 @pytest.mark.parametrize("kind", ["none", "causal+padding", "prefix", "bias"])
 def test_backward_query_splits(kind, device, monkeypatch):
     """With few key blocks (a short key side: U-Net cross-attention's Lk = 77) the dK/dV kernel splits each
