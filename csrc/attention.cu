@@ -91,14 +91,7 @@ __device__ __forceinline__ void fwd_step(float (&acc)[DP / 8][4], float (&m_i)[2
   }
 
   // O += P V: P's accumulator layout is the A operand's (two 8-key blocks per 16-key step).
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) {
-    if (kk * 16 < valid) {  // groups past the valid rows hold zeros
-      uint32_t pa[4];
-      c_to_a<T>(pa, s, kk);
-      mma_ab<T, DP>(acc, pa, vs_, kk);
-    }
-  }
+  mma_cb<T, DP>(acc, s, vs_, valid);
 }
 
 // min 1 CTA per SM in the launch bounds: without it ptxas capped head dim 64 at 128 registers (and spilled)

@@ -372,14 +372,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
         }
       }
       // dQ += dS K: K transposed by ldmatrix.trans.
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        if (kk * 16 < valid) {  // groups past the valid rows hold zeros
-          uint32_t da[4];
-          c_to_a<T>(da, dp, kk);
-          mma_ab<T, DP>(acc, da, ks_, kk);
-        }
-      }
+      mma_cb<T, DP>(acc, dp, ks_, valid);
     };
     if (masked) block(std::true_type{});
     else block(std::false_type{});

@@ -135,6 +135,21 @@ __device__ __forceinline__ void mma_ab(float (&acc)[DP / 8][4], const uint32_t (
   }
 }
 
+// acc (16 x DP) += c (16 x 8 NB fp32 fragments of the previous product, as T) x the tile's rows [0, 8 NB)
+// (row-major in shared memory): P V in the forward, dS K in the dQ kernel. 16-row groups at or past `valid`
+// hold zeros and are skipped (with a compile-time `valid` the test folds away).
+template <typename T, int DP, int NB>
+__device__ __forceinline__ void mma_cb(float (&acc)[DP / 8][4], const float (&c)[NB][4], const T* tile, int valid) {
+#pragma unroll
+  for (int kk = 0; kk < NB / 2; ++kk) {
+    if (kk * 16 < valid) {
+      uint32_t a[4];
+      c_to_a<T>(a, c, kk);
+      mma_ab<T, DP>(acc, a, tile, kk);
+    }
+  }
+}
+
 // Rows [row0, row0 + ROWS) x the head dim of a (rows, D) matrix with row stride ld, into a (ROWS, DP + 8)
 // shared tile; rows at or past n_rows and channels at or past D are zero. The trip count is a constant and, where
 // kThreads is a multiple of the 16-byte chunks per row (DP 32, 64, 128), each thread keeps one column: the
