@@ -197,16 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
       // S^T = K Q^T and dP^T = V dO^T: 16 keys x BQ queries per warp (16-query groups past Lq skipped: P = 0 there).
       const int valid = MASKED ? min(BQ, a.Lq - m0) : BQ;
       float s[BQ / 8][4], dp[BQ / 8][4];
-      zero(s);
-      zero(dp);
-#pragma unroll
-      for (int ks = 0; ks < DP / 16; ++ks) {
-        uint32_t kf[4], vf[4];
-        load_a<T, DP>(kf, sk, warp * 16, ks);
-        load_a<T, DP>(vf, sv, warp * 16, ks);
-        mma_abt<T, DP, BQ>(s, kf, qs, ks, valid);
-        mma_abt<T, DP, BQ>(dp, vf, dos, ks, valid);
-      }
+      mma_abt_pair<T, DP, BQ>(s, dp, sk, sv, qs, dos, warp * 16, valid);
       // P^T and dS^T (natural units), in place of S^T and dP^T.
 #pragma unroll
       for (int nb = 0; nb < BQ / 8; ++nb) {
@@ -319,16 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // min 1 CTA: ptxas capped head 
       constexpr bool MASKED = decltype(masked_c)::value;
       const int valid = MASKED ? min(kBN, hi - n0) : kBN;
       float s[kBN / 8][4], dp[kBN / 8][4];
-      zero(s);
-      zero(dp);
-#pragma unroll
-      for (int ks = 0; ks < DP / 16; ++ks) {
-        uint32_t qf[4], df[4];
-        load_a<T, DP>(qf, sq, warp * 16, ks);
-        load_a<T, DP>(df, sdo, warp * 16, ks);
-        mma_abt<T, DP, kBN>(s, qf, ks_, ks, valid);
-        mma_abt<T, DP, kBN>(dp, df, vs_, ks, valid);
-      }
+      mma_abt_pair<T, DP, kBN>(s, dp, sq, sdo, ks_, vs_, warp * 16, valid);
 #pragma unroll
       for (int nb = 0; nb < kBN / 8; ++nb) {
 #pragma unroll

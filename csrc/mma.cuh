@@ -111,6 +111,24 @@ __device__ __forceinline__ void mma_abt(float (&c)[N / 8][4], const uint32_t (&a
   }
 }
 
+// The two score-like products of a backward step over the whole head dim, from zero: s = A1 B1^T and
+// dp = A2 B2^T for this warp's 16 rows [row0, row0 + 16) of A1, A2 against the first `valid` rows (16-row groups)
+// of B1, B2, all four shared tiles (S and dP in the dQ kernel; S^T and dP^T in the dK/dV kernel).
+template <typename T, int DP, int N>
+__device__ __forceinline__ void mma_abt_pair(float (&s)[N / 8][4], float (&dp)[N / 8][4], const T* a1, const T* a2,
+                                             const T* b1, const T* b2, int row0, int valid) {
+  zero(s);
+  zero(dp);
+#pragma unroll
+  for (int ks = 0; ks < DP / 16; ++ks) {
+    uint32_t f1[4], f2[4];
+    load_a<T, DP>(f1, a1, row0, ks);
+    load_a<T, DP>(f2, a2, row0, ks);
+    mma_abt<T, DP, N>(s, f1, b1, ks, valid);
+    mma_abt<T, DP, N>(dp, f2, b2, ks, valid);
+  }
+}
+
 // C fragments (16 x 8 NB, fp32) as the A operand of k-step kk (their columns [16 kk, 16 kk + 16), as T): the
 // score tile of one product is the left operand of the next (P in P V, dS in dS K).
 template <typename T, int NB>
