@@ -269,7 +269,7 @@ def test_key_tail_block(kind, Lq, Lk, device, monkeypatch):
 @pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D", [(2, 2, 77, 77, 40), (4, 2, 50, 97, 72), (2, 1, 1, 70, 128),
                                             (2, 2, 65, 64, 64)], ids=str)
 def test_kv_tma_forward_equals_pointer_loads(kind, Hq, Hkv, Lq, Lk, D, device):
-    """K/V through TMA tensor descriptors (kv_tma, off by default): rows past Lk and head-dim columns past D
+    """K/V through TMA tensor descriptors (kv_tma; by default for long plain attention): rows past Lk and head-dim columns past D
     arrive as zeros instead of clamped or masked loads, which masked keys never use, so outputs and lse equal
     the pointer path's (no tail block) bit for bit: every mask, GQA, Lq = 1, head dims 40/72/128."""
     from dlcv_fast.kernels import attention as A
@@ -353,7 +353,8 @@ def test_tma_default_policy(device, monkeypatch):
 @pytest.mark.parametrize("kind", ["none", "causal+padding+bias", "leftpad", "prefix"])
 @pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D", [(2, 2, 77, 77, 40), (4, 2, 50, 97, 72), (2, 1, 1, 70, 128)], ids=str)
 def test_tma_backward_equals_pointer_loads(kind, Hq, Hkv, Lq, Lk, D, device, monkeypatch):
-    """The backward with Q/dO (dK/dV kernel) and K/V (dQ kernel) through TMA descriptors (tma, off by default)
+    """The backward with Q/dO (dK/dV kernel) and K/V (dQ kernel) through TMA descriptors (tma; by default for long
+    plain attention)
     gives the pointer path's gradients (no tail block) bit for bit: zeros out of bounds where the pointer
     loads were masked."""
     from dlcv_fast.kernels import attention as A
@@ -486,7 +487,7 @@ def test_fused_dq_backward(kind, Hq, Hkv, Lq, Lk, D, splits, bm, device):
     assert torch.equal(got[2], ref[2])
     if kind == "dead_row":
         assert torch.equal(got[0][1], torch.zeros_like(got[0][1]))
-    if bm == 16:  # with Q/dO through TMA descriptors (BWD_TMA, off by default): the same gradients bit for bit
+    if bm == 16:  # with Q/dO through TMA descriptors (BWD_TMA): the same gradients bit for bit
         tma = A.backward(do, q, k, v, o, lse, *args[3:], bias_grad, config=config, splits=splits, key_major=True,
                          fused_dq=True, tma=True)
         for name, a, b in zip(("dq", "dk", "dv", "ds"), tma, got):
@@ -564,7 +565,8 @@ def test_gpu_parity(Lq, Lk, D, kind, dtype):
 @pytest.mark.parametrize("Lq,Lk,D,kind", [(1025, 1025, 64, "causal+padding"), (197, 197, 40, "none"),
                                           (300, 257, 128, "bias")], ids=str)
 def test_gpu_tma_loads(Lq, Lk, D, kind, monkeypatch):
-    """TMA descriptor loads on the hardware (sm_90+; off by default), forward (KV_TMA) and backward (BWD_TMA):
+    """TMA descriptor loads on the hardware (sm_90+; by default for long plain attention), forward (KV_TMA) and
+    backward (BWD_TMA):
     the same output and gradients as the pointer path, and bf16 parity with the reference."""
     from dlcv_fast.kernels import attention as A
 
@@ -593,12 +595,14 @@ def test_gpu_tma_loads(Lq, Lk, D, kind, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("Lq,Lk,D,kind", [(1025, 1025, 64, "causal+padding"), (197, 197, 40, "none"),
                                           (300, 257, 128, "bias"), (77, 77, 64, "causal+padding"),
-                                          (4096, 77, 40, "none"), (513, 513, 80, "prefix")], ids=str)
+                                          (4096, 77, 40, "none"), (513, 513, 80, "prefix"),
+                                          (32, 77, 64, "bias")], ids=str)
 def test_gpu_key_major_backward(Lq, Lk, D, kind, dtype, monkeypatch):
     """The dK/dV kernel's key-major tiles (BWD_KEY_MAJOR, off by default; BWD_KM_TABLE's tiles, which have
     fewer queries than keys) on the hardware: the query-major gradients up to rounding, and parity with the
     reference, at the launchers' own tiles (the query split included: Lk = 77 under 4096 queries; with 77 keys
-    the dK/dV kernel also writes dQ, fused_dq_config's tile)."""
+    the dK/dV kernel also writes dQ, fused_dq_config's tile; with a bias gradient and 77 keys that is the
+    default path, _bias_grad_in_one_block)."""
     from dlcv_fast.kernels import attention as A
 
     B, H = 2, 4
