@@ -305,7 +305,7 @@ def sweep_fwd(emit):
     for name, (B, H, Lq, Lk, D) in FWD_SHAPES.items():
         q, k, v, _ = _rect_inputs(B, H, Lq, Lk, D)
         block_d = kern.padded_head_dim(D)
-        table = kern._pick(kern.fwd_configs(block_d, torch.float16, "plain", uneven=D < block_d), Lq, B * H)
+        table = kern._pick(kern.fwd_configs(block_d, torch.float16, "plain", uneven=D < block_d), Lq, B * H, Lk)
         # the table's tile, with the exp2 split over two pipes, with K/V by TMA (alone and with the split),
         # without the 16-key tail block, then other tiles (in that order, so a run cut short still has the
         # first ones of every shape it reached); each job: (config, tail, exp_emu, kv_tma), None = default

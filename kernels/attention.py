@@ -55,16 +55,21 @@ LN2 = 0.6931471805599453
 # key padding), "bias" (an additive bias too; its tile is one more (BLOCK_M, BLOCK_N) fp32 operand in the
 # loop, so it gets smaller tiles). fp32 inputs use IEEE fp32 dots, several times the registers of a
 # tensor-core dot, hence their own small tiles. Each forward entry is
-# (long, short): the short one (BLOCK_M = 64) is taken when the long one would give under two waves of
-# programs. Hopper (sm_90) and Ampere (sm_80, also used for other pre-Hopper GPUs) differ where a tile spills
+# (long, short[, few keys]): the short one (BLOCK_M = 64) is taken when the long one would give under two
+# waves of programs, the few-keys one (where there is one) instead of the long one for FEW_KEYS keys. Hopper (sm_90) and Ampere (sm_80, also used for other pre-Hopper GPUs) differ where a tile spills
 # on one of them. Under the interpreter one small config is used so tests are quick and cross several blocks.
 # ------------------------------------------------------------------------------------------------
 
 _W8 = (128, 64, 8, 3)
 _FWD_SMALL = dict.fromkeys(("plain", "bias"), (_W8, (64, 64, 4, 3)))  # head dims 16, 32, 64
 _FWD_SMALL_80 = dict(_FWD_SMALL, plain=((128, 64, 4, 3), (64, 64, 4, 3)))
+# sm_90, head dim 64, no bias: a third, "few keys" tile (FEW_KEYS). At ViT-B/16's 197 keys (B=256, 12 heads,
+# bf16) 128 x 32 with 4 warps took 0.182 ms against 0.194 for the long tile (H200, 2026-11-29T2207 tune);
+# at the U-Net's 77 keys it was 1% slower, at 4096 keys 29% slower, so it is kept to 129-256 keys.
+_FWD_64_90 = dict(_FWD_SMALL, plain=(_W8, (64, 64, 4, 3), (128, 32, 4, 3)))
+FEW_KEYS = (129, 256)
 FWD_TABLE = {
-    90: {16: _FWD_SMALL, 32: _FWD_SMALL, 64: _FWD_SMALL,
+    90: {16: _FWD_SMALL, 32: _FWD_SMALL, 64: _FWD_64_90,
          128: dict(plain=(_W8, (64, 64, 4, 2)), bias=((64, 32, 8, 2),) * 2),
          256: dict(plain=((64, 64, 8, 2),) * 2, bias=((32, 32, 8, 2),) * 2)},
     80: {16: _FWD_SMALL_80, 32: _FWD_SMALL_80, 64: _FWD_SMALL,
@@ -148,8 +153,8 @@ def table_arch(arch=None) -> int:
 
 
 def fwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=None, uneven: bool = False):
-    """Configs the forward launcher may use: ``[long, short]`` (fewer when they coincide). ``uneven``: the
-    head dim is below ``block_d``."""
+    """Configs the forward launcher may use: ``[long, short]`` or ``[long, short, few keys]`` (fewer when they
+    coincide; :func:`_pick` chooses). ``uneven``: the head dim is below ``block_d``."""
     if _interpreting():
         return [INTERPRETER_CONFIG]
     if dtype == torch.float32:
@@ -196,13 +201,16 @@ def padded_head_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _pick(configs, Lq, BH):
+def _pick(configs, Lq, BH, Lk=None):
     """The long config, or the short one when the long one's BLOCK_M gives under ~2 waves of programs, or when
     every query fits the short one's rows (the Q-Former's 32 queries: a 128-row tile would run the same number
-    of programs with twice the warps, the extra ones computing padding rows only; untimed on a GPU, and
-    ``benchmarks.tune --only fwd`` times both tiles at that shape)."""
+    of programs with twice the warps, the extra ones computing padding rows only; on an H200 the short tile was
+    the fastest of those timed there). In place of the long one, the few-keys config (a third entry) for
+    ``Lk`` in :data:`FEW_KEYS`."""
     if len(configs) > 1 and (Lq <= configs[1][0] or triton.cdiv(Lq, configs[0][0]) * BH < 2 * _sm_count()):
         return configs[1]
+    if len(configs) > 2 and Lk is not None and FEW_KEYS[0] <= Lk <= FEW_KEYS[1]:
+        return configs[2]
     return configs[0]
 
 
@@ -825,7 +833,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         # head dim 128, 1.10 vs 1.15 ms at 64 (rotating k in the key loop is redone per query block).
         q, k = (rope_kernels.apply(t, *rope, interleaved=False) for t in (q, k))
     kind = "bias" if bias_t is not None else "plain"
-    bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H)
+    bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H, Lk)
     default = _tma_by_default(KV_TMA, kind, BLOCK_D, Lq, Lk, key_tail(Lk, bn, BLOCK_D) if tail is None else tail)
     use_tma = _use_tma("kv_tma", kv_tma, default, k, v)
     if use_tma:

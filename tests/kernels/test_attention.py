@@ -384,13 +384,22 @@ def test_key_tail_choice():
 
 
 def test_forward_tile_choice(monkeypatch):
-    """The long forward tile, the short one for under two waves of programs or when all queries fit it."""
+    """The long forward tile, the short one for under two waves of programs or when all queries fit it, and on
+    sm_90 at head dim 64 without a bias the few-keys one for 129-256 keys (ViT's 197)."""
     from dlcv_fast.kernels import attention as A
 
     monkeypatch.setattr(A, "_sm_count", lambda: 132)
     monkeypatch.setattr(A, "_interpreting", lambda: False)
+    few = A.fwd_configs(64, torch.float16, "plain", 90)
+    assert len(few) == 3 and few[2] == (128, 32, 4, 3)
+    assert A._pick(few, 197, 256 * 12, 197) == few[2] and A._pick(few, 4096, 256, 256) == few[2]
+    assert A._pick(few, 197, 256 * 12, 128) == few[0] and A._pick(few, 4096, 32, 4096) == few[0]  # 77, 4096 keys
+    assert A._pick(few, 32, 256 * 12, 257) == few[1] and A._pick(few, 197, 8, 197) == few[1]  # short tile first
+    assert A._pick(few, 197, 256 * 12) == few[0]  # no key count given
+    assert len(A.fwd_configs(64, torch.float16, "bias", 90)) == 2 and len(A.fwd_configs(64, torch.float16,
+                                                                                         "plain", 80)) == 2
     for arch in A.ARCHS:
-        long, short = A.fwd_configs(64, torch.float16, "plain", arch)
+        long, short = A.fwd_configs(64, torch.float16, "plain", arch)[:2]
         assert short[0] < long[0]
         assert A._pick([long, short], 197, 256 * 12) == long  # ViT-B at batch 256: 6144 programs
         assert A._pick([long, short], 197, 8) == short  # 16 programs
