@@ -473,3 +473,31 @@ def test_every_benchmark_times_a_headline_comparison_first():
         assert not secondary & {"sdpa.flash", "sdpa.cudnn", "timm.eager", "ref.eager", "ref.compile", "torch.eager"}
         if bench.name.startswith("attn_") and bench.name != "attn_rope_fwd":
             assert {"dlcv_fast.cuda", "dlcv_fast.triton+tma", "sdpa.efficient", "sdpa.math"} <= secondary
+
+
+def test_gpu_timing_takes_several_samples_with_gc_paused(monkeypatch):
+    """time_call on a GPU (triton's do_bench stubbed): a call longer than --quick's 25 ms budget is timed again
+    with room for MIN_SAMPLES calls (do_bench takes rep / its estimate samples: one for a 65 ms training step);
+    Python's garbage collector is paused while calls are timed and restored after."""
+    import gc
+
+    import triton.testing
+
+    from benchmarks import runner
+
+    seen = []
+
+    def do_bench(fn, warmup=25, rep=100, return_mode="mean"):
+        seen.append((rep, gc.isenabled()))
+        return 65.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    assert gc.isenabled()
+    ms, timer, ms_launch, note = runner.time_call(lambda: None, "cuda", quick=True)
+    assert (ms, timer, note) == (65.0, "do_bench", "")
+    assert seen == [(25, False), (65.0 * (runner.MIN_SAMPLES + 1), False)] and gc.isenabled()
+    seen.clear()
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup=25, rep=100, return_mode="mean":
+                        seen.append(rep) or 20.0)
+    runner.time_call(lambda: None, "cuda", quick=False)  # 300 ms budget: 15 samples of 20 ms, no second run
+    assert seen == [300]
