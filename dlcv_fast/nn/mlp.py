@@ -8,8 +8,9 @@ from dlcv_fast import backend as _backend
 from dlcv_fast.nn.hooks import has_forward_hooks
 from dlcv_fast.ops import linear_act as _linear_act_ops
 
-# Inference with fc1 and its activation in one Triton GEMM (dlcv_fast.ops.linear_act): off until timed on a GPU
-# against cuBLAS + the separate activation (the model benchmark's dlcv_fast+fused_mlp provider turns it on).
+# Inference with fc1 and its activation in one Triton GEMM (dlcv_fast.ops.linear_act): off by default. On an H200
+# (2026-11-29) it beat cuBLAS + the separate GELU at Swin-T stage 1's fc1 (0.675 vs 0.706 ms) but not at
+# ViT-B's (0.568 vs 0.539 ms); the model benchmark's dlcv_fast+fused_mlp provider turns it on.
 FUSED_LINEAR_ACT = False
 
 
