@@ -195,7 +195,7 @@ def main(argv=None) -> int:
              "providers (variants of ours, slow baselines)" + (
                  f"; time cap {limit:.0f} s (the first pass stops {share:.0f} s before it), "
                  "work past it reported as skipped" if limit else ""))
-    roof = runner.roofline(device)
+    roof = runner.roofline(device, args.quick)
     print(f"ceilings measured now: {roof['matmul_tflops']:.4g} TFLOP/s ({roof['matmul']} matmul), "
           f"{roof['copy_gbps']:.4g} GB/s ({roof['copy']})", flush=True)
 

@@ -312,8 +312,20 @@ def _stream_copy_kernel():
     return stream_copy
 
 
-def roofline(device: str) -> dict:
-    """The card's ceilings measured now: a large matmul (TFLOP/s) and a large copy (GB/s, read + write).
+def compile_copy_kernels(device: str):
+    """Compile the roofline's Triton copies (one tiny launch per config) into Triton's on-disk cache: a warm-up
+    worker does it while the main process waits, so :func:`roofline` finds them compiled."""
+    if device != "cuda":
+        return
+    src = torch.zeros(16, device=device)
+    for block, warps in COPY_CONFIGS:
+        _triton_copy(src, torch.empty_like(src), block, warps)
+    torch.cuda.synchronize()
+
+
+def roofline(device: str, quick: bool = False) -> dict:
+    """The card's ceilings measured now: a large matmul (TFLOP/s) and a large copy (GB/s, read + write), timed
+    as the rows are (``quick``: --quick's shorter runs; always so on the CPU).
 
     The copy ceiling is the best of torch's ``copy_`` and a Triton streaming copy at a few tile sizes: on an H200
     ``copy_`` of 1 GiB reached 2770 GB/s while our RoPE kernel moved 3756 GB/s, so ``copy_`` alone understated
@@ -322,8 +334,9 @@ def roofline(device: str) -> dict:
         n, dtype, copy_bytes = 8192, torch.bfloat16, 1 << 30
     else:
         n, dtype, copy_bytes = 1024, torch.float32, 64 << 20
+    quick = quick or device != "cuda"
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    mm_ms = time_call(lambda: a @ b, device, quick=device != "cuda")[0]
+    mm_ms = time_call(lambda: a @ b, device, quick=quick)[0]
     src = torch.randn(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copies = {"torch copy_": lambda: dst.copy_(src)}
@@ -341,7 +354,7 @@ def roofline(device: str) -> dict:
             else:
                 ok = True
             if ok:
-                candidates[name] = 2 * copy_bytes / time_call(fn, device, quick=device != "cuda")[0] / 1e6
+                candidates[name] = 2 * copy_bytes / time_call(fn, device, quick=quick)[0] / 1e6
         except Exception as e:  # e.g. the Triton copy does not compile here: keep the others
             warnings.warn(f"roofline copy candidate {name!r} failed: {short_error(e)}")
     best = max(candidates, key=candidates.get)
