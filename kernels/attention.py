@@ -56,8 +56,8 @@ LN2 = 0.6931471805599453
 # loop, so it gets smaller tiles). fp32 inputs use IEEE fp32 dots, several times the registers of a
 # tensor-core dot, hence their own small tiles. Each forward entry is
 # (long, short[, few keys]): the short one (BLOCK_M = 64) is taken when the long one would give under two
-# waves of programs, the few-keys one (where there is one) instead of the long one for FEW_KEYS keys. Hopper (sm_90) and Ampere (sm_80, also used for other pre-Hopper GPUs) differ where a tile spills
-# on one of them. Under the interpreter one small config is used so tests are quick and cross several blocks.
+# waves of programs, the few-keys one (where there is one) instead of the long one for FEW_KEYS keys. Hopper
+# (sm_90) and Ampere (sm_80, also used for other pre-Hopper GPUs) differ where a tile spills on one of them. Under the interpreter one small config is used so tests are quick and cross several blocks.
 # ------------------------------------------------------------------------------------------------
 
 _W8 = (128, 64, 8, 3)
@@ -946,8 +946,8 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
     """Launch the backward kernels. Returns ``(dq, dk, dv, ds)`` where ds is the (B, Hq, Lq, Lk) fp32
     gradient of the scores when ``bias_grad`` (else None). ``splits``: query splits of the dK/dV kernel
     (default: :func:`_query_splits`). ``tma``: Q/dO (dK/dV kernel) and K/V (dQ kernel) through TMA
-    descriptors (default: :func:`_tma_by_default`; see :func:`_use_tma`). ``key_major``: the dK/dV kernel's transposed
-    tiles (default :data:`BWD_KEY_MAJOR`, or on for a bias gradient whose keys fit one block:
+    descriptors (default: :func:`_tma_by_default`; see :func:`_use_tma`). ``key_major``: the dK/dV kernel's
+    transposed tiles (default :data:`BWD_KEY_MAJOR`, or on for a bias gradient whose keys fit one block:
     :func:`_bias_grad_in_one_block`), with their own config (:data:`BWD_KM_TABLE`) unless ``config``.
     ``fused_dq`` (key-major only; default: ``key_major``): when every key fits in one dK/dV key block, that
     kernel writes dQ too (at :func:`fused_dq_config`'s tile unless ``config``) and takes delta from its tile:
@@ -1115,7 +1115,8 @@ def aot_specs():
             if emu != EXP_EMU:
                 want(_attn_fwd, dtype, d, (), cfg, 90, wgmma=True, emu=emu)
     # TMA descriptors (KV_TMA, BWD_TMA; by default on for long plain attention, _tma_by_default): the Hopper
-    # forward's long and short tiles and the backward's tiles at head dims 40-128, plain and with every mask of each kind.
+    # forward's long and short tiles and the backward's tiles at head dims 40-128, plain and with every mask of
+    # each kind.
     for dtype, d in (("fp16", 64), ("bf16", 40), ("bf16", 80), ("fp16", 128)):  # as the pointer specs above
         block_d = padded_head_dim(d)
         for kind in ("plain", "bias"):

@@ -269,9 +269,10 @@ def test_key_tail_block(kind, Lq, Lk, device, monkeypatch):
 @pytest.mark.parametrize("Hq,Hkv,Lq,Lk,D", [(2, 2, 77, 77, 40), (4, 2, 50, 97, 72), (2, 1, 1, 70, 128),
                                             (2, 2, 65, 64, 64)], ids=str)
 def test_kv_tma_forward_equals_pointer_loads(kind, Hq, Hkv, Lq, Lk, D, device):
-    """K/V through TMA tensor descriptors (kv_tma; by default for long plain attention): rows past Lk and head-dim columns past D
-    arrive as zeros instead of clamped or masked loads, which masked keys never use, so outputs and lse equal
-    the pointer path's (no tail block) bit for bit: every mask, GQA, Lq = 1, head dims 40/72/128."""
+    """K/V through TMA tensor descriptors (kv_tma; by default for long plain attention): rows past Lk and
+    head-dim columns past D arrive as zeros instead of clamped or masked loads, which masked keys never use, so
+    outputs and lse equal the pointer path's (no tail block) bit for bit: every mask, GQA, Lq = 1, head dims
+    40/72/128."""
     from dlcv_fast.kernels import attention as A
 
     q, k, v = make_inputs(2, Hq, Hkv, Lq, Lk, D, torch.float16, device)
