@@ -426,7 +426,8 @@ def test_quick_times_every_headline_before_any_secondary_provider(tmp_path, monk
     monkeypatch.setattr(bm, "measure", lambda run, p, *a, **k: {"status": run.trial(p).status, "ms": 1.0})
     monkeypatch.setattr(bm, "COMPILE_RESERVE_S", 0)
     monkeypatch.setattr(bm, "QUICK_COMPILED_SHARE_S", 3)
-    monkeypatch.setattr(runner, "roofline", lambda device: dict(matmul_tflops=1.0, copy_gbps=1.0, matmul="-", copy="-"))
+    monkeypatch.setattr(runner, "roofline",
+                        lambda device, quick=False: dict(matmul_tflops=1.0, copy_gbps=1.0, matmul="-", copy="-"))
     monkeypatch.setattr(report, "plots", lambda *a, **k: [])
 
     # 12 headline builds (3 benchmarks x 2 cases x 2) end pass A at 12 s, within the cap less the compiled share
