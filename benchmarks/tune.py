@@ -102,12 +102,15 @@ def sweep_bwd(D, emit, table_only=False):
     q, k, v, do = _inputs(B, H, L, D)
     o, lse = kern.forward(q, k, v, None, None, False, 0, D ** -0.5)
     kv_cands, q_cands = BWD_CANDIDATES[D] if not table_only else ([], [])
-    # each job: (kernel, config, tma, key_major); first the table's tiles as they are, with TMA loads (sm_90+)
-    # and key-major, then the key-major dK/dV tiles (the candidates a run cut short should still reach)
+    # each job: (kernel, config, tma, key_major); first the table's tiles as they are (TMA loads where the
+    # launcher defaults to them), key-major, and with the other kind of loads (sm_90+), then the key-major dK/dV
+    # tiles (the candidates a run cut short should still reach)
     km_table = tuple(kern.bwd_configs(D, torch.float16, "plain", key_major=True))
     jobs = [("table", tuple(table), None, None), ("table (key-major)", km_table, None, True)]
     if kern._interpreting() or kern.table_arch() >= 90:
-        jobs.append(("table (TMA)", tuple(table), True, None))
+        auto = kern._tma_by_default(kern.BWD_TMA, "plain", D, L, L, kern.key_tail(L, table[1][1], D))
+        jobs.append(("table (pointer loads)", tuple(table), False, None) if auto else
+                    ("table (TMA)", tuple(table), True, None))
     jobs += [("dkdv key-major", (c, table[1]), None, True) for c in (KM_CANDIDATES[D] if not table_only else [])]
     jobs += [("dkdv", (c, table[1]), None, False) for c in kv_cands]
     jobs += [("dq", (table[0], c), None, None) for c in q_cands]
@@ -306,18 +309,23 @@ def sweep_fwd(emit):
         q, k, v, _ = _rect_inputs(B, H, Lq, Lk, D)
         block_d = kern.padded_head_dim(D)
         table = kern._pick(kern.fwd_configs(block_d, torch.float16, "plain", uneven=D < block_d), Lq, B * H, Lk)
-        # the table's tile, with the exp2 split over two pipes, with K/V by TMA (alone and with the split),
-        # without the 16-key tail block, then other tiles (in that order, so a run cut short still has the
+        # the table's tile, with the exp2 split over two pipes, with the other kind of K/V loads than the
+        # launcher's default (TMA or pointers) and with TMA and the split, without the 16-key tail block, then other tiles (in that order, so a run cut short still has the
         # first ones of every shape it reached); each job: (config, tail, exp_emu, kv_tma), None = default
+        def auto_tma(cfg, tail):  # as forward() decides for that tile
+            tail = kern.key_tail(Lk, cfg[1], block_d) if tail is None else tail
+            return kern._use_tma("kv_tma", None, kern._tma_by_default(kern.KV_TMA, "plain", block_d, Lq, Lk, tail),
+                                 k, v)
+
         jobs = [(None,) * 4] + [(None, None, n, None) for n in FWD_EXP_EMU]
-        if kern._interpreting() or kern.table_arch() >= 90:  # TMA: sm_90 and later
-            jobs += [(None, None, None, True)] + [(None, None, n, True) for n in FWD_EXP_EMU[:1]]
+        if kern._interpreting() or kern.table_arch() >= 90:  # TMA: sm_90 and later; the table's tile the other way
+            jobs += [(None, None, None, not auto_tma(table, None))] + [(None, None, n, True) for n in FWD_EXP_EMU[:1]]
         if kern.key_tail(Lk, table[1], block_d):
             jobs.append((None, 0, None, None))
         jobs += [(c, None, None, None) for c in FWD_CANDIDATES[64 if block_d <= 64 else 128]]
         for config, job_tail, job_emu, job_tma in jobs:
             cfg = tuple(config or table)
-            tma = kern._use_tma("kv_tma", job_tma, kern.KV_TMA, k, v)
+            tma = auto_tma(cfg, job_tail) if job_tma is None else kern._use_tma("kv_tma", job_tma, False, k, v)
             tail = 0 if tma else kern.key_tail(Lk, cfg[1], block_d) if job_tail is None else job_tail
             emu = kern.EXP_EMU if job_emu is None else job_emu
             row = dict(group="fwd", kernel="forward" if config else "forward (table)", config=cfg, tail=tail,
