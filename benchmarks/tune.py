@@ -108,8 +108,8 @@ def sweep_bwd(D, emit, table_only=False):
     km_table = tuple(kern.bwd_configs(D, torch.float16, "plain", key_major=True))
     jobs = [("table", tuple(table), None, None), ("table (key-major)", km_table, None, True)]
     if kern._interpreting() or kern.table_arch() >= 90:
-        auto = kern._tma_by_default(kern.BWD_TMA, "plain", D, L, L, kern.key_tail(L, table[1][1], D))
-        jobs.append(("table (pointer loads)", tuple(table), False, None) if auto else
+        jobs.append(("table (pointer loads)", tuple(table), False, None)
+                    if kern._bwd_tma_default("plain", D, L, L, table[1], False) else
                     ("table (TMA)", tuple(table), True, None))
     jobs += [("dkdv key-major", (c, table[1]), None, True) for c in (KM_CANDIDATES[D] if not table_only else [])]
     jobs += [("dkdv", (c, table[1]), None, False) for c in kv_cands]
@@ -310,12 +310,11 @@ def sweep_fwd(emit):
         block_d = kern.padded_head_dim(D)
         table = kern._pick(kern.fwd_configs(block_d, torch.float16, "plain", uneven=D < block_d), Lq, B * H, Lk)
         # the table's tile, with the exp2 split over two pipes, with the other kind of K/V loads than the
-        # launcher's default (TMA or pointers) and with TMA and the split, without the 16-key tail block, then other tiles (in that order, so a run cut short still has the
-        # first ones of every shape it reached); each job: (config, tail, exp_emu, kv_tma), None = default
+        # launcher's default (TMA or pointers) and with TMA and the split, without the 16-key tail block, then
+        # other tiles (in that order, so a run cut short still has the first ones of every shape it reached);
+        # each job: (config, tail, exp_emu, kv_tma), None = default
         def auto_tma(cfg, tail):  # as forward() decides for that tile
-            tail = kern.key_tail(Lk, cfg[1], block_d) if tail is None else tail
-            return kern._use_tma("kv_tma", None, kern._tma_by_default(kern.KV_TMA, "plain", block_d, Lq, Lk, tail),
-                                 k, v)
+            return kern._use_tma("kv_tma", None, kern._fwd_tma_default("plain", block_d, Lq, Lk, cfg[1], tail), k, v)
 
         jobs = [(None,) * 4] + [(None, None, n, None) for n in FWD_EXP_EMU]
         if kern._interpreting() or kern.table_arch() >= 90:  # TMA: sm_90 and later; the table's tile the other way

@@ -834,8 +834,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         q, k = (rope_kernels.apply(t, *rope, interleaved=False) for t in (q, k))
     kind = "bias" if bias_t is not None else "plain"
     bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H, Lk)
-    default = _tma_by_default(KV_TMA, kind, BLOCK_D, Lq, Lk, key_tail(Lk, bn, BLOCK_D) if tail is None else tail)
-    use_tma = _use_tma("kv_tma", kv_tma, default, k, v)
+    use_tma = _use_tma("kv_tma", kv_tma, _fwd_tma_default(kind, BLOCK_D, Lq, Lk, bn, tail), k, v)
     if use_tma:
         k_arg, v_arg = _descriptors(bn, BLOCK_D, k, v)
         if tail:
@@ -873,6 +872,19 @@ def _tma_by_default(flag, kind: str, block_d: int, Lq: int, Lk: int, tail: int) 
     if flag is not None:
         return bool(flag)
     return kind == "plain" and block_d in (64, 128) and min(Lq, Lk) >= TMA_MIN_LEN and not tail
+
+
+def _fwd_tma_default(kind: str, block_d: int, Lq: int, Lk: int, block_n: int, tail=None) -> bool:
+    """The forward's TMA default (before :func:`_use_tma`'s checks) for key blocks of ``block_n`` and TAIL_N
+    ``tail`` (None: :func:`key_tail`'s)."""
+    return _tma_by_default(KV_TMA, kind, block_d, Lq, Lk, key_tail(Lk, block_n, block_d) if tail is None else tail)
+
+
+def _bwd_tma_default(kind: str, block_d: int, Lq: int, Lk: int, q_cfg, key_major: bool) -> bool:
+    """The backward's TMA default (before :func:`_use_tma`'s checks) with dQ config ``q_cfg``: the automatic
+    choice only with the query-major dK/dV tiles, the ones it was measured with."""
+    flag = BWD_TMA if BWD_TMA is not None or not key_major else False
+    return _tma_by_default(flag, kind, block_d, Lq, Lk, key_tail(Lk, q_cfg[1], block_d, DQ_TAIL_MAX_BLOCK_D))
 
 
 def _use_tma(name, requested, default, *tensors) -> bool:
@@ -985,10 +997,7 @@ def backward(do, q, k, v, o, lse, bias, kpm, causal: bool, prefix_len: int, scal
             o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Lq,
             HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
     dummy = q
-    # (the automatic choice was measured with the query-major dK/dV tiles only)
-    default = _tma_by_default(BWD_TMA if BWD_TMA is not None or not key_major else False, kind, BLOCK_D, Lq, Lk,
-                              key_tail(Lk, q_cfg[1], BLOCK_D, DQ_TAIL_MAX_BLOCK_D))
-    use_tma = _use_tma("tma", tma, default, q, k, v, do)
+    use_tma = _use_tma("tma", tma, _bwd_tma_default(kind, BLOCK_D, Lq, Lk, q_cfg, key_major), q, k, v, do)
     common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None,
                   HAS_KPM=kpm_t is not None, DOT_PRECISION=_dot_precision(q.dtype),
                   ALIGN8=_strides_align8(q, k, v, do, dq, dk, dv), TMA=use_tma)
