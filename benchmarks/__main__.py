@@ -156,8 +156,6 @@ def main(argv=None) -> int:
         QUICK_TIME_LIMIT_S if args.quick and device == "cuda" else None)
     left = (lambda: limit - (time.monotonic() - start)) if limit else (lambda: float("inf"))
     runner.allow_many_recompiles()
-    gc.collect()
-    gc.freeze()  # see Session.run_case
 
     env = report.environment(device)
     print(f"dlcv_fast benchmarks: {env['gpu'] or 'CPU'} driver {env['driver'] or '-'}, torch {env['torch']}, "
