@@ -213,14 +213,17 @@ def test_bias_gradient_of_short_key_ranges(Lk, D, seed, device, monkeypatch):
     from dlcv_fast.kernels import attention as A
 
     chosen = []
-    real = A.backward
-    monkeypatch.setattr(A, "backward", lambda *a, **kw: chosen.append(A._bias_grad_in_one_block(
-        a[11], a[1].dtype, A.padded_head_dim(a[1].shape[-1]), "bias", False, a[2].shape[2])) or real(*a, **kw))
+    policy = A._bias_grad_in_one_block
+    monkeypatch.setattr(A, "_bias_grad_in_one_block", lambda *a: chosen.append(policy(*a)) or chosen[-1])
+    dq_kernel = LaunchSpy(A._attn_bwd_dq)
+    monkeypatch.setattr(A, "_attn_bwd_dq", dq_kernel)
     q, k, v = make_inputs(2, 2, 2, 2, Lk, D, torch.float16, device, seed=seed)
     kw = make_mask_args("bias_full", 2, 2, 2, Lk, torch.float16, device, seed=seed)
     torch.manual_seed(seed)
     check_parity(q, k, v, kw)
-    assert chosen == [Lk <= A.bwd_configs(A.padded_head_dim(D), torch.float16, "bias", key_major=True)[0][1]]
+    one_block = Lk <= A.bwd_configs(A.padded_head_dim(D), torch.float16, "bias", key_major=True)[0][1]
+    assert chosen == [one_block]
+    assert dq_kernel.launches == (0 if one_block else 1)  # one block: dQ written by the key-major dK/dV kernel
     assert not A._bias_grad_in_one_block(False, torch.float16, 64, "bias", False, 2)  # no bias gradient
     assert not A._bias_grad_in_one_block(True, torch.float32, 64, "bias", False, 2)  # fp32: O is not rounded
 
