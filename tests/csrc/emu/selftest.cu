@@ -112,13 +112,12 @@ at::Tensor run(int64_t which) {
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor out = at::zeros({512}, f32);
   float* o = out.data_ptr<float>();
+  at::Tensor src = at::arange(512, f32);  // the cp.async cases' source
   switch (which) {
     case 0:
-    case 1: {
-      at::Tensor src = at::arange(512, f32);
+    case 1:
       cp_async_kernel<<<1, 128>>>(src.data_ptr<float>(), o, which == 0);
       break;
-    }
     case 2:
     case 3:
       handoff_kernel<<<1, 128>>>(o, which == 2);
@@ -148,11 +147,9 @@ at::Tensor run(int64_t which) {
       block_overlap_kernel<<<4, 32>>>(o, which == 12);
       break;
     case 14:
-    case 15: {
-      at::Tensor src = at::arange(512, f32);
+    case 15:
       stage_reuse_kernel<<<1, 64>>>(src.data_ptr<float>(), o, which == 15);
       break;
-    }
     case 16:
     case 17:
       ldmatrix_kernel<<<1, 32>>>(o, 0, which == 16 ? 64 : 72);
