@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The second device call of a GPU session, after `bash .devcheck/run.sh all`: the config sweeps that decide
-# the off-by-default switches, most telling first (table: the shipped backward tiles against key-major and TMA
-# loads; fwd: forward tiles, tail block, exp2 split, K/V by TMA; split: short key sides; window; linear: the
-# Linear + GELU GEMM against cuBLAS), within a time limit, rows and summary written under $OUT. Works on a warm
+# the off-by-default switches, most telling first (wsfwd: whether Triton's warp specialization pays on Hopper,
+# benchmarks/ws_probe.py; rope64/rope128: rope= by the two passes against RoPE inside the forward kernel;
+# table: the shipped backward tiles against key-major and TMA loads; fwd: forward tiles, tail block, exp2
+# split, K/V by TMA; split: short key sides; window; linear: the Linear + GELU GEMM against cuBLAS), within a
+# time limit, rows and summary written under $OUT. Works on a warm
 # machine (the project already installed) and on a fresh one (installs the carried wheels and the project
 # first, as run.sh does).
 #
@@ -10,10 +12,10 @@
 # provider (not --quick), within half the time: by default the window attention benchmarks, whose issue-4 goal
 # against FlexAttention covers all four Swin cases while --quick compiles FlexAttention on the first only.
 #
-#   bash benchmarks/gpu_followup.sh [SECONDS] [GROUPS] [BENCH]  # defaults: 420, table,fwd,split,window,linear, window_attn
+#   bash benchmarks/gpu_followup.sh [SECONDS] [GROUPS] [BENCH]  # defaults: 420, wsfwd,rope64,rope128,table,fwd,split,window,linear, window_attn
 set -uo pipefail
 limit=${1:-420}
-groups=${2:-table,fwd,split,window,linear}
+groups=${2:-wsfwd,rope64,rope128,table,fwd,split,window,linear}
 bench=${3:-window_attn}
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -1,6 +1,6 @@
 """Config sweep for the attention kernels on a GPU: parity and time of each candidate tile.
 
-    python -m benchmarks.tune --out sweep.jsonl [--only table,bwd128,bwd64,fwd,split,rope64,rope128,window,linear]
+    python -m benchmarks.tune --out sweep.jsonl [--only table,bwd128,bwd64,fwd,split,rope64,rope128,window,linear,wsfwd]
     python -m benchmarks.tune --summarize sweep.jsonl   # default vs fastest per comparison, no GPU needed
 
 With several groups, each is first run once in its own process with ``--compile-only`` (``--warm-jobs``), so
@@ -10,7 +10,8 @@ For each group (the backward tables' own entries, backward candidates at head di
 the suite's long and short shapes, the dK/dV query split and the key-major backward (dQ in the dK/dV kernel or
 not) at short key sides, forward with ``rope=`` at 64 /
 128, the window-attention forward and backward: one program per window or per group of windows, one
-backward kernel or two, their tiles, window-group counts; the Linear + GELU GEMM's tiles) every candidate config is launched through the
+backward kernel or two, their tiles, window-group counts; the Linear + GELU GEMM's tiles; ``wsfwd``, the
+warp-specialization probe of benchmarks/ws_probe.py beside the shipped forward) every candidate config is launched through the
 kernels' own launchers, its outputs are compared with a float32 reference (torch's SDPA math backend,
 non-causal and causal at a length that leaves a one-row last block; dlcv_fast.reference for window
 attention), and it is timed with ``triton.testing.do_bench`` on the headline shape. One JSON line per
@@ -57,7 +58,12 @@ ROPE_CANDIDATES = {
 }
 # Headline shapes (B, H, L) per head dim, as in benchmarks/attention.py; parity at (1, 4, 1025).
 TIME_SHAPE = {64: (4, 32, 4096), 128: (4, 16, 4096)}
-ROPE_SHAPE = {64: (8, 12, 4096), 128: (8, 6, 4096)}
+# rope= is timed at the attn_rope_fwd benchmark's shapes: ViT's 197 tokens and 4096.
+ROPE_SHAPES = {64: [(8, 12, 4096), (256, 12, 197)], 128: [(8, 6, 4096), (256, 6, 197)]}
+# RoPE inside the forward kernel (kernels/attention.py ROPE_IN_KERNEL; off by default): None = its ROPE_TILE,
+# then other tiles that compile without spills with the rotation (AOT, sm_90).
+ROPE_KERNEL_CANDIDATES = {64: [None, (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+                          128: [None, (128, 64, 8, 3), (128, 64, 8, 2)]}
 CHECK = (1, 4, 1025)
 DEVICE = "cuda"
 
@@ -134,37 +140,43 @@ def sweep_bwd(D, emit, table_only=False):
 
 
 def sweep_rope(D, emit):
+    """attention with rope= at each ROPE_SHAPES shape: the same attention without RoPE (the reference row), the
+    two rotation passes + the plain kernel (the default), forward(rope=) at other plain tiles, and RoPE rotated
+    inside the kernel (ROPE_KERNEL_CANDIDATES)."""
     from dlcv_fast.kernels import attention as kern
     from dlcv_fast.kernels import rope as rope_kernels
     from triton.testing import do_bench
 
-    B, H, L = ROPE_SHAPE[D]
-    q, k, v, _ = _inputs(B, H, L, D)
-    pos = torch.arange(L, device=DEVICE, dtype=torch.float32)
-    inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=DEVICE, dtype=torch.float32) / D)
-    ang = pos[:, None] * inv[None]
-    cos, sin = ang.cos(), ang.sin()
-    scale = D ** -0.5
-    qr, kr = (rope_kernels.apply(t, cos, sin, interleaved=False) for t in (q, k))
-    ref = kern.forward(qr, kr, v, None, None, False, 0, scale)[0]
-    base = dict(group=f"rope{D}", shape=[B, H, L, D])
-    emit(dict(base, kernel="plain (no rope)", reference=True,
-              ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale), warmup=10, rep=40)))
-    emit(dict(base, kernel="apply_rope(q,k)+plain", default=True, ms=do_bench(
-        lambda: kern.forward(rope_kernels.apply(q, cos, sin, interleaved=False),
-                             rope_kernels.apply(k, cos, sin, interleaved=False), v, None, None, False, 0, scale),
-        warmup=10, rep=40)))
-    for config in ROPE_CANDIDATES[D]:
-        row = dict(base, kernel="forward(rope=)", config=config)
-        try:
-            out = kern.forward(q, k, v, None, None, False, 0, scale, rope=(cos, sin), config=config)[0]
-            err = _rel_err(out, ref.float())
-            row.update(ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale, rope=(cos, sin),
-                                                        config=config), warmup=10, rep=40),
-                       rel_err=err, ok=err < 2e-2)
-        except Exception as e:
-            row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
-        emit(row)
+    for B, H, L in ROPE_SHAPES[D]:
+        q, k, v, _ = _inputs(B, H, L, D)
+        pos = torch.arange(L, device=DEVICE, dtype=torch.float32)
+        inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=DEVICE, dtype=torch.float32) / D)
+        ang = pos[:, None] * inv[None]
+        cos, sin = ang.cos(), ang.sin()
+        scale = D ** -0.5
+        qr, kr = (rope_kernels.apply(t, cos, sin, interleaved=False) for t in (q, k))
+        ref = kern.forward(qr, kr, v, None, None, False, 0, scale)[0]
+        base = dict(group=f"rope{D}", case=f"L={L}", shape=[B, H, L, D])
+        emit(dict(base, kernel="plain (no rope)", reference=True,
+                  ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale), warmup=10, rep=40)))
+        emit(dict(base, kernel="apply_rope(q,k)+plain", default=True, ms=do_bench(
+            lambda: kern.forward(rope_kernels.apply(q, cos, sin, interleaved=False),
+                                 rope_kernels.apply(k, cos, sin, interleaved=False), v, None, None, False, 0, scale),
+            warmup=10, rep=40)))
+        jobs = [("forward(rope=)", c, False) for c in ROPE_CANDIDATES[D]]
+        jobs += [("forward(rope=), in kernel", c, True) for c in ROPE_KERNEL_CANDIDATES[D]]
+        for kernel, config, in_kernel in jobs:
+            kw = dict(rope=(cos, sin), config=config, rope_in_kernel=in_kernel)
+            shown = config if config is not None or not in_kernel else kern.rope_config(D, q.dtype)
+            row = dict(base, kernel=kernel, config=shown)
+            try:
+                out = kern.forward(q, k, v, None, None, False, 0, scale, **kw)[0]
+                err = _rel_err(out, ref.float())
+                row.update(ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale, **kw), warmup=10,
+                                       rep=40), rel_err=err, ok=err < 2e-2)
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+            emit(row)
 
 
 # Window attention backward (Swin-T stage 1 and 3, window 7 shift 3): the one-kernel backward (default in
@@ -436,11 +448,47 @@ def sweep_linear(emit):
                 emit(row)
 
 
+WS_SHAPES = ("long_d64", "long_d128")  # FWD_SHAPES the warp-specialization probe is timed on
+WS_CHECK = (1, 4, 1024)  # its parity shape (B, H, L): the probe has no masks, so L is a multiple of every tile
+
+
+def sweep_wsfwd(emit):
+    """The warp-specialization probe (benchmarks/ws_probe.py) on the long forward shapes: each candidate tile
+    with and without ``warp_specialize``, beside the shipped forward (the group's default row)."""
+    from benchmarks import ws_probe
+    from dlcv_fast.kernels import attention as kern
+
+    for name in WS_SHAPES:
+        B, H, Lq, Lk, D = FWD_SHAPES[name]
+        q, k, v, _ = _rect_inputs(B, H, Lq, Lk, D)
+        cq, ck, cv, _ = _inputs(*WS_CHECK, D, seed=1)
+        ref = F.scaled_dot_product_attention(cq.float(), ck.float(), cv.float())
+        row = dict(group="wsfwd", kernel="forward (table)", case=name, shape=[B, H, Lq, Lk, D], default=True)
+        try:
+            err = _rel_err(kern.forward(cq, ck, cv, None, None, False, 0, D ** -0.5)[0], ref)
+            row.update(ms=_time(lambda: kern.forward(q, k, v, None, None, False, 0, D ** -0.5)), rel_err=err,
+                       ok=err < 2e-2)
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+        emit(row)
+        for cfg in ws_probe.CANDIDATES[D]:
+            row = dict(group="wsfwd", kernel="ws probe", config=cfg[:4], warp_spec=cfg[4], case=name,
+                       shape=[B, H, Lq, Lk, D], default=False)
+            try:
+                got, compiled = ws_probe.forward(cq, ck, cv, config=cfg)
+                err = _rel_err(got, ref)
+                row.update(ws_applied=ws_probe.specialized(compiled), rel_err=err, ok=err < 2e-2,
+                           ms=_time(lambda: ws_probe.forward(q, k, v, config=cfg)))
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+            emit(row)
+
+
 GROUPS = {"bwd128": lambda emit: sweep_bwd(128, emit), "bwd64": lambda emit: sweep_bwd(64, emit),
           "fwd": sweep_fwd, "split": sweep_split, "window": sweep_window,
           "table": lambda emit: [sweep_bwd(d, emit, table_only=True) for d in (64, 128)],
           "rope64": lambda emit: sweep_rope(64, emit), "rope128": lambda emit: sweep_rope(128, emit),
-          "linear": sweep_linear}
+          "linear": sweep_linear, "wsfwd": sweep_wsfwd}
 
 
 def summarize(rows):
@@ -465,7 +513,8 @@ def summarize(rows):
         if best is None:
             lines.append(f"{what}: no candidate passed parity")
             continue
-        detail = {k: best[k] for k in ("kernel", "config", "tail", "exp_emu", "kv_tma", "splits", "groups")
+        detail = {k: best[k] for k in ("kernel", "config", "tail", "exp_emu", "kv_tma", "warp_spec", "splits",
+                                        "groups")
                   if best.get(k) is not None}
         line = f"{what}: fastest {best['ms']:.4f} ms {detail}"
         if base is not None:

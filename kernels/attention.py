@@ -22,7 +22,9 @@ buffer that the op layer reduces to the bias's own shape.
 Blocks that a mask removes entirely are skipped: causal/prefix limits bound the loops, and a key padding
 mask bounds them to the span of kept keys (read once per program; no branch inside the loop, which would
 stop software pipelining). ``rope=`` rotates q and k with the standalone RoPE kernel (one pass each) before
-the launch: on an H200 that was faster than rotating q in the kernel's prologue (benchmarks.tune).
+the launch: on an H200 that was faster than rotating q in the kernel's prologue (benchmarks.tune). With
+``ROPE_IN_KERNEL`` (off by default, untimed) the forward rotates them itself, q once per program and each key
+block as it is loaded, as half-width tiles whose scores are two chained dots (:func:`_rope_halves`).
 
 TMA (``KV_TMA`` forward, ``BWD_TMA`` backward; on by default for long sequences, where an H200 ran them
 faster: :func:`_tma_by_default`): the blocks a kernel loops over (K/V
@@ -138,6 +140,23 @@ BWD_TMA = None  # the backward's Q/dO (dK/dV kernel) and K/V (dQ kernel) by TMA 
 # least this long, and no tail block.
 TMA_MIN_LEN = 1024
 BWD_KEY_MAJOR = False  # the dK/dV kernel's tiles computed transposed everywhere: 6.02 vs 5.66 ms at 4096 tokens (H200)
+# RoPE inside the forward (``rope=``; :func:`_rope_halves`) instead of a rotation pass over q and one over k before
+# it. The passes move q and k through memory twice more, which is what rope= cost at ViT's 197 tokens on an H200
+# (+44% at head dim 64, 2026-11-29T2230). In the kernel, q is rotated once per program and each K block as it is
+# loaded, once per query block that visits it: little extra work where a query block holds most or all of a
+# head's queries (short sequences: ROPE_TILE's 256 rows hold ViT's 197 at head dim 64), Lq / BLOCK_M times the
+# passes' rotations at long ones. ROPE_IN_KERNEL: True = in the kernel wherever it can (see
+# rope_in_kernel_problem), None = there for Lq <= ROPE_KERNEL_MAX_LEN only, False = never (the passes). False
+# until a GPU has timed it (benchmarks.tune groups rope64 / rope128, the attn_rope_fwd benchmark's
+# dlcv_fast.rope_in_kernel provider).
+ROPE_IN_KERNEL = False
+ROPE_KERNEL_MAX_LEN = 256
+# The in-kernel RoPE forward's (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch and head dim, from the AOT
+# compile check (no spill with or without causal + key padding and the tail block; wgmma on sm_90): 256 query
+# rows at head dims 32 and 64; at 128 the 256-row tiles spill (16 warps: up to 436 B) and 128 x 32 w8 spills
+# on sm_80 (52 B), hence 128 and 64 rows there.
+ROPE_TILE = {90: {32: (256, 32, 8, 3), 64: (256, 32, 8, 3), 128: (128, 32, 8, 3)},
+             80: {32: (256, 32, 8, 3), 64: (256, 32, 8, 3), 128: (64, 32, 4, 2)}}
 TMA_MAX_HEAD_DIM = 128  # TMA paths at larger head dims (160, 256 buckets) are not compile-checked: pointer loads
 DQ_TAIL_MAX_BLOCK_D = 64  # the dQ kernel's sm_90 64x64 w4 tile spilled 16-64 B with a tail block at 128
 ARCHS = (90, 80)
@@ -180,6 +199,34 @@ def bwd_configs(block_d: int, dtype=torch.float16, kind: str = "plain", arch=Non
     if key_major:
         kv_cfg = BWD_KM_TABLE[arch].get(block_d, {}).get(kind, kv_cfg)
     return kv_cfg, q_cfg
+
+
+def rope_in_kernel_problem(head_dim: int, half: int, has_bias: bool):
+    """Why the forward kernel cannot rotate q and k itself (None: it can): it takes full rotary (``half`` pairs
+    = head_dim / 2) at head dims 32, 64 and 128 (:data:`ROPE_TILE`'s, compile-checked; two half-width dots of at
+    least 16), and no bias."""
+    if 2 * half != head_dim:
+        return f"partial rotary ({2 * half} of {head_dim} channels; the kernel rotates all of them)"
+    if head_dim not in ROPE_TILE[90]:
+        return f"head dim {head_dim} (32, 64 or 128)"
+    if has_bias:
+        return "an additive attn_bias (the kernel's RoPE path has none)"
+    return None
+
+
+def rope_config(block_d: int, dtype, arch=None):
+    """The forward's tile with RoPE in the kernel (:data:`ROPE_TILE`; fp32 and the interpreter as the plain
+    forward: :func:`fwd_configs`)."""
+    if _interpreting() or dtype == torch.float32 or block_d not in ROPE_TILE[table_arch(arch)]:
+        return fwd_configs(block_d, dtype, "plain", arch)[0]
+    return ROPE_TILE[table_arch(arch)][block_d]
+
+
+def _rope_in_kernel(requested, Lq: int) -> bool:
+    """Whether rope= is rotated in the kernel (before :func:`rope_in_kernel_problem`'s check): ``requested``,
+    else :data:`ROPE_IN_KERNEL` (None there: up to ROPE_KERNEL_MAX_LEN queries)."""
+    flag = ROPE_IN_KERNEL if requested is None else requested
+    return Lq <= ROPE_KERNEL_MAX_LEN if flag is None else bool(flag)
 
 
 def fused_dq_config(kv_cfg, block_d: int, kind: str, arch=None):
@@ -295,14 +342,18 @@ def _tile_index(rows, cols, KEY_MAJOR: tl.constexpr):
 @triton.jit
 def _scores(q, k, bias_blk, sbm, sbn, offs_m, offs_n, Lq, Lk, prefix_len, kp, qk_scale,
             HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr = False):
+            DOT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr = False, q2=None, k2=None):
     """Scores of one tile in log2 units, masked keys at -inf: (BLOCK_M, BLOCK_N) = q k^T, or with
     ``KEY_MAJOR`` its transpose (BLOCK_N, BLOCK_M) = k q^T. ``MASKED`` False skips the index masks
     (caller guarantees the tile is fully visible and in bounds). ``bias_blk`` points at the bias element of
     the tile's first (query, key); the tile's offsets from it are int32 (a tile spans < 2^31 elements), so
-    no 64-bit pointer tile is kept live across the loop."""
+    no 64-bit pointer tile is kept live across the loop. ``q2``/``k2`` (query-major only): the head dim comes
+    in two halves, q = [q | q2] and k = [k | k2] (the RoPE forward's rotated halves), two chained dots."""
     if KEY_MAJOR:
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    elif q2 is not None:
+        s = tl.dot(q2, tl.trans(k2), tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION),
+                   input_precision=DOT_PRECISION) * qk_scale
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
@@ -388,16 +439,40 @@ def _kpm_range(kpm_row, Lk, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_blk, sbm, sbn, kpm_ptr, offs_m, cols,
-               Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, start_n,
+def _rope_halves(x_ptrs, tab_off, cos_b, sin_b, mask, HALF: tl.constexpr):
+    """RoPE in the kernel, for the forward: the two halves (x1, x2) of a tile of rows whose first half is at the
+    pointer tile ``x_ptrs`` ((rows, HALF); the second half HALF elements on), rotated in half-split pairs by the
+    angles at ``tab_off`` in this batch's tables ``cos_b``/``sin_b``: (x1 cos - x2 sin, x2 cos + x1 sin), in
+    fp32 rounded to x's dtype as the standalone RoPE kernel rounds, so the scores are those of apply_rope then
+    the attention. Rows where ``mask`` is False are zeros."""
+    x1 = tl.load(x_ptrs, mask=mask, other=0.0)
+    x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0)
+    c = tl.load(cos_b + tab_off, mask=mask, other=1.0).to(tl.float32)
+    sn = tl.load(sin_b + tab_off, mask=mask, other=0.0).to(tl.float32)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    return (a * c - b * sn).to(x1.dtype), (b * c + a * sn).to(x1.dtype)
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, q2, k_src, v_src, skn, svn, bias_blk, sbm, sbn, kpm_ptr, offs_m, cols,
+               Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, start_n, cos_b, sin_b, scn,
                HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, EXP_EMU: tl.constexpr, KV_TMA: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, EXP_EMU: tl.constexpr, KV_TMA: tl.constexpr,
+               ROPE: tl.constexpr, HALF: tl.constexpr):
     """One key block of the online softmax: load K/V, score, rescale, accumulate. ``k_src``/``v_src``: the
     block's pointer tiles, or with ``KV_TMA`` the (B, Hkv, Lk, D) tensor descriptors, read at (kv_b, kv_h,
-    start_n)."""
+    start_n). ``ROPE`` (pointer tiles only): ``k_src`` is the (BLOCK_N, HALF) tile of the keys' first halves,
+    rotated as they are loaded (:func:`_rope_halves`), and q, q2 are the rotated query halves."""
+    k2 = None
     if KV_TMA:  # keys past Lk arrive as zeros (finite: they get p = 0)
         k = _tma_rows(k_src, kv_b, kv_h, start_n, cols.shape[0], mask_d.shape[0])
         v = _tma_rows(v_src, kv_b, kv_h, start_n, cols.shape[0], mask_d.shape[0])
+    elif ROPE:  # full rotary, HEAD_DIM = BLOCK_D = 2 * HALF: no head-dim mask; keys past Lk read the last one
+        clamp = tl.minimum(cols, Lk - 1)
+        k, k2 = _rope_halves(k_src + (clamp - cols)[:, None] * skn,
+                             clamp.to(tl.int64)[:, None] * scn + tl.arange(0, HALF)[None, :], cos_b, sin_b,
+                             cols[:, None] >= 0, HALF)
+        v = tl.load(v_src + (clamp - cols)[:, None] * svn)
     else:
         k_ptrs, v_ptrs = k_src, v_src
         if MASKED:
@@ -417,8 +492,12 @@ def _fwd_block(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_blk, sbm, sbn, kpm
     # Without a bias the scores stay raw (masked at -inf): the row max is scaled once per row and the scale
     # folds into the exponent's argument (one FMA per score instead of a multiply and a subtract; qk_scale > 0).
     score_scale, exp_scale = _scale_split(qk_scale, HAS_BIAS)
-    s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, score_scale,
-                HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION)
+    if ROPE:
+        s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, score_scale,
+                    HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, False, q2, k2)
+    else:
+        s = _scores(q, k, bias_blk, sbm, sbn, offs_m, cols, Lq, Lk, prefix_len, kp, score_scale,
+                    HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, 1) * exp_scale)
     # A row with nothing visible yet keeps m = -inf; exponentiate against 0 there so no inf - inf.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -430,11 +509,11 @@ def _fwd_block(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_blk, sbm, sbn, kpm
 
 
 @triton.jit
-def _fwd_loop(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m, offs_n,
-              start, end, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h,
+def _fwd_loop(acc, m_i, l_i, q, q2, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m, offs_n,
+              start, end, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, cos_b, sin_b, scn,
               HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, EXP_EMU: tl.constexpr,
-              KV_TMA: tl.constexpr):
+              KV_TMA: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr):
     """The key blocks in [start, end), all with or all without the index masks (``MASKED``). ``k_src``/
     ``v_src``: pointer tiles at key 0, or the tensor descriptors (``KV_TMA``)."""
     for start_n in range(start, end, BLOCK_N):
@@ -443,27 +522,33 @@ def _fwd_loop(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_
             k_blk, v_blk = k_src, v_src
         else:
             k_blk, v_blk = k_src + n64 * skn, v_src + n64 * svn
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_blk, v_blk, skn, svn,
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, q2, k_blk, v_blk, skn, svn,
                                    bias_row + n64 * sbn, sbm, sbn, kpm_ptr, offs_m, start_n + offs_n,
-                                   Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, start_n,
-                                   HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D, EXP_EMU, KV_TMA)
+                                   Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, start_n, cos_b, sin_b, scn,
+                                   HAS_BIAS, HAS_KPM, CAUSAL, MASKED, DOT_PRECISION, EVEN_D, EXP_EMU, KV_TMA,
+                                   ROPE, HALF)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
+def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-              sbb, sbh, sbm, sbn, skpb,
+              sbb, sbh, sbm, sbn, skpb, scb, scn,
               H, GROUP, Lq, Lk, prefix_len, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, EXP_EMU: tl.constexpr,
-              KV_TMA: tl.constexpr):
+              KV_TMA: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr):
     """The forward: one program per (query block, batch x head). With ``KV_TMA``, K and V are
     ``(B, Hkv, Lk, D)`` tensor descriptors with ``[1, 1, BLOCK_N, BLOCK_D]`` blocks (TMA loads on sm_90;
-    no TAIL_N block) instead of pointers."""
+    no TAIL_N block) instead of pointers. ``ROPE``: q and k rotated in the kernel by the (B, N, HALF) tables
+    COS/SIN (batch stride scb, 0 for shared tables; row stride scn), q once, each K block as it is loaded,
+    both kept as their two halves so the rotation is elementwise and q k^T two chained half-width dots."""
     tl.static_assert(not (KV_TMA and TAIL_N > 0), "KV_TMA takes no tail block")
+    tl.static_assert(not (KV_TMA and ROPE), "ROPE rotates pointer-loaded K tiles only")
+    tl.static_assert(not ROPE or (2 * HALF == HEAD_DIM and HEAD_DIM == BLOCK_D and not HAS_BIAS),
+                     "ROPE: full rotary of a power-of-two head dim, no bias")
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -475,9 +560,20 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     rows = offs_m.to(tl.int64)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
-                mask=(offs_m[:, None] < Lq) & mask_d[None, :], other=0.0)
+    cos_b, sin_b = COS, SIN
+    if ROPE:  # q as its two rotated halves (q, q2); K's first-half pointer tiles
+        cos_b, sin_b = COS + b * scb, SIN + b * scb
+        offs_k = tl.arange(0, HALF)
+        q, q2 = _rope_halves(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_k[None, :],
+                             rows[:, None] * scn + offs_k[None, :], cos_b, sin_b, offs_m[:, None] < Lq, HALF)
+    else:
+        offs_k = offs_d
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
+                    mask=(offs_m[:, None] < Lq) & mask_d[None, :], other=0.0)
+        q2 = q
     k_src, v_src, kv_b, kv_h = _kv_sources(K, V, b, hk, skb, skh, skn, svb, svh, svn, offs_n, offs_d, KV_TMA)
+    if ROPE:
+        k_src = K + b * skb + hk * skh + offs_n.to(tl.int64)[:, None] * skn + offs_k[None, :]
     bias_row = BIAS
     if HAS_BIAS:
         bias_row = BIAS + b * sbb + h * sbh + tl.cast(start_m, tl.int64) * sbm
@@ -495,23 +591,25 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
     if CAUSAL:
         full_hi = tl.maximum(lo, tl.minimum(full_hi, tl.maximum(((start_m + 1) // BLOCK_N) * BLOCK_N,
                                                                 (prefix_len // BLOCK_N) * BLOCK_N)))
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
-                              offs_n, lo, full_hi, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h,
-                              HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU, KV_TMA)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q2, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
+                              offs_n, lo, full_hi, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, cos_b, sin_b,
+                              scn, HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU, KV_TMA,
+                              ROPE, HALF)
     # Short sequences end in a mostly empty key block (197 keys = 3 x 64 + 5): when the keys after the last
     # whole block fit in TAIL_N, they take one TAIL_N-key block instead of a BLOCK_N one.
     mid = _tail_start(full_hi, hi, BLOCK_N, TAIL_N)
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
-                              offs_n, full_hi, mid, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h,
-                              HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU, KV_TMA)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q2, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
+                              offs_n, full_hi, mid, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, cos_b, sin_b,
+                              scn, HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU, KV_TMA,
+                              ROPE, HALF)
     if TAIL_N > 0:  # at most one TAIL_N block, [mid, hi)
         offs_t = tl.arange(0, TAIL_N)
-        acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q,
-                                  K + b * skb + hk * skh + offs_t.to(tl.int64)[:, None] * skn + offs_d[None, :],
+        acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q2,
+                                  K + b * skb + hk * skh + offs_t.to(tl.int64)[:, None] * skn + offs_k[None, :],
                                   V + b * svb + hk * svh + offs_t.to(tl.int64)[:, None] * svn + offs_d[None, :],
                                   skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m, offs_t, mid, hi, Lq, Lk, prefix_len,
-                                  qk_scale, mask_d, kv_b, kv_h, HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION,
-                                  EVEN_D, TAIL_N, EXP_EMU, False)
+                                  qk_scale, mask_d, kv_b, kv_h, cos_b, sin_b, scn, HAS_BIAS, HAS_KPM, CAUSAL, True,
+                                  DOT_PRECISION, EVEN_D, TAIL_N, EXP_EMU, False, ROPE, HALF)
 
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -812,14 +910,18 @@ def tail_possible(block_n: int, block_d: int, max_block_d: int = 128) -> bool:
 
 
 def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None, tail=None,
-            exp_emu=None, kv_tma=None):
+            exp_emu=None, kv_tma=None, rope_in_kernel=None):
     """Launch the forward kernel. Returns ``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, stored as a
     ``(B, Lq, Hq, D)`` buffer so ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` is free; lse fp32 (B, Hq, Lq).
     ``rope=(cos, sin)``, tables ``(N, R)`` or ``(B, N, R)`` with N = Lq = Lk: q and k are rotated (half-split
     pairs) by the standalone RoPE kernel, one pass each, before the launch. ``tail``: the kernel's TAIL_N
     (default :func:`key_tail`). ``exp_emu``: the kernel's EXP_EMU (default :data:`EXP_EMU`; 0 in fp32 and
     under the interpreter, which runs no inline PTX). ``kv_tma``: K and V through TMA tensor descriptors
-    (default: :func:`_tma_by_default`; see :func:`_use_tma`)."""
+    (default: :func:`_tma_by_default`; see :func:`_use_tma`). ``rope_in_kernel`` (default
+    :data:`ROPE_IN_KERNEL`): the kernel rotates q and k itself (:func:`_rope_halves`; pointer K/V loads, at
+    :func:`rope_config`'s tile unless ``config``) instead of the two passes, where it can
+    (:func:`rope_in_kernel_problem`: full rotary, head dim 32 / 64 / 128 / 256, no bias); asked for (True)
+    where it cannot, a ValueError says why."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -827,12 +929,29 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     bias_t, sb = _bias_args(bias, B, H, Lq, Lk)
     kpm_t, skp = _kpm_args(kpm)
-    if rope is not None:
+    kind = "bias" if bias_t is not None else "plain"
+    in_kernel = rope is not None and _rope_in_kernel(rope_in_kernel, Lq)
+    if in_kernel:
+        why = rope_in_kernel_problem(D, rope[0].shape[-1], bias_t is not None)
+        if why and rope_in_kernel:
+            raise ValueError(f"rope_in_kernel=True: {why}")
+        in_kernel = why is None
+    cos_t = sin_t = None
+    scb = scn = half = 0
+    if in_kernel:
+        if kv_tma:
+            raise ValueError("kv_tma=True with rope_in_kernel: the kernel rotates pointer-loaded K tiles only")
+        kv_tma = False
+        cos_t, sin_t = (rope_kernels.table_view(t, B, 1, Lq)[:, 0] for t in rope)
+        if cos_t.stride() != sin_t.stride():
+            cos_t, sin_t = cos_t.contiguous(), sin_t.contiguous()
+        scb, scn, half = cos_t.stride(0), cos_t.stride(1), cos_t.shape[-1]
+        config = config or rope_config(BLOCK_D, q.dtype)
+    elif rope is not None:
         # One rotation pass over q and one over k, then the plain kernel. Measured on an H200 (benchmarks.tune,
         # 2026-11-27), this beat rotating q in the kernel's prologue at every tile tried: 0.99 vs 1.01 ms at
         # head dim 128, 1.10 vs 1.15 ms at 64 (rotating k in the key loop is redone per query block).
         q, k = (rope_kernels.apply(t, *rope, interleaved=False) for t in (q, k))
-    kind = "bias" if bias_t is not None else "plain"
     bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H, Lk)
     use_tma = _use_tma("kv_tma", kv_tma, _fwd_tma_default(kind, BLOCK_D, Lq, Lk, bn, tail), k, v)
     if use_tma:
@@ -846,14 +965,15 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     grid = (triton.cdiv(Lq, bm), B * H)
     _attn_fwd[grid](
         q, k_arg, v_arg, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
+        cos_t if in_kernel else q, sin_t if in_kernel else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        *sb, skp,
+        *sb, skp, scb, scn,
         H, H // Hkv, Lq, Lk, prefix_len, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None, HAS_KPM=kpm_t is not None,
         DOT_PRECISION=_dot_precision(q.dtype), ALIGN8=_strides_align8(q, k, v, o),
-        BLOCK_M=bm, BLOCK_N=bn, TAIL_N=tail, EXP_EMU=_exp_emu(exp_emu, q.dtype), KV_TMA=use_tma, num_warps=warps,
-        num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, TAIL_N=tail, EXP_EMU=_exp_emu(exp_emu, q.dtype), KV_TMA=use_tma,
+        ROPE=in_kernel, HALF=half, num_warps=warps, num_stages=stages,
     )
     return o, lse
 
@@ -1082,12 +1202,12 @@ def aot_specs():
     wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
 
     def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU, tma=None,
-             key_major=None, fused_dq=False):
+             key_major=None, fused_dq=False, rope=False):
         flags = tuple(f for f in short if f in flags and f in arg_names(fn))
         tma = bool(KV_TMA if fn is _attn_fwd else BWD_TMA) if tma is None else tma
-        tma = tma and any(n in arg_names(fn) for n in ("KV_TMA", "TMA"))
+        tma = tma and any(n in arg_names(fn) for n in ("KV_TMA", "TMA")) and not rope
         key_major = (BWD_KEY_MAJOR if key_major is None else key_major) and "KEY_MAJOR" in arg_names(fn)
-        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma, key_major, fused_dq)
+        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma, key_major, fused_dq, rope)
         wanted.setdefault(key, []).append(arch)
 
     for dtype, d in cases:
@@ -1138,9 +1258,16 @@ def aot_specs():
                 want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, 90, tma=True)
                 want(_attn_bwd_dkdv, dtype, d, kind_flags[kind], kv_cfg, 90, split=True, tma=True)
                 want(_attn_bwd_dq, dtype, d, kind_flags[kind], q_cfg, 90, tma=True)
+    # RoPE in the forward (ROPE_IN_KERNEL; rope_config): its tiles, with and without the masks and the tail block.
+    for dtype, d in (("fp16", 32), ("fp16", 64), ("bf16", 128)):
+        for arch in ARCHS:
+            for cfg in (ROPE_TILE[arch][d],):
+                for tail in (0, TAIL_N) if tail_possible(cfg[1], d) else (0,):
+                    want(_attn_fwd, dtype, d, kind_flags["plain"], cfg, arch, tail=tail, rope=True)
+                    want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=cfg[0] >= 64, tail=tail, rope=True)
 
     specs = []
-    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma, km, fused_dq), archs in \
+    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma, km, fused_dq, rope), archs in \
             wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         if tma:  # the dK/dV kernel's Q/dO blocks are BLOCK_M rows, the others' K/V blocks BLOCK_N
@@ -1149,7 +1276,7 @@ def aot_specs():
         if split:
             types.update(DK="*fp32", DV="*fp32")  # the split's partial sums
         types.update(LSE="*fp32", DELTA="*fp32", DS="*fp32", BIAS="*fp32", KPM="*u8", qk_scale="fp32",
-                     sm_scale="fp32")
+                     sm_scale="fp32", COS="*fp32", SIN="*fp32")
         constexprs = {f: f in flags for f in short if f in arg_names(fn)}
         constexprs.update(HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=bm)
         if bn is not None:
@@ -1165,6 +1292,8 @@ def aot_specs():
                 constexprs[name] = tma
         if "KEY_MAJOR" in arg_names(fn):
             constexprs.update(KEY_MAJOR=km, WRITE_DQ=fused_dq)
+        if "ROPE" in arg_names(fn):
+            constexprs.update(ROPE=rope, HALF=d // 2 if rope else 0)
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the
@@ -1177,6 +1306,7 @@ def aot_specs():
         tags += ["tma"] if tma else []
         tags += ["keymajor"] if km else []
         tags += ["dq"] if fused_dq else []
+        tags += ["rope"] if rope else []
         variant = "+".join(tags) or ("plain" if bn is not None else "")
         mma_rows = bn if km else bm  # a warpgroup MMA needs 64 rows: the tile's keys when key-major
         specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps, stages,

@@ -108,8 +108,9 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(tune, "DEVICE", "cpu")
     monkeypatch.setattr(tune, "CHECK", (1, 2, 33))
     monkeypatch.setattr(tune, "TIME_SHAPE", {64: (1, 1, 40)})
-    monkeypatch.setattr(tune, "ROPE_SHAPE", {64: (1, 1, 40)})
+    monkeypatch.setattr(tune, "ROPE_SHAPES", {64: [(1, 1, 40)]})
     monkeypatch.setattr(tune, "ROPE_CANDIDATES", {64: [None]})
+    monkeypatch.setattr(tune, "ROPE_KERNEL_CANDIDATES", {64: [None]})
     monkeypatch.setattr(tune, "WINDOW_SHAPES", {"stage3": (1, 14, 14, 2)})
     monkeypatch.setattr(tune, "WINDOW_DKDV", [None])
     monkeypatch.setattr(tune, "WINDOW_FUSED", [None])
@@ -140,7 +141,7 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     tune.sweep_fwd(rows.append)
     tune.sweep_split(rows.append)
     tune.sweep_linear(rows.append)
-    assert [r["group"] for r in rows] == ["bwd64", "bwd64", "bwd64", "rope64", "rope64", "rope64", *["window_stage3"] * 7,
+    assert [r["group"] for r in rows] == ["bwd64", "bwd64", "bwd64", *["rope64"] * 4, *["window_stage3"] * 7,
                                           "fwd", "fwd", "fwd", "fwd", *["split"] * 6, "linear", "linear_plain",
                                           "linear_plain", *["linear"] * 4]
     # the GEMM: cuBLAS + GELU, the plain GEMM against cuBLAS, then each tile per-tile and persistent
@@ -162,10 +163,49 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     # launcher's tile, 16 rows) and with the dQ kernel
     assert [r["kernel"] for r in rows if r["group"] == "split"][-3:] == [
         "backward key-major", "backward key-major, 16 rows", "backward key-major, dQ kernel"]
-    assert len(checked) == 25 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+    # rope=: without RoPE (the reference), the two passes (the default), rope= at a tile, rope= in the kernel
+    assert [r["kernel"] for r in rows if r["group"] == "rope64"] == [
+        "plain (no rope)", "apply_rope(q,k)+plain", "forward(rope=)", "forward(rope=), in kernel"]
+    assert len(checked) == 26 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
     # every comparison has its shipped default flagged, so the summary can compare against it
     lines = tune.summarize(rows)
     assert len(lines) == 8 and all(": default " in line for line in lines), lines
+
+
+def test_wsfwd_probe_runs_under_the_interpreter(monkeypatch):
+    """The warp-specialization probe's tune group (benchmarks/ws_probe.py): the shipped forward's row first (the
+    default), then each candidate with its flag, all within parity of SDPA; the probe refuses what it cannot
+    take (no masks: lengths off its tile, head dims other than 64 / 128) with a ValueError."""
+    import time
+
+    from benchmarks import tune, ws_probe
+
+    def host_clock(fn, warmup=0, rep=0):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    monkeypatch.setattr(tune, "DEVICE", "cpu")
+    monkeypatch.setattr(tune, "FWD_SHAPES", {"long_d64": (1, 2, 128, 128, 64)})
+    monkeypatch.setattr(tune, "WS_SHAPES", ("long_d64",))
+    monkeypatch.setattr(tune, "WS_CHECK", (1, 2, 128))
+    monkeypatch.setattr(tune, "_time", host_clock)
+    monkeypatch.setattr(ws_probe, "CANDIDATES", {64: [(64, 64, 4, 2, True), (64, 128, 4, 2, False)]})
+    rows = []
+    tune.sweep_wsfwd(rows.append)
+    assert [(r["kernel"], r.get("warp_spec"), r["default"]) for r in rows] == [
+        ("forward (table)", None, True), ("ws probe", True, False), ("ws probe", False, False)], rows
+    assert all(r["ok"] and r["ms"] > 0 for r in rows), rows
+    assert [r.get("ws_applied") for r in rows[1:]] == [None, None]  # no PTX under the interpreter
+    lines = tune.summarize(rows)
+    assert len(lines) == 1 and ": default " in lines[0], lines
+
+    q = torch.randn(1, 2, 96, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="not a multiple of the tile"):
+        ws_probe.forward(q, q, q, config=(64, 64, 4, 2, True))
+    x = torch.randn(1, 2, 128, 40, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dim 40"):
+        ws_probe.forward(x, x, x)
 
 
 def test_tune_compile_only_launches_each_candidate_once(monkeypatch):

@@ -102,4 +102,15 @@ def test_every_launchable_attention_config_is_checked():
                              ("_attn_bwd_dkdv", A.fused_dq_config(km, block_d, kind, arch), True, True)]
                     missing += [(name, d, kind, arch, c, key_major, write_dq) for name, c, key_major, write_dq in cfgs
                                 if (name, block_d, *c, arch, key_major, write_dq) not in checked]
+    # RoPE rotated in the forward (ROPE_IN_KERNEL): rope_config's tile at every head dim it takes
+    rope_checked = {(s.constexprs["BLOCK_D"], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps,
+                     s.num_stages, arch) for s in SPECS if s.name == "_attn_fwd" and s.constexprs.get("ROPE")
+                    for arch in s.archs}
+    for arch in A.ARCHS:
+        for d in range(1, 257):
+            if A.rope_in_kernel_problem(d, d // 2, False) is None:
+                for dtype in (torch.float16, torch.bfloat16):
+                    cfg = tuple(aot.shipped_configs(A.rope_config, d, dtype, arch))
+                    if (d, *cfg, arch) not in rope_checked:
+                        missing.append(("_attn_fwd rope", d, arch, cfg))
     assert not missing, f"tiles the launchers can pick that no AOT spec compiles: {sorted(set(missing))[:10]}"

@@ -735,3 +735,83 @@ def test_fused_rope_parity(B, Hq, Hkv, L, D, R, batched, kind, dtype, device, mo
     check_parity(q, k, v, dict(kw, rope=(cos, sin)))
     assert not called, "constant shared tables must take the fused path, not the standalone kernel"
 
+
+@pytest.mark.parametrize("dtype", FP, ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,L,D,batched,kind", [
+    (2, 2, 2, 49, 64, False, "none"),
+    (2, 4, 2, 77, 32, True, "causal+padding"),  # per-batch tables, GQA
+    (1, 2, 2, 37, 128, False, "prefix+padding"),
+])
+def test_rope_in_kernel_parity(B, Hq, Hkv, L, D, batched, kind, dtype, device, monkeypatch):
+    """RoPE rotated inside the forward kernel (ROPE_IN_KERNEL): no rotation pass in the forward, outputs and
+    gradients within the parity rule, and the output equal to that of the two passes up to the split dot's
+    summation order (one rounding of the output's dtype)."""
+    from dlcv_fast.kernels import attention as A
+    from dlcv_fast.kernels import rope as rope_kernels
+
+    q, k, v = make_inputs(B, Hq, Hkv, L, L, D, dtype, device)
+    g = torch.Generator().manual_seed(7)
+    angles = torch.rand((B, L, D // 2) if batched else (L, D // 2), generator=g, dtype=torch.float64) * 6
+    cos, sin = angles.cos().float().to(device), angles.sin().float().to(device)
+    kw = dict(make_mask_args(kind, B, Hq, L, L, dtype, device), rope=(cos, sin))
+    passes = dlcv_fast.attention(q, k, v, **kw)
+    monkeypatch.setattr(A, "ROPE_IN_KERNEL", True)
+    spy = LaunchSpy(rope_kernels._rope_kernel)
+    monkeypatch.setattr(rope_kernels, "_rope_kernel", spy)
+    with torch.no_grad():
+        fused = dlcv_fast.attention(q, k, v, **kw)
+    assert spy.launches == 0, "the forward must rotate q and k itself"
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(fused, passes, atol=tol, rtol=0)
+    check_parity(q, k, v, kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("L,D,kind", [(197, 64, "none"), (197, 128, "none"), (77, 32, "causal+padding"),
+                                      (1025, 64, "causal"), (300, 128, "prefix+padding")], ids=str)
+def test_gpu_rope_in_kernel(L, D, kind, dtype, monkeypatch):
+    """RoPE rotated in the forward kernel on the hardware (ROPE_TILE's wgmma tiles, sm_90): parity with the
+    reference, forward and backward, and the two passes' output up to one rounding of the dtype."""
+    from dlcv_fast.kernels import attention as A
+
+    B, H = 4, 768 // D
+    q, k, v = make_inputs(B, H, H, L, L, D, dtype, "cuda")
+    angles = torch.rand(L, D // 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 6
+    kw = dict(make_mask_args(kind, B, H, L, L, dtype, "cuda"), rope=(angles.cos().float().cuda(),
+                                                                    angles.sin().float().cuda()))
+    passes = dlcv_fast.attention(q, k, v, **kw)
+    monkeypatch.setattr(A, "ROPE_IN_KERNEL", True)
+    fused = dlcv_fast.attention(q, k, v, **kw)
+    torch.testing.assert_close(fused.float(), passes.float(), atol=2e-2, rtol=0)
+    check_parity(q, k, v, kw)
+
+
+def test_rope_in_kernel_policy(device, monkeypatch):
+    """Where rope= is rotated in the kernel: ROPE_IN_KERNEL None = short sequences only, False = never, True =
+    wherever the kernel can (full rotary, head dim 32 / 64 / 128, no bias; elsewhere the passes, still right);
+    rope_in_kernel=True where it cannot is a ValueError saying why."""
+    from dlcv_fast.kernels import attention as A
+    from dlcv_fast.kernels import rope as rope_kernels
+
+    for flag, Lq, expect in ((None, A.ROPE_KERNEL_MAX_LEN, True), (None, A.ROPE_KERNEL_MAX_LEN + 1, False),
+                             (False, 7, False), (True, 4096, True)):
+        monkeypatch.setattr(A, "ROPE_IN_KERNEL", flag)
+        assert A._rope_in_kernel(None, Lq) is expect
+    assert A._rope_in_kernel(False, 7) is False and A._rope_in_kernel(True, 4096) is True
+    monkeypatch.setattr(A, "ROPE_IN_KERNEL", True)
+    B, H, L = 1, 2, 20
+    cases = [(40, 20, None, "head dim 40"), (64, 16, None, "partial rotary"),
+             (64, 32, torch.zeros(L, L), "attn_bias")]
+    for D, R, bias, why in cases:
+        q, k, v = make_inputs(B, H, H, L, L, D, torch.float32, device)
+        cos, sin = (t.to(device) for t in (torch.ones(L, R), torch.zeros(L, R)))  # the identity rotation
+        bias = bias.to(device) if bias is not None else None
+        with pytest.raises(ValueError, match=why):
+            A.forward(q, k, v, bias, None, False, 0, D ** -0.5, rope=(cos, sin), rope_in_kernel=True)
+        spy = LaunchSpy(rope_kernels._rope_kernel)
+        monkeypatch.setattr(rope_kernels, "_rope_kernel", spy)
+        out = A.forward(q, k, v, bias, None, False, 0, D ** -0.5, rope=(cos, sin))[0]  # the flag: passes
+        assert spy.launches == 2, why
+        torch.testing.assert_close(out, A.forward(q, k, v, bias, None, False, 0, D ** -0.5)[0])
+
