@@ -7,7 +7,7 @@ backend), torch SDPA pinned to each of its backends (flash, cuDNN, memory-effici
 ``(B, H, L, D)`` tensors; a key padding mask is a ``(B, Lk)`` bool for us and FlexAttention, and a boolean
 ``attn_mask`` built once (not timed) for SDPA, which cannot take ``is_causal`` and a mask together.
 Headline (issue 2's targets): ours on Triton, SDPA flash and cuDNN, flash-attn, FlexAttention; secondary
-(``--quick`` times them last): our CUDA backend and flag variants (+tma, +keymajor), SDPA efficient and math.
+(``--quick`` times them last): our CUDA backend and flag variants (+tma, +ws, +keymajor), SDPA efficient and math.
 
 FLOPs count the matmuls of the visible (query, key) pairs under the causal mask (4 * pairs * D per head
 forward, 2.5x that backward, as flash-attn counts); key padding is counted as dense. Bytes are the
@@ -238,14 +238,22 @@ def with_tma(provider: Provider) -> Provider:
     return with_flags(provider, "+tma", 90, KV_TMA=True, BWD_TMA=True)
 
 
+def with_warp_spec(provider: Provider) -> Provider:
+    """Ours with the forward's key loop warp-specialized where it applies (FWD_WARP_SPEC; sm_90+, unmasked,
+    keys a multiple of 128; elsewhere the same as ours)."""
+    return with_flags(provider, "+ws", 90, FWD_WARP_SPEC=True)
+
+
 def with_key_major(provider: Provider) -> Provider:
     """Ours with the dK/dV kernel's key-major tiles (BWD_KEY_MAJOR)."""
     return with_flags(provider, "+keymajor", BWD_KEY_MAJOR=True)
 
 
-def _attention_bench(name, title, cases, quick, cpu_cases, backward, x=None, group=()):
+def _attention_bench(name, title, cases, quick, cpu_cases, backward, x=None, group=(), warp_spec=False):
     providers = [with_backward(p, "q", "k", "v") if backward else p for p in PROVIDERS]
     providers.insert(1, with_tma(providers[0]))  # right after dlcv_fast.triton
+    if warp_spec:
+        providers.insert(2, with_warp_spec(providers[0]))
     if backward:
         providers.insert(2, with_key_major(providers[0]))
     return register(Benchmark(
@@ -255,9 +263,9 @@ def _attention_bench(name, title, cases, quick, cpu_cases, backward, x=None, gro
 
 
 _attention_bench("attn_fwd", "dense attention forward, batch x seqlen = 16k tokens", SWEEP, SWEEP_QUICK, CPU,
-                 backward=False, x="Lq", group=("D", "causal"))
+                 backward=False, x="Lq", group=("D", "causal"), warp_spec=True)
 _attention_bench("attn_fwd_bwd", "dense attention forward + backward, batch x seqlen = 16k tokens", SWEEP,
-                 SWEEP_QUICK, CPU[:1], backward=True, x="Lq", group=("D", "causal"))
+                 SWEEP_QUICK, CPU[:1], backward=True, x="Lq", group=("D", "causal"), warp_spec=True)
 _attention_bench("attn_short_fwd", "short-sequence attention forward (ViT, CLIP text, Q-Former, U-Net)", SHORT,
                  SHORT, [], backward=False)
 _attention_bench("attn_short_fwd_bwd", "short-sequence attention forward + backward", SHORT, SHORT, [],

@@ -16,7 +16,7 @@ import time
 from dlcv_fast import aot
 
 
-def problems(r: aot.AotResult, expect_wgmma: bool) -> list[str]:
+def problems(r: aot.AotResult, expect_wgmma: bool, expect_ws: bool = False) -> list[str]:
     """Why this result breaks the rules the AOT test checks (empty when it is fine)."""
     if r.error:
         return ["compile error"]
@@ -28,6 +28,8 @@ def problems(r: aot.AotResult, expect_wgmma: bool) -> list[str]:
         out.append(f"SMEM>{limit // 1024}KiB")
     if expect_wgmma and r.arch >= 90 and not r.wgmma:
         out.append("NO WGMMA")
+    if expect_ws and r.arch >= 90 and not r.warp_specialized:
+        out.append("NOT WARP-SPECIALIZED")
     return out
 
 
@@ -40,7 +42,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     modules = aot.kernel_modules(args.kernel)
-    wgmma = {s.id: s.expect_wgmma for s in aot.collect_specs(modules)}
+    specs = {s.id: s for s in aot.collect_specs(modules)}
+    wgmma = {i: s.expect_wgmma for i, s in specs.items()}
+    ws = {i: s.expect_ws for i, s in specs.items()}
     t0 = time.perf_counter()
     results = aot.compile_all(modules, args.arch, jobs=args.jobs)
     elapsed = time.perf_counter() - t0
@@ -48,12 +52,12 @@ def main(argv=None) -> int:
     head = ("kernel", "variant", "config", "arch", "regs", "spills(B)", "smem(KiB)", "wgmma", "cpu(s)", "problems")
     rows = [(r.kernel, r.variant, r.config, f"sm_{r.arch}", str(r.regs), str(r.spill_bytes),
              f"{r.smem / 1024:.1f}", "yes" if r.wgmma else "no", f"{r.cpu_seconds:.1f}",
-             " ".join(problems(r, wgmma[r.id])))
+             " ".join(problems(r, wgmma[r.id], ws[r.id])))
             for r in results]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     for row in (head, *rows):
         print("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
-    bad = [r for r in results if problems(r, wgmma[r.id])]
+    bad = [r for r in results if problems(r, wgmma[r.id], ws[r.id])]
     for r in bad:
         if r.error:
             print(f"\n{r.id} sm_{r.arch}: {r.error}", file=sys.stderr)

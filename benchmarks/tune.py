@@ -450,6 +450,9 @@ def sweep_linear(emit):
 
 WS_SHAPES = ("long_d64", "long_d128")  # FWD_SHAPES the warp-specialization probe is timed on
 WS_CHECK = (1, 4, 1024)  # its parity shape (B, H, L): the probe has no masks, so L is a multiple of every tile
+# The shipped forward with FWD_WARP_SPEC at these tiles (None: its FWD_WS_TABLE entry); 64-row tiles, the ones the
+# pass takes on sm_90.
+WS_KERNEL_CANDIDATES = {64: [None, (64, 64, 4, 2), (64, 128, 4, 3)], 128: [None, (64, 64, 4, 2)]}
 
 
 def sweep_wsfwd(emit):
@@ -471,6 +474,17 @@ def sweep_wsfwd(emit):
         except Exception as e:
             row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
         emit(row)
+        for cfg in WS_KERNEL_CANDIDATES[D]:  # our forward with its key loop warp-specialized (FWD_WARP_SPEC)
+            row = dict(group="wsfwd", kernel="forward, warp-specialized", config=cfg or kern.FWD_WS_TABLE[D],
+                       warp_spec=True, case=name, shape=[B, H, Lq, Lk, D], default=False)
+            try:
+                err = _rel_err(kern.forward(cq, ck, cv, None, None, False, 0, D ** -0.5, config=cfg,
+                                            warp_spec=True)[0], ref)
+                row.update(rel_err=err, ok=err < 2e-2, ms=_time(
+                    lambda: kern.forward(q, k, v, None, None, False, 0, D ** -0.5, config=cfg, warp_spec=True)))
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+            emit(row)
         for cfg in ws_probe.CANDIDATES[D]:
             row = dict(group="wsfwd", kernel="ws probe", config=cfg[:4], warp_spec=cfg[4], case=name,
                        shape=[B, H, Lq, Lk, D], default=False)

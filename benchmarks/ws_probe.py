@@ -5,11 +5,13 @@ consumer warpgroups doing the MMAs and the softmax). Triton can do it by itself 
 ``tl.range(..., warp_specialize=True)``: compiled for sm_90 with triton 3.6 and 3.8 (2026-11-30, no GPU),
 a plain attention loop over 4-D TMA descriptors gets three partitions (12 warps for ``num_warps=4``,
 ``setmaxnreg`` register rebalancing) at 64-row query tiles; 128-row tiles are rejected (4 warps) or left
-unspecialized (8 warps). Our forward (``kernels/attention.py``) does not get through the pass ("unsupported
-load type for producer commit"), so before reshaping it, this file times the smallest forward that does:
-no masks, Lq = Lk a multiple of both tile sides, head dim 64 or 128 exactly, fp16/bf16, (B, H, L, D) tensors
-with TMA-addressable strides. ``benchmarks.tune --only wsfwd`` times it with and without the flag beside
-the shipped forward on the suite's long shapes (rows: ``ws_applied`` = the compiled PTX has ``setmaxnreg``).
+unspecialized (8 warps). Our forward (``kernels/attention.py``) got through the pass only with Q read by TMA
+too (a pointer load feeding the loop's dots: "unsupported load type for producer commit") and its masked
+second loop compiled out (the pass takes one loop): its ``FWD_WARP_SPEC`` path. This file is the smallest
+forward that specializes: no masks, Lq = Lk a multiple of both tile sides, head dim 64 or 128 exactly,
+fp16/bf16, (B, H, L, D) tensors with TMA-addressable strides. ``benchmarks.tune --only wsfwd`` times it with
+and without the flag, and our forward with FWD_WARP_SPEC, beside the shipped forward on the suite's long
+shapes (rows: ``ws_applied`` = the compiled PTX has ``setmaxnreg``).
 """
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ class AotSpec:
     ``signature`` maps every argument name to a Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``, ...;
     ``"constexpr"`` for the ones given in ``constexprs``). ``divisible`` names the arguments a typical launch
     has as multiples of 16 (pointers from torch allocations, strides of contiguous tensors), which Triton
-    specialises on. ``expect_wgmma``: on sm_90 this instance must use wgmma (checked by the tests).
+    specialises on. ``expect_wgmma``: on sm_90 this instance must use wgmma (checked by the tests);
+    ``expect_ws``: on sm_90 Triton must have warp-specialized it (``setmaxnreg`` in the PTX).
     """
     name: str  # the kernel, e.g. "_attn_fwd"
     variant: str  # e.g. "fp16 d80 causal+bias+kpm"
@@ -54,6 +55,7 @@ class AotSpec:
     num_stages: int = 3
     divisible: tuple = ()
     expect_wgmma: bool = False
+    expect_ws: bool = False
     archs: tuple | None = None  # compile for these archs only (default: every arch asked for)
 
     @property
@@ -78,6 +80,7 @@ class AotResult:
     stack_bytes: int = -1
     smem: int = -1  # bytes of dynamic shared memory Triton allocates
     wgmma: bool = False
+    warp_specialized: bool = False  # setmaxnreg in the PTX: Triton split the kernel into warp partitions
     seconds: float = 0.0  # wall time of the compile
     cpu_seconds: float = 0.0  # CPU time of the compile, ptxas included (what CI's budget depends on)
     error: str | None = None
@@ -211,6 +214,7 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
         res.spill_bytes = spill_bytes(kernel.asm["cubin"]) if res.stack_bytes else 0
         res.smem = kernel.metadata.shared
         res.wgmma = "wgmma" in kernel.asm["ptx"]
+        res.warp_specialized = "setmaxnreg" in kernel.asm["ptx"]
     except Exception as e:  # report it; one bad spec must not hide the others
         res.error = f"{type(e).__name__}: {e}"[:4000]
     res.seconds = time.perf_counter() - t0

@@ -157,6 +157,14 @@ ROPE_KERNEL_MAX_LEN = 256
 # on sm_80 (52 B), hence 128 and 64 rows there.
 ROPE_TILE = {90: {32: (256, 32, 8, 3), 64: (256, 32, 8, 3), 128: (128, 32, 8, 3)},
              80: {32: (256, 32, 8, 3), 64: (256, 32, 8, 3), 128: (64, 32, 4, 2)}}
+# Triton's warp specialization of the forward's key loop (``tl.range(..., warp_specialize=True)``: producer warps
+# issue the TMA loads, FlashAttention-3's structure, left to the compiler). The pass takes one loop whose dots
+# are fed by TMA loads only, so this path reads Q by TMA too and runs for unmasked attention whose key count is
+# a multiple of BLOCK_N (no masked block, no tail); on sm_90 it compiles only at 64-row tiles (12 warps).
+# FWD_WARP_SPEC True = wherever it can; False (default) = never: untimed on a GPU (benchmarks.tune --only
+# wsfwd times it beside the shipped forward and benchmarks/ws_probe.py's minimal loop).
+FWD_WARP_SPEC = False
+FWD_WS_TABLE = {64: (64, 128, 4, 2), 128: (64, 128, 4, 2)}  # sm_90, AOT: no spill, setmaxnreg, 90 / 180 KB
 TMA_MAX_HEAD_DIM = 128  # TMA paths at larger head dims (160, 256 buckets) are not compile-checked: pointer loads
 DQ_TAIL_MAX_BLOCK_D = 64  # the dQ kernel's sm_90 64x64 w4 tile spilled 16-64 B with a tail block at 128
 ARCHS = (90, 80)
@@ -513,10 +521,11 @@ def _fwd_loop(acc, m_i, l_i, q, q2, k_src, v_src, skn, svn, bias_row, sbm, sbn, 
               start, end, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, cos_b, sin_b, scn,
               HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
               DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, EXP_EMU: tl.constexpr,
-              KV_TMA: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr):
+              KV_TMA: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, WARP_SPEC: tl.constexpr = False):
     """The key blocks in [start, end), all with or all without the index masks (``MASKED``). ``k_src``/
-    ``v_src``: pointer tiles at key 0, or the tensor descriptors (``KV_TMA``)."""
-    for start_n in range(start, end, BLOCK_N):
+    ``v_src``: pointer tiles at key 0, or the tensor descriptors (``KV_TMA``). ``WARP_SPEC``: the loop is
+    marked for Triton's warp specialization (producer warps issuing the TMA loads)."""
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
         n64 = tl.cast(start_n, tl.int64)
         if KV_TMA:
             k_blk, v_blk = k_src, v_src
@@ -539,7 +548,7 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, EXP_EMU: tl.constexpr,
-              KV_TMA: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr):
+              KV_TMA: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, WARP_SPEC: tl.constexpr):
     """The forward: one program per (query block, batch x head). With ``KV_TMA``, K and V are
     ``(B, Hkv, Lk, D)`` tensor descriptors with ``[1, 1, BLOCK_N, BLOCK_D]`` blocks (TMA loads on sm_90;
     no TAIL_N block) instead of pointers. ``ROPE``: q and k rotated in the kernel by the (B, N, HALF) tables
@@ -549,6 +558,8 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
     tl.static_assert(not (KV_TMA and ROPE), "ROPE rotates pointer-loaded K tiles only")
     tl.static_assert(not ROPE or (2 * HALF == HEAD_DIM and HEAD_DIM == BLOCK_D and not HAS_BIAS),
                      "ROPE: full rotary of a power-of-two head dim, no bias")
+    tl.static_assert(not WARP_SPEC or (KV_TMA and TAIL_N == 0 and not (CAUSAL or HAS_KPM or HAS_BIAS or ROPE)),
+                     "WARP_SPEC: Q/K/V by TMA, no mask, bias, RoPE or tail block")
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -566,6 +577,10 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
         offs_k = tl.arange(0, HALF)
         q, q2 = _rope_halves(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_k[None, :],
                              rows[:, None] * scn + offs_k[None, :], cos_b, sin_b, offs_m[:, None] < Lq, HALF)
+    elif WARP_SPEC:  # Q by TMA too: the warp-specialization pass refuses a pointer load feeding the loop's dots
+        offs_k = offs_d
+        q = _tma_rows(Q, b.to(tl.int32), h.to(tl.int32), start_m, BLOCK_M, BLOCK_D)
+        q2 = q
     else:
         offs_k = offs_d
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
@@ -591,17 +606,20 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
     if CAUSAL:
         full_hi = tl.maximum(lo, tl.minimum(full_hi, tl.maximum(((start_m + 1) // BLOCK_N) * BLOCK_N,
                                                                 (prefix_len // BLOCK_N) * BLOCK_N)))
+    if WARP_SPEC:  # one loop (the pass takes one): every block whole, the launcher checked Lk % BLOCK_N == 0
+        full_hi = hi
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q2, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
                               offs_n, lo, full_hi, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, cos_b, sin_b,
                               scn, HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU, KV_TMA,
-                              ROPE, HALF)
+                              ROPE, HALF, WARP_SPEC)
     # Short sequences end in a mostly empty key block (197 keys = 3 x 64 + 5): when the keys after the last
     # whole block fit in TAIL_N, they take one TAIL_N-key block instead of a BLOCK_N one.
     mid = _tail_start(full_hi, hi, BLOCK_N, TAIL_N)
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q2, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
-                              offs_n, full_hi, mid, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, cos_b, sin_b,
-                              scn, HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU, KV_TMA,
-                              ROPE, HALF)
+    if not WARP_SPEC:
+        acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q2, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr,
+                                  offs_m, offs_n, full_hi, mid, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h,
+                                  cos_b, sin_b, scn, HAS_BIAS, HAS_KPM, CAUSAL, True, DOT_PRECISION, EVEN_D, BLOCK_N,
+                                  EXP_EMU, KV_TMA, ROPE, HALF)
     if TAIL_N > 0:  # at most one TAIL_N block, [mid, hi)
         offs_t = tl.arange(0, TAIL_N)
         acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q2,
@@ -910,7 +928,7 @@ def tail_possible(block_n: int, block_d: int, max_block_d: int = 128) -> bool:
 
 
 def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rope=None, config=None, tail=None,
-            exp_emu=None, kv_tma=None, rope_in_kernel=None):
+            exp_emu=None, kv_tma=None, rope_in_kernel=None, warp_spec=None):
     """Launch the forward kernel. Returns ``(out, lse)``: out ``(B, Hq, Lq, D)`` in q's dtype, stored as a
     ``(B, Lq, Hq, D)`` buffer so ``out.transpose(1, 2).reshape(B, Lq, Hq * D)`` is free; lse fp32 (B, Hq, Lq).
     ``rope=(cos, sin)``, tables ``(N, R)`` or ``(B, N, R)`` with N = Lq = Lk: q and k are rotated (half-split
@@ -920,8 +938,10 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     (default: :func:`_tma_by_default`; see :func:`_use_tma`). ``rope_in_kernel`` (default
     :data:`ROPE_IN_KERNEL`): the kernel rotates q and k itself (:func:`_rope_halves`; pointer K/V loads, at
     :func:`rope_config`'s tile unless ``config``) instead of the two passes, where it can
-    (:func:`rope_in_kernel_problem`: full rotary, head dim 32 / 64 / 128 / 256, no bias); asked for (True)
-    where it cannot, a ValueError says why."""
+    (:func:`rope_in_kernel_problem`: full rotary, head dim 32 / 64 / 128, no bias); asked for (True)
+    where it cannot, a ValueError says why. ``warp_spec`` (default :data:`FWD_WARP_SPEC`): the warp-specialized
+    key loop (Q, K and V by TMA, at :data:`FWD_WS_TABLE`'s tile unless ``config``) where
+    :func:`warp_spec_problem` finds nothing against it; asked for (True) where it cannot, a ValueError."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
@@ -952,8 +972,18 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         # 2026-11-27), this beat rotating q in the kernel's prologue at every tile tried: 0.99 vs 1.01 ms at
         # head dim 128, 1.10 vs 1.15 ms at 64 (rotating k in the key loop is redone per query block).
         q, k = (rope_kernels.apply(t, *rope, interleaved=False) for t in (q, k))
+    ws = FWD_WARP_SPEC if warp_spec is None else bool(warp_spec)
+    if ws:
+        ws_cfg = config or FWD_WS_TABLE.get(BLOCK_D, (64, 128, 4, 2))
+        why = warp_spec_problem(q, k, v, kind, causal, kpm_t is not None, in_kernel, ws_cfg, kv_tma, tail)
+        if why and warp_spec:
+            raise ValueError(f"warp_spec=True: {why}")
+        ws = why is None
+        if ws:
+            config, kv_tma, tail = ws_cfg, True, 0
     bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H, Lk)
     use_tma = _use_tma("kv_tma", kv_tma, _fwd_tma_default(kind, BLOCK_D, Lq, Lk, bn, tail), k, v)
+    q_arg = _descriptors(bm, BLOCK_D, q)[0] if ws else q
     if use_tma:
         k_arg, v_arg = _descriptors(bn, BLOCK_D, k, v)
         if tail:
@@ -964,7 +994,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         tail = key_tail(Lk, bn, BLOCK_D) if tail is None else tail
     grid = (triton.cdiv(Lq, bm), B * H)
     _attn_fwd[grid](
-        q, k_arg, v_arg, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
+        q_arg, k_arg, v_arg, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
         cos_t if in_kernel else q, sin_t if in_kernel else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -973,9 +1003,32 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None, HAS_KPM=kpm_t is not None,
         DOT_PRECISION=_dot_precision(q.dtype), ALIGN8=_strides_align8(q, k, v, o),
         BLOCK_M=bm, BLOCK_N=bn, TAIL_N=tail, EXP_EMU=_exp_emu(exp_emu, q.dtype), KV_TMA=use_tma,
-        ROPE=in_kernel, HALF=half, num_warps=warps, num_stages=stages,
+        ROPE=in_kernel, HALF=half, WARP_SPEC=ws, num_warps=warps, num_stages=stages,
     )
     return o, lse
+
+
+def warp_spec_problem(q, k, v, kind: str, causal: bool, has_kpm: bool, rope_in_kernel: bool, config, kv_tma=None,
+                      tail=None):
+    """Why the warp-specialized forward cannot take this call (None: it can): it runs unmasked attention with
+    no bias or in-kernel RoPE, Q/K/V by TMA (fp16/bf16, sm_90+, TMA-addressable, head dim 64 or 128 exactly),
+    and a key count that is a multiple of the tile's BLOCK_N (the one loop has no masked block)."""
+    D, Lk = q.shape[-1], k.shape[2]
+    if kind != "plain" or causal or has_kpm:
+        return "masks or a bias (the warp-specialized loop takes unmasked attention only)"
+    if rope_in_kernel:
+        return "RoPE rotated in the kernel (pointer-loaded K tiles)"
+    if D not in FWD_WS_TABLE:
+        return f"head dim {D} (64 or 128)"
+    if Lk % config[1]:
+        return f"{Lk} keys, not a multiple of the tile's {config[1]} (no masked block in the loop)"
+    if kv_tma is False or tail:
+        return "kv_tma=False or a tail block (it reads K/V by TMA, with no tail)"
+    try:
+        _use_tma("warp_spec", True, True, q, k, v)
+    except ValueError as e:
+        return str(e).split(": ", 1)[1]
+    return None
 
 
 def _tma_ready(t) -> bool:
@@ -1202,12 +1255,12 @@ def aot_specs():
     wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
 
     def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU, tma=None,
-             key_major=None, fused_dq=False, rope=False):
+             key_major=None, fused_dq=False, rope=False, ws=False):
         flags = tuple(f for f in short if f in flags and f in arg_names(fn))
         tma = bool(KV_TMA if fn is _attn_fwd else BWD_TMA) if tma is None else tma
         tma = tma and any(n in arg_names(fn) for n in ("KV_TMA", "TMA")) and not rope
         key_major = (BWD_KEY_MAJOR if key_major is None else key_major) and "KEY_MAJOR" in arg_names(fn)
-        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma, key_major, fused_dq, rope)
+        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma, key_major, fused_dq, rope, ws)
         wanted.setdefault(key, []).append(arch)
 
     for dtype, d in cases:
@@ -1265,14 +1318,19 @@ def aot_specs():
                 for tail in (0, TAIL_N) if tail_possible(cfg[1], d) else (0,):
                     want(_attn_fwd, dtype, d, kind_flags["plain"], cfg, arch, tail=tail, rope=True)
                     want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=cfg[0] >= 64, tail=tail, rope=True)
+    # The warp-specialized forward (FWD_WARP_SPEC; sm_90, unmasked, Q/K/V by TMA): its tiles.
+    for dtype, d in (("fp16", 64), ("bf16", 128)):
+        want(_attn_fwd, dtype, d, (), FWD_WS_TABLE[d], 90, wgmma=True, tma=True, ws=True)
 
     specs = []
-    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma, km, fused_dq, rope), archs in \
-            wanted.items():
+    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma, km, fused_dq, rope, ws), archs \
+            in wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         if tma:  # the dK/dV kernel's Q/dO blocks are BLOCK_M rows, the others' K/V blocks BLOCK_N
             rows, names = (bm, ("Q", "DO")) if fn is _attn_bwd_dkdv else (bn, ("K", "V"))
             types.update(dict.fromkeys(names, f"tensordesc<{dtype}[1, 1, {rows}, {padded_head_dim(d)}]>"))
+            if ws:  # the warp-specialized forward reads Q by TMA too
+                types["Q"] = f"tensordesc<{dtype}[1, 1, {bm}, {padded_head_dim(d)}]>"
         if split:
             types.update(DK="*fp32", DV="*fp32")  # the split's partial sums
         types.update(LSE="*fp32", DELTA="*fp32", DS="*fp32", BIAS="*fp32", KPM="*u8", qk_scale="fp32",
@@ -1294,6 +1352,8 @@ def aot_specs():
             constexprs.update(KEY_MAJOR=km, WRITE_DQ=fused_dq)
         if "ROPE" in arg_names(fn):
             constexprs.update(ROPE=rope, HALF=d // 2 if rope else 0)
+        if "WARP_SPEC" in arg_names(fn):
+            constexprs["WARP_SPEC"] = ws
         sig = signature_of(fn, constexprs, types)
         divisible = [a for a, t in sig.items() if t.startswith("*")]
         # batch and row strides (multiples of H * D for (B, L, H, D) buffers) are multiples of 16 for the
@@ -1307,10 +1367,11 @@ def aot_specs():
         tags += ["keymajor"] if km else []
         tags += ["dq"] if fused_dq else []
         tags += ["rope"] if rope else []
+        tags += ["ws"] if ws else []
         variant = "+".join(tags) or ("plain" if bn is not None else "")
         mma_rows = bn if km else bm  # a warpgroup MMA needs 64 rows: the tile's keys when key-major
         specs.append(AotSpec(fn.__name__, f"{dtype} d{d} {variant}".strip(), fn, sig, constexprs, warps, stages,
                              tuple(divisible), expect_wgmma=wgmma and dtype != "fp32" and mma_rows >= 64
-                             and 90 in archs, archs=tuple(archs)))
+                             and 90 in archs, expect_ws=ws, archs=tuple(archs)))
     return specs
 

@@ -191,12 +191,14 @@ def test_wsfwd_probe_runs_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(tune, "WS_CHECK", (1, 2, 128))
     monkeypatch.setattr(tune, "_time", host_clock)
     monkeypatch.setattr(ws_probe, "CANDIDATES", {64: [(64, 64, 4, 2, True), (64, 128, 4, 2, False)]})
+    monkeypatch.setattr(tune, "WS_KERNEL_CANDIDATES", {64: [None]})
     rows = []
     tune.sweep_wsfwd(rows.append)
     assert [(r["kernel"], r.get("warp_spec"), r["default"]) for r in rows] == [
-        ("forward (table)", None, True), ("ws probe", True, False), ("ws probe", False, False)], rows
+        ("forward (table)", None, True), ("forward, warp-specialized", True, False), ("ws probe", True, False),
+        ("ws probe", False, False)], rows
     assert all(r["ok"] and r["ms"] > 0 for r in rows), rows
-    assert [r.get("ws_applied") for r in rows[1:]] == [None, None]  # no PTX under the interpreter
+    assert [r.get("ws_applied") for r in rows[2:]] == [None, None]  # no PTX under the interpreter
     lines = tune.summarize(rows)
     assert len(lines) == 1 and ": default " in lines[0], lines
 

@@ -28,6 +28,7 @@ MODULES = aot.kernel_modules()
 SPECS = aot.collect_specs(MODULES)
 
 WGMMA_SPECS = [s for s in SPECS if s.expect_wgmma]
+WS_SPECS = [s for s in SPECS if s.expect_ws]
 HOPPER = 90
 
 
@@ -72,6 +73,15 @@ def test_hopper_forward_uses_wgmma(compiled, spec):
     r = compiled[(spec.id, HOPPER)]
     assert r.error is None, f"{spec.id} does not compile for sm_{HOPPER}: {r.error}"
     assert r.wgmma, f"{spec.id}: no wgmma in the sm_{HOPPER} PTX"
+
+
+@pytest.mark.parametrize("spec", WS_SPECS, ids=lambda s: s.id)
+def test_warp_specialized_forward_is_split_into_partitions(compiled, spec):
+    """The forward's warp-specialized tiles (FWD_WARP_SPEC) really are: Triton's pass split them into warp
+    partitions with register rebalancing (setmaxnreg) on sm_90, rather than quietly compiling one partition."""
+    r = compiled[(spec.id, HOPPER)]
+    assert r.error is None, f"{spec.id} does not compile for sm_{HOPPER}: {r.error}"
+    assert r.warp_specialized, f"{spec.id}: no setmaxnreg in the sm_{HOPPER} PTX (not warp-specialized)"
 
 
 def test_every_launchable_attention_config_is_checked():

@@ -787,6 +787,54 @@ def test_gpu_rope_in_kernel(L, D, kind, dtype, monkeypatch):
     check_parity(q, k, v, kw)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_warp_specialized_forward(D, device, monkeypatch):
+    """The warp-specialized forward (FWD_WARP_SPEC: one loop, Q/K/V by TMA): the plain forward's output and
+    log-sum-exp where it applies (unmasked, keys a multiple of its tile); asked for (warp_spec=True) where it
+    cannot apply, a ValueError naming the reason; with the flag on there, the plain path, still right."""
+    from dlcv_fast.kernels import attention as A
+
+    B, H, Lq, Lk = 1, 2, 80, 256
+    q, k, v = make_inputs(B, H, H, Lq, Lk, D, torch.float16, device)
+    ref, ref_lse = A.forward(q, k, v, None, None, False, 0, D ** -0.5)
+    out, lse = A.forward(q, k, v, None, None, False, 0, D ** -0.5, warp_spec=True)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=0)
+    q40, k40, v40 = make_inputs(B, H, H, Lq, Lk, 40, torch.float16, device)
+    kpm = torch.ones(B, Lk, dtype=torch.bool, device=device)
+    cases = [((q, k, v, None, None, True, 0), "masks"), ((q, k, v, None, kpm, False, 0), "masks"),
+             ((q, k, v, torch.zeros(Lq, Lk, device=device), None, False, 0), "bias"),
+             ((q, k[:, :, :200], v[:, :, :200], None, None, False, 0), "not a multiple"),
+             ((q40, k40, v40, None, None, False, 0), "head dim 40"),
+             ((q.float(), k.float(), v.float(), None, None, False, 0), "dtype")]
+    monkeypatch.setattr(A, "FWD_WARP_SPEC", True)
+    for args, why in cases:
+        with pytest.raises(ValueError, match=why):
+            A.forward(*args, 0.125, warp_spec=True)
+        got = A.forward(*args, 0.125)[0]  # the flag: the plain path
+        monkeypatch.setattr(A, "FWD_WARP_SPEC", False)
+        torch.testing.assert_close(got, A.forward(*args, 0.125)[0], atol=0, rtol=0)
+        monkeypatch.setattr(A, "FWD_WARP_SPEC", True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Lq,Lk,D", [(1024, 1024, 64), (1000, 2048, 128), (4096, 4096, 64)], ids=str)
+def test_gpu_warp_specialized_forward(Lq, Lk, D, dtype, monkeypatch):
+    """The warp-specialized forward on the hardware (sm_90): parity with the reference and the plain path's
+    output up to one rounding of the dtype (its row tail past Lq is a TMA zero fill)."""
+    from dlcv_fast.kernels import attention as A
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA and warp specialization need sm_90")
+    q, k, v = make_inputs(2, 4, 4, Lq, Lk, D, dtype, "cuda")
+    plain = dlcv_fast.attention(q, k, v)
+    monkeypatch.setattr(A, "FWD_WARP_SPEC", True)
+    ws = dlcv_fast.attention(q, k, v)
+    torch.testing.assert_close(ws.float(), plain.float(), atol=2e-2, rtol=0)
+    check_parity(q, k, v, {}, backward=False)
+
+
 def test_rope_in_kernel_policy(device, monkeypatch):
     """Where rope= is rotated in the kernel: ROPE_IN_KERNEL None = short sequences only, False = never, True =
     wherever the kernel can (full rotary, head dim 32 / 64 / 128, no bias; elsewhere the passes, still right);
