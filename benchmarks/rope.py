@@ -152,19 +152,21 @@ def attn_without_rope(c, x0, ctx):
     return lambda x: dlcv_fast.attention(x["q"], x["k"], x["v"])
 
 
-def attn_with_rope_in_kernel(c, x0, ctx):
-    """rope= rotated inside the forward kernel (kernels/attention.py ROPE_IN_KERNEL, off by default), the flag
-    set around each call and restored."""
-    import dlcv_fast
-    from dlcv_fast.kernels import attention as kern
+def attn_with_rope_in_kernel(mode):
+    """rope= rotated inside the forward kernel (kernels/attention.py ROPE_IN_KERNEL = ``mode``: True, q and k; "q",
+    q alone and k by its pass; off by default), the flag set around each call and restored."""
+    def build(c, x0, ctx):
+        import dlcv_fast
+        from dlcv_fast.kernels import attention as kern
 
-    def call(x):
-        saved, kern.ROPE_IN_KERNEL = kern.ROPE_IN_KERNEL, True
-        try:
-            return dlcv_fast.attention(x["q"], x["k"], x["v"], rope=(x["cos"], x["sin"]))
-        finally:
-            kern.ROPE_IN_KERNEL = saved
-    return call
+        def call(x):
+            saved, kern.ROPE_IN_KERNEL = kern.ROPE_IN_KERNEL, mode
+            try:
+                return dlcv_fast.attention(x["q"], x["k"], x["v"], rope=(x["cos"], x["sin"]))
+            finally:
+                kern.ROPE_IN_KERNEL = saved
+        return call
+    return build
 
 
 def rope_then_attn(c, x0, ctx):
@@ -194,7 +196,8 @@ register(Benchmark(
     cases=ATTN_CASES, quick=ATTN_CASES,
     providers=[Provider("dlcv_fast.rope", attn_with_rope),
                Provider("dlcv_fast.no_rope", attn_without_rope, parity=False),
-               Provider("dlcv_fast.rope_in_kernel", attn_with_rope_in_kernel, devices=("cuda",)),
+               Provider("dlcv_fast.rope_in_kernel", attn_with_rope_in_kernel(True), devices=("cuda",)),
+               Provider("dlcv_fast.rope_q_in_kernel", attn_with_rope_in_kernel("q"), devices=("cuda",)),
                # the CUDA forward rotates q and k in shared memory (no passes): the same pair on backend "cuda"
                Provider("dlcv_fast.cuda.rope", cuda_backend(attn_with_rope), secondary=True),
                Provider("dlcv_fast.cuda.no_rope", cuda_backend(attn_without_rope), parity=False, secondary=True),

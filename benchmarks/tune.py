@@ -164,10 +164,11 @@ def sweep_rope(D, emit):
                                  rope_kernels.apply(k, cos, sin, interleaved=False), v, None, None, False, 0, scale),
             warmup=10, rep=40)))
         jobs = [("forward(rope=)", c, False) for c in ROPE_CANDIDATES[D]]
+        jobs += [("forward(rope=), q in kernel", None, "q")]  # the plain tile, k by its pass
         jobs += [("forward(rope=), in kernel", c, True) for c in ROPE_KERNEL_CANDIDATES[D]]
         for kernel, config, in_kernel in jobs:
             kw = dict(rope=(cos, sin), config=config, rope_in_kernel=in_kernel)
-            shown = config if config is not None or not in_kernel else kern.rope_config(D, q.dtype)
+            shown = config if config is not None or in_kernel is not True else kern.rope_config(D, q.dtype)
             row = dict(base, kernel=kernel, config=shown)
             try:
                 out = kern.forward(q, k, v, None, None, False, 0, scale, **kw)[0]

@@ -145,10 +145,11 @@ BWD_KEY_MAJOR = False  # the dK/dV kernel's tiles computed transposed everywhere
 # (+44% at head dim 64, 2026-11-29T2230). In the kernel, q is rotated once per program and each K block as it is
 # loaded, once per query block that visits it: little extra work where a query block holds most or all of a
 # head's queries (short sequences: ROPE_TILE's 256 rows hold ViT's 197 at head dim 64), Lq / BLOCK_M times the
-# passes' rotations at long ones. ROPE_IN_KERNEL: True = in the kernel wherever it can (see
-# rope_in_kernel_problem), None = there for Lq <= ROPE_KERNEL_MAX_LEN only, False = never (the passes). False
-# until a GPU has timed it (benchmarks.tune groups rope64 / rope128, the attn_rope_fwd benchmark's
-# dlcv_fast.rope_in_kernel provider).
+# passes' rotations at long ones; there "q" rotates q alone in the kernel (once per program, then the plain loop,
+# TMA loads included) and k by its pass, halving the passes' traffic. ROPE_IN_KERNEL: True = q and k in the
+# kernel wherever it can (see rope_in_kernel_problem), "q" = q in the kernel and k by a pass, None = True up to
+# ROPE_KERNEL_MAX_LEN queries and "q" beyond, False = never (the two passes). False until a GPU has timed it
+# (benchmarks.tune groups rope64 / rope128, the attn_rope_fwd benchmark's dlcv_fast.rope_in_kernel provider).
 ROPE_IN_KERNEL = False
 ROPE_KERNEL_MAX_LEN = 256
 # The in-kernel RoPE forward's (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch and head dim, from the AOT
@@ -157,6 +158,9 @@ ROPE_KERNEL_MAX_LEN = 256
 # on sm_80 (52 B), hence 128 and 64 rows there.
 ROPE_TILE = {90: {32: (256, 32, 8, 3), 64: (256, 32, 8, 3), 128: (128, 32, 8, 3)},
              80: {32: (256, 32, 8, 3), 64: (256, 32, 8, 3), 128: (64, 32, 4, 2)}}
+# ROPE_IN_KERNEL "q" takes the plain forward's tiles, except where q's rotation made one spill (AOT): on sm_80 at
+# head dim 32 the long tile 128 x 64 w4 spilled 16 B with the tail block, so the short tile serves every length.
+ROPE_Q_TILE = {80: {32: (64, 64, 4, 3)}}
 # Triton's warp specialization of the forward's key loop (``tl.range(..., warp_specialize=True)``: producer warps
 # issue the TMA loads, FlashAttention-3's structure, left to the compiler). The pass takes one loop whose dots
 # are fed by TMA loads only, so this path reads Q by TMA too and runs for unmasked attention whose key count is
@@ -230,11 +234,15 @@ def rope_config(block_d: int, dtype, arch=None):
     return ROPE_TILE[table_arch(arch)][block_d]
 
 
-def _rope_in_kernel(requested, Lq: int) -> bool:
-    """Whether rope= is rotated in the kernel (before :func:`rope_in_kernel_problem`'s check): ``requested``,
-    else :data:`ROPE_IN_KERNEL` (None there: up to ROPE_KERNEL_MAX_LEN queries)."""
+def _rope_mode(requested, Lq: int):
+    """What of rope= the kernel rotates (before :func:`rope_in_kernel_problem`'s check): "qk", "q" or None (the
+    two passes), from ``requested``, else :data:`ROPE_IN_KERNEL` (whose None picks by Lq)."""
     flag = ROPE_IN_KERNEL if requested is None else requested
-    return Lq <= ROPE_KERNEL_MAX_LEN if flag is None else bool(flag)
+    if flag is None:
+        return "qk" if Lq <= ROPE_KERNEL_MAX_LEN else "q"
+    if flag is True or flag is False or flag == "q":
+        return {True: "qk", False: None}.get(flag, "q")
+    raise ValueError(f"rope_in_kernel must be True, False, 'q' or None, got {flag!r}")
 
 
 def fused_dq_config(kv_cfg, block_d: int, kind: str, arch=None):
@@ -548,16 +556,19 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr,
               DOT_PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, EXP_EMU: tl.constexpr,
-              KV_TMA: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, WARP_SPEC: tl.constexpr):
+              KV_TMA: tl.constexpr, ROPE: tl.constexpr, ROPE_Q: tl.constexpr, HALF: tl.constexpr,
+              WARP_SPEC: tl.constexpr):
     """The forward: one program per (query block, batch x head). With ``KV_TMA``, K and V are
     ``(B, Hkv, Lk, D)`` tensor descriptors with ``[1, 1, BLOCK_N, BLOCK_D]`` blocks (TMA loads on sm_90;
     no TAIL_N block) instead of pointers. ``ROPE``: q and k rotated in the kernel by the (B, N, HALF) tables
     COS/SIN (batch stride scb, 0 for shared tables; row stride scn), q once, each K block as it is loaded,
-    both kept as their two halves so the rotation is elementwise and q k^T two chained half-width dots."""
+    both kept as their two halves so the rotation is elementwise and q k^T two chained half-width dots.
+    ``ROPE_Q``: q alone rotated (its halves put back together once), K already rotated by the caller."""
     tl.static_assert(not (KV_TMA and TAIL_N > 0), "KV_TMA takes no tail block")
     tl.static_assert(not (KV_TMA and ROPE), "ROPE rotates pointer-loaded K tiles only")
-    tl.static_assert(not ROPE or (2 * HALF == HEAD_DIM and HEAD_DIM == BLOCK_D and not HAS_BIAS),
-                     "ROPE: full rotary of a power-of-two head dim, no bias")
+    tl.static_assert(not (ROPE or ROPE_Q) or (2 * HALF == HEAD_DIM and HEAD_DIM == BLOCK_D and not HAS_BIAS),
+                     "ROPE / ROPE_Q: full rotary of a power-of-two head dim, no bias")
+    tl.static_assert(not (ROPE and ROPE_Q), "ROPE rotates q already")
     tl.static_assert(not WARP_SPEC or (KV_TMA and TAIL_N == 0 and not (CAUSAL or HAS_KPM or HAS_BIAS or ROPE)),
                      "WARP_SPEC: Q/K/V by TMA, no mask, bias, RoPE or tail block")
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
@@ -577,6 +588,14 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
         offs_k = tl.arange(0, HALF)
         q, q2 = _rope_halves(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_k[None, :],
                              rows[:, None] * scn + offs_k[None, :], cos_b, sin_b, offs_m[:, None] < Lq, HALF)
+    elif ROPE_Q:  # q's rotated halves joined back into one tile: the loop is the plain one
+        cos_b, sin_b = COS + b * scb, SIN + b * scb
+        offs_k = offs_d
+        offs_h = tl.arange(0, HALF)
+        q1, q2 = _rope_halves(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_h[None, :],
+                              rows[:, None] * scn + offs_h[None, :], cos_b, sin_b, offs_m[:, None] < Lq, HALF)
+        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_M, BLOCK_D))
+        q2 = q
     elif WARP_SPEC:  # Q by TMA too: the warp-specialization pass refuses a pointer load feeding the loop's dots
         offs_k = offs_d
         q = _tma_rows(Q, b.to(tl.int32), h.to(tl.int32), start_m, BLOCK_M, BLOCK_D)
@@ -936,10 +955,10 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     (default :func:`key_tail`). ``exp_emu``: the kernel's EXP_EMU (default :data:`EXP_EMU`; 0 in fp32 and
     under the interpreter, which runs no inline PTX). ``kv_tma``: K and V through TMA tensor descriptors
     (default: :func:`_tma_by_default`; see :func:`_use_tma`). ``rope_in_kernel`` (default
-    :data:`ROPE_IN_KERNEL`): the kernel rotates q and k itself (:func:`_rope_halves`; pointer K/V loads, at
-    :func:`rope_config`'s tile unless ``config``) instead of the two passes, where it can
-    (:func:`rope_in_kernel_problem`: full rotary, head dim 32 / 64 / 128, no bias); asked for (True)
-    where it cannot, a ValueError says why. ``warp_spec`` (default :data:`FWD_WARP_SPEC`): the warp-specialized
+    :data:`ROPE_IN_KERNEL`): True, the kernel rotates q and k itself (:func:`_rope_halves`; pointer K/V loads,
+    at :func:`rope_config`'s tile unless ``config``) instead of the two passes; "q", it rotates q (once per
+    program) and k takes its pass; where it can (:func:`rope_in_kernel_problem`: full rotary, head dim 32 / 64
+    / 128, no bias); asked for where it cannot, a ValueError says why. ``warp_spec`` (default :data:`FWD_WARP_SPEC`): the warp-specialized
     key loop (Q, K and V by TMA, at :data:`FWD_WS_TABLE`'s tile unless ``config``) where
     :func:`warp_spec_problem` finds nothing against it; asked for (True) where it cannot, a ValueError."""
     B, H, Lq, D = q.shape
@@ -950,23 +969,29 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     bias_t, sb = _bias_args(bias, B, H, Lq, Lk)
     kpm_t, skp = _kpm_args(kpm)
     kind = "bias" if bias_t is not None else "plain"
-    in_kernel = rope is not None and _rope_in_kernel(rope_in_kernel, Lq)
-    if in_kernel:
+    mode = _rope_mode(rope_in_kernel, Lq) if rope is not None else None
+    if mode:
         why = rope_in_kernel_problem(D, rope[0].shape[-1], bias_t is not None)
         if why and rope_in_kernel:
-            raise ValueError(f"rope_in_kernel=True: {why}")
-        in_kernel = why is None
+            raise ValueError(f"rope_in_kernel={rope_in_kernel!r}: {why}")
+        mode = None if why else mode
+    in_kernel = mode == "qk"  # q and k rotated in the kernel (ROPE); "q": q alone (ROPE_Q), k by a pass
     cos_t = sin_t = None
     scb = scn = half = 0
-    if in_kernel:
-        if kv_tma:
-            raise ValueError("kv_tma=True with rope_in_kernel: the kernel rotates pointer-loaded K tiles only")
-        kv_tma = False
+    if mode:
         cos_t, sin_t = (rope_kernels.table_view(t, B, 1, Lq)[:, 0] for t in rope)
         if cos_t.stride() != sin_t.stride():
             cos_t, sin_t = cos_t.contiguous(), sin_t.contiguous()
         scb, scn, half = cos_t.stride(0), cos_t.stride(1), cos_t.shape[-1]
+    if in_kernel:
+        if kv_tma:
+            raise ValueError("kv_tma=True with rope_in_kernel: the kernel rotates pointer-loaded K tiles only")
+        kv_tma = False
         config = config or rope_config(BLOCK_D, q.dtype)
+    elif mode == "q":
+        k = rope_kernels.apply(k, *rope, interleaved=False)
+        config = config or (None if _interpreting() or q.dtype == torch.float32
+                            else ROPE_Q_TILE.get(table_arch(), {}).get(BLOCK_D))
     elif rope is not None:
         # One rotation pass over q and one over k, then the plain kernel. Measured on an H200 (benchmarks.tune,
         # 2026-11-27), this beat rotating q in the kernel's prologue at every tile tried: 0.99 vs 1.01 ms at
@@ -975,7 +1000,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     ws = FWD_WARP_SPEC if warp_spec is None else bool(warp_spec)
     if ws:
         ws_cfg = config or FWD_WS_TABLE.get(BLOCK_D, (64, 128, 4, 2))
-        why = warp_spec_problem(q, k, v, kind, causal, kpm_t is not None, in_kernel, ws_cfg, kv_tma, tail)
+        why = warp_spec_problem(q, k, v, kind, causal, kpm_t is not None, mode, ws_cfg, kv_tma, tail)
         if why and warp_spec:
             raise ValueError(f"warp_spec=True: {why}")
         ws = why is None
@@ -995,7 +1020,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     grid = (triton.cdiv(Lq, bm), B * H)
     _attn_fwd[grid](
         q_arg, k_arg, v_arg, o, lse, bias_t if bias_t is not None else q, kpm_t if kpm_t is not None else q,
-        cos_t if in_kernel else q, sin_t if in_kernel else q,
+        cos_t if mode else q, sin_t if mode else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         *sb, skp, scb, scn,
@@ -1003,7 +1028,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, HAS_BIAS=bias_t is not None, HAS_KPM=kpm_t is not None,
         DOT_PRECISION=_dot_precision(q.dtype), ALIGN8=_strides_align8(q, k, v, o),
         BLOCK_M=bm, BLOCK_N=bn, TAIL_N=tail, EXP_EMU=_exp_emu(exp_emu, q.dtype), KV_TMA=use_tma,
-        ROPE=in_kernel, HALF=half, WARP_SPEC=ws, num_warps=warps, num_stages=stages,
+        ROPE=in_kernel, ROPE_Q=mode == "q", HALF=half, WARP_SPEC=ws, num_warps=warps, num_stages=stages,
     )
     return o, lse
 
@@ -1017,7 +1042,7 @@ def warp_spec_problem(q, k, v, kind: str, causal: bool, has_kpm: bool, rope_in_k
     if kind != "plain" or causal or has_kpm:
         return "masks or a bias (the warp-specialized loop takes unmasked attention only)"
     if rope_in_kernel:
-        return "RoPE rotated in the kernel (pointer-loaded K tiles)"
+        return "RoPE rotated in the kernel (it reads Q by pointers)"
     if D not in FWD_WS_TABLE:
         return f"head dim {D} (64 or 128)"
     if Lk % config[1]:
@@ -1255,12 +1280,13 @@ def aot_specs():
     wanted = {}  # (kernel, dtype, d, flags, cfg) -> archs
 
     def want(fn, dtype, d, flags, cfg, arch, wgmma=False, split=False, tail=0, emu=EXP_EMU, tma=None,
-             key_major=None, fused_dq=False, rope=False, ws=False):
+             key_major=None, fused_dq=False, rope=False, ws=False, rope_q=False):
         flags = tuple(f for f in short if f in flags and f in arg_names(fn))
         tma = bool(KV_TMA if fn is _attn_fwd else BWD_TMA) if tma is None else tma
         tma = tma and any(n in arg_names(fn) for n in ("KV_TMA", "TMA")) and not rope
         key_major = (BWD_KEY_MAJOR if key_major is None else key_major) and "KEY_MAJOR" in arg_names(fn)
-        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma, key_major, fused_dq, rope, ws)
+        key = (fn, dtype, d, flags, cfg, wgmma, split, 0 if tma else tail, emu, tma, key_major, fused_dq, rope, ws,
+               rope_q)
         wanted.setdefault(key, []).append(arch)
 
     for dtype, d in cases:
@@ -1318,13 +1344,24 @@ def aot_specs():
                 for tail in (0, TAIL_N) if tail_possible(cfg[1], d) else (0,):
                     want(_attn_fwd, dtype, d, kind_flags["plain"], cfg, arch, tail=tail, rope=True)
                     want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=cfg[0] >= 64, tail=tail, rope=True)
+    # q alone rotated in the forward (ROPE_IN_KERNEL "q"): the plain forward's tiles, pointer and TMA K/V loads.
+    for dtype, d in (("fp16", 32), ("fp16", 64), ("bf16", 128)):
+        for arch in ARCHS:
+            cfgs = shipped_configs(fwd_configs, d, torch_dtype[dtype], "plain", arch)
+            for cfg in [ROPE_Q_TILE[arch][d]] if d in ROPE_Q_TILE.get(arch, {}) else cfgs:
+                for tail in (0, TAIL_N) if tail_possible(cfg[1], d) else (0,):
+                    want(_attn_fwd, dtype, d, kind_flags["plain"], cfg, arch, tail=tail, rope_q=True, tma=False)
+                    want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=cfg[0] >= 64, tail=tail, rope_q=True, tma=False)
+                if arch == 90 and d in (64, 128):
+                    want(_attn_fwd, dtype, d, kind_flags["plain"], cfg, arch, rope_q=True, tma=True)
+                    want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=cfg[0] >= 64, rope_q=True, tma=True)
     # The warp-specialized forward (FWD_WARP_SPEC; sm_90, unmasked, Q/K/V by TMA): its tiles.
     for dtype, d in (("fp16", 64), ("bf16", 128)):
         want(_attn_fwd, dtype, d, (), FWD_WS_TABLE[d], 90, wgmma=True, tma=True, ws=True)
 
     specs = []
-    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma, km, fused_dq, rope, ws), archs \
-            in wanted.items():
+    for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma, km, fused_dq, rope, ws, rope_q), \
+            archs in wanted.items():
         types = {name: "*" + dtype for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         if tma:  # the dK/dV kernel's Q/dO blocks are BLOCK_M rows, the others' K/V blocks BLOCK_N
             rows, names = (bm, ("Q", "DO")) if fn is _attn_bwd_dkdv else (bn, ("K", "V"))
@@ -1351,7 +1388,7 @@ def aot_specs():
         if "KEY_MAJOR" in arg_names(fn):
             constexprs.update(KEY_MAJOR=km, WRITE_DQ=fused_dq)
         if "ROPE" in arg_names(fn):
-            constexprs.update(ROPE=rope, HALF=d // 2 if rope else 0)
+            constexprs.update(ROPE=rope, ROPE_Q=rope_q, HALF=d // 2 if rope or rope_q else 0)
         if "WARP_SPEC" in arg_names(fn):
             constexprs["WARP_SPEC"] = ws
         sig = signature_of(fn, constexprs, types)
@@ -1367,6 +1404,7 @@ def aot_specs():
         tags += ["keymajor"] if km else []
         tags += ["dq"] if fused_dq else []
         tags += ["rope"] if rope else []
+        tags += ["ropeq"] if rope_q else []
         tags += ["ws"] if ws else []
         variant = "+".join(tags) or ("plain" if bn is not None else "")
         mma_rows = bn if km else bm  # a warpgroup MMA needs 64 rows: the tile's keys when key-major

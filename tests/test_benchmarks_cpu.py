@@ -141,7 +141,7 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     tune.sweep_fwd(rows.append)
     tune.sweep_split(rows.append)
     tune.sweep_linear(rows.append)
-    assert [r["group"] for r in rows] == ["bwd64", "bwd64", "bwd64", *["rope64"] * 4, *["window_stage3"] * 7,
+    assert [r["group"] for r in rows] == ["bwd64", "bwd64", "bwd64", *["rope64"] * 5, *["window_stage3"] * 7,
                                           "fwd", "fwd", "fwd", "fwd", *["split"] * 6, "linear", "linear_plain",
                                           "linear_plain", *["linear"] * 4]
     # the GEMM: cuBLAS + GELU, the plain GEMM against cuBLAS, then each tile per-tile and persistent
@@ -163,10 +163,12 @@ def test_tune_sweeps_run_under_the_interpreter(monkeypatch):
     # launcher's tile, 16 rows) and with the dQ kernel
     assert [r["kernel"] for r in rows if r["group"] == "split"][-3:] == [
         "backward key-major", "backward key-major, 16 rows", "backward key-major, dQ kernel"]
-    # rope=: without RoPE (the reference), the two passes (the default), rope= at a tile, rope= in the kernel
+    # rope=: without RoPE (the reference), the two passes (the default), rope= at a tile, q rotated in the
+    # kernel (k by its pass), q and k in the kernel
     assert [r["kernel"] for r in rows if r["group"] == "rope64"] == [
-        "plain (no rope)", "apply_rope(q,k)+plain", "forward(rope=)", "forward(rope=), in kernel"]
-    assert len(checked) == 26 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
+        "plain (no rope)", "apply_rope(q,k)+plain", "forward(rope=)", "forward(rope=), q in kernel",
+        "forward(rope=), in kernel"]
+    assert len(checked) == 27 and all(r["ok"] and r["ms"] > 0 for r in checked), rows
     # every comparison has its shipped default flagged, so the summary can compare against it
     lines = tune.summarize(rows)
     assert len(lines) == 8 and all(": default " in line for line in lines), lines

@@ -123,4 +123,15 @@ def test_every_launchable_attention_config_is_checked():
                     cfg = tuple(aot.shipped_configs(A.rope_config, d, dtype, arch))
                     if (d, *cfg, arch) not in rope_checked:
                         missing.append(("_attn_fwd rope", d, arch, cfg))
+    # q alone rotated in the forward (ROPE_IN_KERNEL "q"): the plain tiles at the head dims it takes
+    ropeq_checked = {(s.constexprs["BLOCK_D"], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps,
+                      s.num_stages, arch) for s in SPECS if s.name == "_attn_fwd" and s.constexprs.get("ROPE_Q")
+                     for arch in s.archs}
+    for arch in A.ARCHS:
+        for d in (32, 64, 128):
+            for dtype in (torch.float16, torch.bfloat16):
+                cfgs = aot.shipped_configs(A.fwd_configs, d, dtype, "plain", arch)
+                for cfg in [A.ROPE_Q_TILE[arch][d]] if d in A.ROPE_Q_TILE.get(arch, {}) else cfgs:
+                    if (d, *cfg, arch) not in ropeq_checked:
+                        missing.append(("_attn_fwd rope q", d, arch, tuple(cfg)))
     assert not missing, f"tiles the launchers can pick that no AOT spec compiles: {sorted(set(missing))[:10]}"

@@ -736,16 +736,18 @@ def test_fused_rope_parity(B, Hq, Hkv, L, D, R, batched, kind, dtype, device, mo
     assert not called, "constant shared tables must take the fused path, not the standalone kernel"
 
 
+@pytest.mark.parametrize("mode", [True, "q"], ids=["qk", "q"])
 @pytest.mark.parametrize("dtype", FP, ids=str)
 @pytest.mark.parametrize("B,Hq,Hkv,L,D,batched,kind", [
     (2, 2, 2, 49, 64, False, "none"),
     (2, 4, 2, 77, 32, True, "causal+padding"),  # per-batch tables, GQA
     (1, 2, 2, 37, 128, False, "prefix+padding"),
 ])
-def test_rope_in_kernel_parity(B, Hq, Hkv, L, D, batched, kind, dtype, device, monkeypatch):
-    """RoPE rotated inside the forward kernel (ROPE_IN_KERNEL): no rotation pass in the forward, outputs and
-    gradients within the parity rule, and the output equal to that of the two passes up to the split dot's
-    summation order (one rounding of the output's dtype)."""
+def test_rope_in_kernel_parity(B, Hq, Hkv, L, D, batched, kind, dtype, mode, device, monkeypatch):
+    """RoPE rotated inside the forward kernel (ROPE_IN_KERNEL True: q and k; "q": q, and k by its pass): no
+    rotation pass in the forward (one, over k, for "q"), outputs and gradients within the parity rule, and the
+    output equal to that of the two passes up to the split dot's summation order (one rounding of the output's
+    dtype)."""
     from dlcv_fast.kernels import attention as A
     from dlcv_fast.kernels import rope as rope_kernels
 
@@ -755,22 +757,24 @@ def test_rope_in_kernel_parity(B, Hq, Hkv, L, D, batched, kind, dtype, device, m
     cos, sin = angles.cos().float().to(device), angles.sin().float().to(device)
     kw = dict(make_mask_args(kind, B, Hq, L, L, dtype, device), rope=(cos, sin))
     passes = dlcv_fast.attention(q, k, v, **kw)
-    monkeypatch.setattr(A, "ROPE_IN_KERNEL", True)
+    monkeypatch.setattr(A, "ROPE_IN_KERNEL", mode)
     spy = LaunchSpy(rope_kernels._rope_kernel)
     monkeypatch.setattr(rope_kernels, "_rope_kernel", spy)
     with torch.no_grad():
         fused = dlcv_fast.attention(q, k, v, **kw)
-    assert spy.launches == 0, "the forward must rotate q and k itself"
+    assert spy.launches == (0 if mode is True else 1), "the forward must rotate q (and k) itself"
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(fused, passes, atol=tol, rtol=0)
     check_parity(q, k, v, kw)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", [True, "q"], ids=["qk", "q"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("L,D,kind", [(197, 64, "none"), (197, 128, "none"), (77, 32, "causal+padding"),
-                                      (1025, 64, "causal"), (300, 128, "prefix+padding")], ids=str)
-def test_gpu_rope_in_kernel(L, D, kind, dtype, monkeypatch):
+                                      (1025, 64, "causal"), (300, 128, "prefix+padding"), (4096, 64, "none")],
+                         ids=str)
+def test_gpu_rope_in_kernel(L, D, kind, dtype, mode, monkeypatch):
     """RoPE rotated in the forward kernel on the hardware (ROPE_TILE's wgmma tiles, sm_90): parity with the
     reference, forward and backward, and the two passes' output up to one rounding of the dtype."""
     from dlcv_fast.kernels import attention as A
@@ -781,7 +785,7 @@ def test_gpu_rope_in_kernel(L, D, kind, dtype, monkeypatch):
     kw = dict(make_mask_args(kind, B, H, L, L, dtype, "cuda"), rope=(angles.cos().float().cuda(),
                                                                     angles.sin().float().cuda()))
     passes = dlcv_fast.attention(q, k, v, **kw)
-    monkeypatch.setattr(A, "ROPE_IN_KERNEL", True)
+    monkeypatch.setattr(A, "ROPE_IN_KERNEL", mode)
     fused = dlcv_fast.attention(q, k, v, **kw)
     torch.testing.assert_close(fused.float(), passes.float(), atol=2e-2, rtol=0)
     check_parity(q, k, v, kw)
@@ -836,17 +840,20 @@ def test_gpu_warp_specialized_forward(Lq, Lk, D, dtype, monkeypatch):
 
 
 def test_rope_in_kernel_policy(device, monkeypatch):
-    """Where rope= is rotated in the kernel: ROPE_IN_KERNEL None = short sequences only, False = never, True =
-    wherever the kernel can (full rotary, head dim 32 / 64 / 128, no bias; elsewhere the passes, still right);
-    rope_in_kernel=True where it cannot is a ValueError saying why."""
+    """Where rope= is rotated in the kernel: ROPE_IN_KERNEL None = q and k for short sequences, q alone beyond,
+    False = never, True = q and k, "q" = q alone, wherever the kernel can (full rotary, head dim 32 / 64 / 128,
+    no bias; elsewhere the passes, still right); rope_in_kernel=True where it cannot is a ValueError saying why,
+    and so is a value that is not a mode."""
     from dlcv_fast.kernels import attention as A
     from dlcv_fast.kernels import rope as rope_kernels
 
-    for flag, Lq, expect in ((None, A.ROPE_KERNEL_MAX_LEN, True), (None, A.ROPE_KERNEL_MAX_LEN + 1, False),
-                             (False, 7, False), (True, 4096, True)):
+    for flag, Lq, expect in ((None, A.ROPE_KERNEL_MAX_LEN, "qk"), (None, A.ROPE_KERNEL_MAX_LEN + 1, "q"),
+                             (False, 7, None), (True, 4096, "qk"), ("q", 7, "q")):
         monkeypatch.setattr(A, "ROPE_IN_KERNEL", flag)
-        assert A._rope_in_kernel(None, Lq) is expect
-    assert A._rope_in_kernel(False, 7) is False and A._rope_in_kernel(True, 4096) is True
+        assert A._rope_mode(None, Lq) == expect
+    assert A._rope_mode(False, 7) is None and A._rope_mode(True, 4096) == "qk"
+    with pytest.raises(ValueError, match="rope_in_kernel must be"):
+        A._rope_mode("k", 7)
     monkeypatch.setattr(A, "ROPE_IN_KERNEL", True)
     B, H, L = 1, 2, 20
     cases = [(40, 20, None, "head dim 40"), (64, 16, None, "partial rotary"),
