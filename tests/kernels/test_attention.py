@@ -770,16 +770,14 @@ def test_rope_in_kernel_parity(B, Hq, Hkv, L, D, batched, kind, dtype, mode, dev
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", [True, "q"], ids=["qk", "q"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("L,D,kind", [(197, 64, "none"), (197, 128, "none"), (77, 32, "causal+padding"),
-                                      (1025, 64, "causal"), (300, 128, "prefix+padding"), (4096, 64, "none")],
-                         ids=str)
-def test_gpu_rope_in_kernel(L, D, kind, dtype, mode, monkeypatch):
+@pytest.mark.parametrize("L,D,kind", [(197, 64, "none"), (197, 128, "causal"), (77, 32, "causal+padding"),
+                                      (4096, 64, "none")], ids=str)
+def test_gpu_rope_in_kernel(L, D, kind, mode, monkeypatch):  # bf16 (fp16 and fp32 run on the CPU)
     """RoPE rotated in the forward kernel on the hardware (ROPE_TILE's wgmma tiles, sm_90): parity with the
     reference, forward and backward, and the two passes' output up to one rounding of the dtype."""
     from dlcv_fast.kernels import attention as A
 
-    B, H = 4, 768 // D
+    B, H, dtype = 4, 768 // D, torch.bfloat16
     q, k, v = make_inputs(B, H, H, L, L, D, dtype, "cuda")
     angles = torch.rand(L, D // 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 6
     kw = dict(make_mask_args(kind, B, H, L, L, dtype, "cuda"), rope=(angles.cos().float().cuda(),
@@ -822,16 +820,15 @@ def test_warp_specialized_forward(D, device, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("Lq,Lk,D", [(1024, 1024, 64), (1000, 2048, 128), (4096, 4096, 64)], ids=str)
-def test_gpu_warp_specialized_forward(Lq, Lk, D, dtype, monkeypatch):
+@pytest.mark.parametrize("Lq,Lk,D", [(1000, 2048, 128), (4096, 4096, 64)], ids=str)
+def test_gpu_warp_specialized_forward(Lq, Lk, D, monkeypatch):
     """The warp-specialized forward on the hardware (sm_90): parity with the reference and the plain path's
     output up to one rounding of the dtype (its row tail past Lq is a TMA zero fill)."""
     from dlcv_fast.kernels import attention as A
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA and warp specialization need sm_90")
-    q, k, v = make_inputs(2, 4, 4, Lq, Lk, D, dtype, "cuda")
+    q, k, v = make_inputs(2, 4, 4, Lq, Lk, D, torch.bfloat16, "cuda")
     plain = dlcv_fast.attention(q, k, v)
     monkeypatch.setattr(A, "FWD_WARP_SPEC", True)
     ws = dlcv_fast.attention(q, k, v)
