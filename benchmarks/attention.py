@@ -239,8 +239,8 @@ def with_tma(provider: Provider) -> Provider:
 
 
 def with_warp_spec(provider: Provider) -> Provider:
-    """Ours with the forward's key loop warp-specialized where it applies (FWD_WARP_SPEC; sm_90+, unmasked,
-    keys a multiple of 128; elsewhere the same as ours)."""
+    """Ours with the forward's key loop warp-specialized where it applies (FWD_WARP_SPEC; sm_90+, no key padding
+    or bias, keys a multiple of 128; elsewhere the same as ours)."""
     return with_flags(provider, "+ws", 90, FWD_WARP_SPEC=True)
 
 

@@ -163,8 +163,9 @@ ROPE_TILE = {90: {32: (256, 32, 8, 3), 64: (256, 32, 8, 3), 128: (128, 32, 8, 3)
 ROPE_Q_TILE = {80: {32: (64, 64, 4, 3)}}
 # Triton's warp specialization of the forward's key loop (``tl.range(..., warp_specialize=True)``: producer warps
 # issue the TMA loads, FlashAttention-3's structure, left to the compiler). The pass takes one loop whose dots
-# are fed by TMA loads only, so this path reads Q by TMA too and runs for unmasked attention whose key count is
-# a multiple of BLOCK_N (no masked block, no tail); on sm_90 it compiles only at 64-row tiles (12 warps).
+# are fed by TMA loads only, so this path reads Q by TMA too, takes no key padding, bias or tail block, needs a
+# key count that is a multiple of BLOCK_N, and with causal masks every block of its one loop (not only the
+# diagonal ones); on sm_90 it compiles only at 64-row tiles (12 warps).
 # FWD_WARP_SPEC True = wherever it can; False (default) = never: untimed on a GPU (benchmarks.tune --only
 # wsfwd times it beside the shipped forward and benchmarks/ws_probe.py's minimal loop).
 FWD_WARP_SPEC = False
@@ -569,8 +570,8 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
     tl.static_assert(not (ROPE or ROPE_Q) or (2 * HALF == HEAD_DIM and HEAD_DIM == BLOCK_D and not HAS_BIAS),
                      "ROPE / ROPE_Q: full rotary of a power-of-two head dim, no bias")
     tl.static_assert(not (ROPE and ROPE_Q), "ROPE rotates q already")
-    tl.static_assert(not WARP_SPEC or (KV_TMA and TAIL_N == 0 and not (CAUSAL or HAS_KPM or HAS_BIAS or ROPE)),
-                     "WARP_SPEC: Q/K/V by TMA, no mask, bias, RoPE or tail block")
+    tl.static_assert(not WARP_SPEC or (KV_TMA and TAIL_N == 0 and not (HAS_KPM or HAS_BIAS or ROPE or ROPE_Q)),
+                     "WARP_SPEC: Q/K/V by TMA, no key padding, bias, RoPE or tail block")
     sqb, sqh, sqm = _align8(sqb, sqh, sqm, ALIGN8)
     skb, skh, skn = _align8(skb, skh, skn, ALIGN8)
     svb, svh, svn = _align8(svb, svh, svn, ALIGN8)
@@ -625,12 +626,12 @@ def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, COS, SIN,
     if CAUSAL:
         full_hi = tl.maximum(lo, tl.minimum(full_hi, tl.maximum(((start_m + 1) // BLOCK_N) * BLOCK_N,
                                                                 (prefix_len // BLOCK_N) * BLOCK_N)))
-    if WARP_SPEC:  # one loop (the pass takes one): every block whole, the launcher checked Lk % BLOCK_N == 0
+    if WARP_SPEC:  # one loop (the pass takes one): Lk % BLOCK_N == 0 (launcher), causal masks on every block
         full_hi = hi
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q2, k_src, v_src, skn, svn, bias_row, sbm, sbn, kpm_ptr, offs_m,
                               offs_n, lo, full_hi, Lq, Lk, prefix_len, qk_scale, mask_d, kv_b, kv_h, cos_b, sin_b,
-                              scn, HAS_BIAS, HAS_KPM, CAUSAL, False, DOT_PRECISION, EVEN_D, BLOCK_N, EXP_EMU, KV_TMA,
-                              ROPE, HALF, WARP_SPEC)
+                              scn, HAS_BIAS, HAS_KPM, CAUSAL, WARP_SPEC and CAUSAL, DOT_PRECISION, EVEN_D, BLOCK_N,
+                              EXP_EMU, KV_TMA, ROPE, HALF, WARP_SPEC)
     # Short sequences end in a mostly empty key block (197 keys = 3 x 64 + 5): when the keys after the last
     # whole block fit in TAIL_N, they take one TAIL_N-key block instead of a BLOCK_N one.
     mid = _tail_start(full_hi, hi, BLOCK_N, TAIL_N)
@@ -1035,12 +1036,12 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
 
 def warp_spec_problem(q, k, v, kind: str, causal: bool, has_kpm: bool, rope_in_kernel: bool, config, kv_tma=None,
                       tail=None):
-    """Why the warp-specialized forward cannot take this call (None: it can): it runs unmasked attention with
-    no bias or in-kernel RoPE, Q/K/V by TMA (fp16/bf16, sm_90+, TMA-addressable, head dim 64 or 128 exactly),
-    and a key count that is a multiple of the tile's BLOCK_N (the one loop has no masked block)."""
+    """Why the warp-specialized forward cannot take this call (None: it can): it runs attention with no key
+    padding, bias or in-kernel RoPE (causal and prefix_len are fine), Q/K/V by TMA (fp16/bf16, sm_90+,
+    TMA-addressable, head dim 64 or 128 exactly), and a key count that is a multiple of the tile's BLOCK_N."""
     D, Lk = q.shape[-1], k.shape[2]
-    if kind != "plain" or causal or has_kpm:
-        return "masks or a bias (the warp-specialized loop takes unmasked attention only)"
+    if kind != "plain" or has_kpm:
+        return "a key padding mask or a bias (the warp-specialized loop takes neither)"
     if rope_in_kernel:
         return "RoPE rotated in the kernel (it reads Q by pointers)"
     if D not in FWD_WS_TABLE:
@@ -1355,9 +1356,10 @@ def aot_specs():
                 if arch == 90 and d in (64, 128):
                     want(_attn_fwd, dtype, d, kind_flags["plain"], cfg, arch, rope_q=True, tma=True)
                     want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=cfg[0] >= 64, rope_q=True, tma=True)
-    # The warp-specialized forward (FWD_WARP_SPEC; sm_90, unmasked, Q/K/V by TMA): its tiles.
+    # The warp-specialized forward (FWD_WARP_SPEC; sm_90, Q/K/V by TMA): its tiles, causal or not.
     for dtype, d in (("fp16", 64), ("bf16", 128)):
-        want(_attn_fwd, dtype, d, (), FWD_WS_TABLE[d], 90, wgmma=True, tma=True, ws=True)
+        for flags in ((), ("CAUSAL",)):
+            want(_attn_fwd, dtype, d, flags, FWD_WS_TABLE[d], 90, wgmma=True, tma=True, ws=True)
 
     specs = []
     for (fn, dtype, d, flags, (bm, bn, warps, stages), wgmma, split, tail, emu, tma, km, fused_dq, rope, ws, rope_q), \

@@ -792,19 +792,21 @@ def test_gpu_rope_in_kernel(L, D, kind, mode, monkeypatch):  # bf16 (fp16 and fp
 @pytest.mark.parametrize("D", [64, 128])
 def test_warp_specialized_forward(D, device, monkeypatch):
     """The warp-specialized forward (FWD_WARP_SPEC: one loop, Q/K/V by TMA): the plain forward's output and
-    log-sum-exp where it applies (unmasked, keys a multiple of its tile); asked for (warp_spec=True) where it
-    cannot apply, a ValueError naming the reason; with the flag on there, the plain path, still right."""
+    log-sum-exp where it applies (no key padding or bias, keys a multiple of its tile; causal and prefix-LM
+    masks on every block); asked for (warp_spec=True) where it cannot apply, a ValueError naming the reason;
+    with the flag on there, the plain path, still right."""
     from dlcv_fast.kernels import attention as A
 
     B, H, Lq, Lk = 1, 2, 80, 256
     q, k, v = make_inputs(B, H, H, Lq, Lk, D, torch.float16, device)
-    ref, ref_lse = A.forward(q, k, v, None, None, False, 0, D ** -0.5)
-    out, lse = A.forward(q, k, v, None, None, False, 0, D ** -0.5, warp_spec=True)
-    torch.testing.assert_close(out, ref, atol=2e-3, rtol=0)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=0)
+    for causal, prefix in ((False, 0), (True, 0), (True, 30)):
+        ref, ref_lse = A.forward(q, k, v, None, None, causal, prefix, D ** -0.5)
+        out, lse = A.forward(q, k, v, None, None, causal, prefix, D ** -0.5, warp_spec=True)
+        torch.testing.assert_close(out, ref, atol=2e-3, rtol=0)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=0)
     q40, k40, v40 = make_inputs(B, H, H, Lq, Lk, 40, torch.float16, device)
     kpm = torch.ones(B, Lk, dtype=torch.bool, device=device)
-    cases = [((q, k, v, None, None, True, 0), "masks"), ((q, k, v, None, kpm, False, 0), "masks"),
+    cases = [((q, k, v, None, kpm, False, 0), "key padding"),
              ((q, k, v, torch.zeros(Lq, Lk, device=device), None, False, 0), "bias"),
              ((q, k[:, :, :200], v[:, :, :200], None, None, False, 0), "not a multiple"),
              ((q40, k40, v40, None, None, False, 0), "head dim 40"),
@@ -820,8 +822,8 @@ def test_warp_specialized_forward(D, device, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("Lq,Lk,D", [(1000, 2048, 128), (4096, 4096, 64)], ids=str)
-def test_gpu_warp_specialized_forward(Lq, Lk, D, monkeypatch):
+@pytest.mark.parametrize("Lq,Lk,D,causal", [(1000, 2048, 128, False), (4096, 4096, 64, True)], ids=str)
+def test_gpu_warp_specialized_forward(Lq, Lk, D, causal, monkeypatch):
     """The warp-specialized forward on the hardware (sm_90): parity with the reference and the plain path's
     output up to one rounding of the dtype (its row tail past Lq is a TMA zero fill)."""
     from dlcv_fast.kernels import attention as A
@@ -829,11 +831,11 @@ def test_gpu_warp_specialized_forward(Lq, Lk, D, monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA and warp specialization need sm_90")
     q, k, v = make_inputs(2, 4, 4, Lq, Lk, D, torch.bfloat16, "cuda")
-    plain = dlcv_fast.attention(q, k, v)
+    plain = dlcv_fast.attention(q, k, v, causal=causal)
     monkeypatch.setattr(A, "FWD_WARP_SPEC", True)
-    ws = dlcv_fast.attention(q, k, v)
+    ws = dlcv_fast.attention(q, k, v, causal=causal)
     torch.testing.assert_close(ws.float(), plain.float(), atol=2e-2, rtol=0)
-    check_parity(q, k, v, {}, backward=False)
+    check_parity(q, k, v, {"causal": causal}, backward=False)
 
 
 def test_rope_in_kernel_policy(device, monkeypatch):
