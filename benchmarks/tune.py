@@ -288,7 +288,9 @@ FWD_CANDIDATES = {
          (64, 128, 4, 3), (128, 64, 8, 4),
          # 32-row tiles (mma.sync, no wgmma; no spill on sm_90): the Q-Former's 32 queries fill one exactly,
          # where a 64-row tile computes 32 padding rows
-         (32, 64, 4, 3), (32, 128, 4, 3)],
+         (32, 64, 4, 3), (32, 128, 4, 3),
+         # 256-row tiles (ROPE_TILE's shape): ViT's 197 queries in one program per head, K/V read once per head
+         (256, 32, 8, 3), (256, 64, 8, 2)],
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
           (64, 128, 8, 2), (64, 64, 8, 2)],
 }
