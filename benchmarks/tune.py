@@ -8,11 +8,11 @@ their candidates compile side by side before anything is timed (a fresh machine'
 
 For each group (the backward tables' own entries, backward candidates at head dim 128 / 64, forward tiles at
 the suite's long and short shapes, the dK/dV query split and the key-major backward (dQ in the dK/dV kernel or
-not) at short key sides, forward with ``rope=`` at 64 /
-128, the window-attention forward and backward: one program per window or per group of windows, one
-backward kernel or two, their tiles, window-group counts; the Linear + GELU GEMM's tiles; ``wsfwd``, the
-warp-specialization probe of benchmarks/ws_probe.py beside the shipped forward) every candidate config is launched through the
-kernels' own launchers, its outputs are compared with a float32 reference (torch's SDPA math backend,
+not) at short key sides, forward with ``rope=`` at 64 / 128 (two passes, or rotated in the kernel), the
+window-attention forward and backward: one program per window or per group of windows, one backward kernel or
+two, their tiles, window-group counts; the Linear + GELU GEMM's tiles; ``wsfwd``, the warp-specialized forward
+and the probe of benchmarks/ws_probe.py beside the shipped forward) every candidate config is launched through
+the kernels' own launchers, its outputs are compared with a float32 reference (torch's SDPA math backend,
 non-causal and causal at a length that leaves a one-row last block; dlcv_fast.reference for window
 attention), and it is timed with ``triton.testing.do_bench`` on the headline shape. One JSON line per
 candidate is appended to ``--out`` as soon as it is measured, so a run cut short keeps what it measured. The

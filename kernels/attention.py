@@ -169,7 +169,7 @@ ROPE_Q_TILE = {80: {32: (64, 64, 4, 3)}}
 # FWD_WARP_SPEC True = wherever it can; False (default) = never: untimed on a GPU (benchmarks.tune --only
 # wsfwd times it beside the shipped forward and benchmarks/ws_probe.py's minimal loop).
 FWD_WARP_SPEC = False
-FWD_WS_TABLE = {64: (64, 128, 4, 2), 128: (64, 128, 4, 2)}  # sm_90, AOT: no spill, setmaxnreg, 90 / 180 KB
+FWD_WS_TABLE = {64: (64, 128, 4, 2), 128: (64, 128, 4, 2)}  # sm_90, AOT: no spill, setmaxnreg, 90 / 164 KB
 TMA_MAX_HEAD_DIM = 128  # TMA paths at larger head dims (160, 256 buckets) are not compile-checked: pointer loads
 DQ_TAIL_MAX_BLOCK_D = 64  # the dQ kernel's sm_90 64x64 w4 tile spilled 16-64 B with a tail block at 128
 ARCHS = (90, 80)
@@ -959,9 +959,10 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     :data:`ROPE_IN_KERNEL`): True, the kernel rotates q and k itself (:func:`_rope_halves`; pointer K/V loads,
     at :func:`rope_config`'s tile unless ``config``) instead of the two passes; "q", it rotates q (once per
     program) and k takes its pass; where it can (:func:`rope_in_kernel_problem`: full rotary, head dim 32 / 64
-    / 128, no bias); asked for where it cannot, a ValueError says why. ``warp_spec`` (default :data:`FWD_WARP_SPEC`): the warp-specialized
-    key loop (Q, K and V by TMA, at :data:`FWD_WS_TABLE`'s tile unless ``config``) where
-    :func:`warp_spec_problem` finds nothing against it; asked for (True) where it cannot, a ValueError."""
+    / 128, no bias); asked for where it cannot, a ValueError says why. ``warp_spec`` (default
+    :data:`FWD_WARP_SPEC`): the warp-specialized key loop (Q, K and V by TMA, at :data:`FWD_WS_TABLE`'s tile
+    unless ``config``) where :func:`warp_spec_problem` finds nothing against it; asked for (True) where it
+    cannot, a ValueError."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     BLOCK_D = padded_head_dim(D)
