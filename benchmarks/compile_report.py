@@ -43,8 +43,6 @@ def main(argv=None) -> int:
 
     modules = aot.kernel_modules(args.kernel)
     specs = {s.id: s for s in aot.collect_specs(modules)}
-    wgmma = {i: s.expect_wgmma for i, s in specs.items()}
-    ws = {i: s.expect_ws for i, s in specs.items()}
     t0 = time.perf_counter()
     results = aot.compile_all(modules, args.arch, jobs=args.jobs)
     elapsed = time.perf_counter() - t0
@@ -52,12 +50,12 @@ def main(argv=None) -> int:
     head = ("kernel", "variant", "config", "arch", "regs", "spills(B)", "smem(KiB)", "wgmma", "cpu(s)", "problems")
     rows = [(r.kernel, r.variant, r.config, f"sm_{r.arch}", str(r.regs), str(r.spill_bytes),
              f"{r.smem / 1024:.1f}", "yes" if r.wgmma else "no", f"{r.cpu_seconds:.1f}",
-             " ".join(problems(r, wgmma[r.id], ws[r.id])))
+             " ".join(problems(r, specs[r.id].expect_wgmma, specs[r.id].expect_ws)))
             for r in results]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     for row in (head, *rows):
         print("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
-    bad = [r for r in results if problems(r, wgmma[r.id], ws[r.id])]
+    bad = [r for r in results if problems(r, specs[r.id].expect_wgmma, specs[r.id].expect_ws)]
     for r in bad:
         if r.error:
             print(f"\n{r.id} sm_{r.arch}: {r.error}", file=sys.stderr)

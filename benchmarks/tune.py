@@ -92,6 +92,17 @@ def _rel_err(a, b):
     return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
 
+def _measure(row, check, timed):
+    """``row`` with ``rel_err`` / ``ok`` from ``check()`` (a relative error against the group's reference) and
+    ``ms`` from ``timed()``, or ``error`` when either raises (a candidate that fails is a row, not a crash)."""
+    try:
+        err = check()
+        row.update(rel_err=err, ok=err < 2e-2, ms=timed())
+    except Exception as e:
+        row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+    return row
+
+
 def _bwd(kern, q, k, v, do, causal, config, tma=None, key_major=None):
     scale = q.shape[-1] ** -0.5
     o, lse = kern.forward(q, k, v, None, None, causal, 0, scale)
@@ -171,15 +182,9 @@ def sweep_rope(D, emit):
         for kernel, config, in_kernel in jobs:
             kw = dict(rope=(cos, sin), config=config, rope_in_kernel=in_kernel)
             shown = config if config is not None or in_kernel is not True else kern.rope_config(D, q.dtype)
-            row = dict(base, kernel=kernel, config=shown)
-            try:
-                out = kern.forward(q, k, v, None, None, False, 0, scale, **kw)[0]
-                err = _rel_err(out, ref.float())
-                row.update(ms=do_bench(lambda: kern.forward(q, k, v, None, None, False, 0, scale, **kw), warmup=10,
-                                       rep=40), rel_err=err, ok=err < 2e-2)
-            except Exception as e:
-                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
-            emit(row)
+            run = lambda: kern.forward(q, k, v, None, None, False, 0, scale, **kw)[0]  # noqa: E731
+            emit(_measure(dict(base, kernel=kernel, config=shown), lambda: _rel_err(run(), ref.float()),
+                          lambda: do_bench(run, warmup=10, rep=40)))
 
 
 # Window attention backward (Swin-T stage 1 and 3, window 7 shift 3): the one-kernel backward (default in
@@ -461,46 +466,38 @@ WS_KERNEL_CANDIDATES = {64: [None, (64, 64, 4, 2), (64, 128, 4, 3)], 128: [None,
 
 
 def sweep_wsfwd(emit):
-    """The warp-specialization probe (benchmarks/ws_probe.py) on the long forward shapes: each candidate tile
-    with and without ``warp_specialize``, beside the shipped forward (the group's default row)."""
+    """Warp specialization on the long forward shapes, beside the shipped forward (the group's default row): our
+    forward with FWD_WARP_SPEC at WS_KERNEL_CANDIDATES' tiles, then the probe (benchmarks/ws_probe.py) at each
+    of its tiles with and without ``warp_specialize``."""
     from benchmarks import ws_probe
     from dlcv_fast.kernels import attention as kern
 
     for name in WS_SHAPES:
         B, H, Lq, Lk, D = FWD_SHAPES[name]
-        q, k, v, _ = _rect_inputs(B, H, Lq, Lk, D)
-        cq, ck, cv, _ = _inputs(*WS_CHECK, D, seed=1)
-        ref = F.scaled_dot_product_attention(cq.float(), ck.float(), cv.float())
-        row = dict(group="wsfwd", kernel="forward (table)", case=name, shape=[B, H, Lq, Lk, D], default=True)
-        try:
-            err = _rel_err(kern.forward(cq, ck, cv, None, None, False, 0, D ** -0.5)[0], ref)
-            row.update(ms=_time(lambda: kern.forward(q, k, v, None, None, False, 0, D ** -0.5)), rel_err=err,
-                       ok=err < 2e-2)
-        except Exception as e:
-            row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
-        emit(row)
+        timed_in = _rect_inputs(B, H, Lq, Lk, D)[:3]
+        parity_in = _inputs(*WS_CHECK, D, seed=1)[:3]
+        ref = F.scaled_dot_product_attention(*(t.float() for t in parity_in))
+        base = dict(group="wsfwd", case=name, shape=[B, H, Lq, Lk, D])
+
+        def ours(x, **kw):  # the shipped forward on inputs x = (q, k, v)
+            return kern.forward(*x, None, None, False, 0, D ** -0.5, **kw)[0]
+
+        emit(_measure(dict(base, kernel="forward (table)", default=True), lambda: _rel_err(ours(parity_in), ref),
+                      lambda: _time(lambda: ours(timed_in))))
         for cfg in WS_KERNEL_CANDIDATES[D]:  # our forward with its key loop warp-specialized (FWD_WARP_SPEC)
-            row = dict(group="wsfwd", kernel="forward, warp-specialized", config=cfg or kern.FWD_WS_TABLE[D],
-                       warp_spec=True, case=name, shape=[B, H, Lq, Lk, D], default=False)
-            try:
-                err = _rel_err(kern.forward(cq, ck, cv, None, None, False, 0, D ** -0.5, config=cfg,
-                                            warp_spec=True)[0], ref)
-                row.update(rel_err=err, ok=err < 2e-2, ms=_time(
-                    lambda: kern.forward(q, k, v, None, None, False, 0, D ** -0.5, config=cfg, warp_spec=True)))
-            except Exception as e:
-                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
-            emit(row)
+            kw = dict(config=cfg, warp_spec=True)
+            emit(_measure(dict(base, kernel="forward, warp-specialized", config=cfg or kern.FWD_WS_TABLE[D],
+                               warp_spec=True, default=False),
+                          lambda: _rel_err(ours(parity_in, **kw), ref), lambda: _time(lambda: ours(timed_in, **kw))))
         for cfg in ws_probe.CANDIDATES[D]:
-            row = dict(group="wsfwd", kernel="ws probe", config=cfg[:4], warp_spec=cfg[4], case=name,
-                       shape=[B, H, Lq, Lk, D], default=False)
-            try:
-                got, compiled = ws_probe.forward(cq, ck, cv, config=cfg)
-                err = _rel_err(got, ref)
-                row.update(ws_applied=ws_probe.specialized(compiled), rel_err=err, ok=err < 2e-2,
-                           ms=_time(lambda: ws_probe.forward(q, k, v, config=cfg)))
-            except Exception as e:
-                row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
-            emit(row)
+            row = dict(base, kernel="ws probe", config=cfg[:4], warp_spec=cfg[4], default=False)
+
+            def probe_check():
+                got, compiled = ws_probe.forward(*parity_in, config=cfg)
+                row["ws_applied"] = ws_probe.specialized(compiled)
+                return _rel_err(got, ref)
+
+            emit(_measure(row, probe_check, lambda: _time(lambda: ws_probe.forward(*timed_in, config=cfg))))
 
 
 GROUPS = {"bwd128": lambda emit: sweep_bwd(128, emit), "bwd64": lambda emit: sweep_bwd(64, emit),

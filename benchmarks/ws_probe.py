@@ -95,7 +95,9 @@ def forward(q, k, v, scale=None, config=CANDIDATES[64][0]):
 def specialized(compiled) -> bool | None:
     """Whether a compiled launch of the probe was warp-specialized (None where there is no PTX to read: the
     interpreter)."""
+    from dlcv_fast.aot import warp_specialized
+
     asm = getattr(compiled, "asm", None)
     if not asm or "ptx" not in asm:
         return None
-    return "setmaxnreg" in asm["ptx"]
+    return warp_specialized(asm["ptx"])

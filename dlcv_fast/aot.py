@@ -214,12 +214,17 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
         res.spill_bytes = spill_bytes(kernel.asm["cubin"]) if res.stack_bytes else 0
         res.smem = kernel.metadata.shared
         res.wgmma = "wgmma" in kernel.asm["ptx"]
-        res.warp_specialized = "setmaxnreg" in kernel.asm["ptx"]
+        res.warp_specialized = warp_specialized(kernel.asm["ptx"])
     except Exception as e:  # report it; one bad spec must not hide the others
         res.error = f"{type(e).__name__}: {e}"[:4000]
     res.seconds = time.perf_counter() - t0
     res.cpu_seconds = _cpu_time() - cpu0
     return res
+
+
+def warp_specialized(ptx: str) -> bool:
+    """Whether Triton split a kernel into warp partitions: its PTX rebalances registers (``setmaxnreg``)."""
+    return "setmaxnreg" in ptx
 
 
 def _cpu_time():

@@ -235,14 +235,27 @@ def rope_config(block_d: int, dtype, arch=None):
     return ROPE_TILE[table_arch(arch)][block_d]
 
 
+def rope_q_configs(block_d: int, dtype, arch=None):
+    """The tiles the forward picks from (:func:`_pick`) with ROPE_IN_KERNEL "q": the plain forward's
+    (:func:`fwd_configs`), or the one :data:`ROPE_Q_TILE` puts in their place."""
+    override = ROPE_Q_TILE.get(table_arch(arch), {}).get(block_d)
+    if override is None or _interpreting() or dtype == torch.float32:
+        return fwd_configs(block_d, dtype, "plain", arch)
+    return [override]
+
+
 def _rope_mode(requested, Lq: int):
     """What of rope= the kernel rotates (before :func:`rope_in_kernel_problem`'s check): "qk", "q" or None (the
     two passes), from ``requested``, else :data:`ROPE_IN_KERNEL` (whose None picks by Lq)."""
     flag = ROPE_IN_KERNEL if requested is None else requested
     if flag is None:
         return "qk" if Lq <= ROPE_KERNEL_MAX_LEN else "q"
-    if flag is True or flag is False or flag == "q":
-        return {True: "qk", False: None}.get(flag, "q")
+    if flag is True:
+        return "qk"
+    if flag is False:
+        return None
+    if flag == "q":
+        return "q"
     raise ValueError(f"rope_in_kernel must be True, False, 'q' or None, got {flag!r}")
 
 
@@ -992,8 +1005,6 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         config = config or rope_config(BLOCK_D, q.dtype)
     elif mode == "q":
         k = rope_kernels.apply(k, *rope, interleaved=False)
-        config = config or (None if _interpreting() or q.dtype == torch.float32
-                            else ROPE_Q_TILE.get(table_arch(), {}).get(BLOCK_D))
     elif rope is not None:
         # One rotation pass over q and one over k, then the plain kernel. Measured on an H200 (benchmarks.tune,
         # 2026-11-27), this beat rotating q in the kernel's prologue at every tile tried: 0.99 vs 1.01 ms at
@@ -1008,7 +1019,9 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
         ws = why is None
         if ws:
             config, kv_tma, tail = ws_cfg, True, 0
-    bm, bn, warps, stages = config or _pick(fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D), Lq, B * H, Lk)
+    configs = (rope_q_configs(BLOCK_D, q.dtype) if mode == "q"
+               else fwd_configs(BLOCK_D, q.dtype, kind, uneven=D < BLOCK_D))
+    bm, bn, warps, stages = config or _pick(configs, Lq, B * H, Lk)
     use_tma = _use_tma("kv_tma", kv_tma, _fwd_tma_default(kind, BLOCK_D, Lq, Lk, bn, tail), k, v)
     q_arg = _descriptors(bm, BLOCK_D, q)[0] if ws else q
     if use_tma:
@@ -1035,7 +1048,7 @@ def forward(q, k, v, bias, kpm, causal: bool, prefix_len: int, scale: float, rop
     return o, lse
 
 
-def warp_spec_problem(q, k, v, kind: str, causal: bool, has_kpm: bool, rope_in_kernel: bool, config, kv_tma=None,
+def warp_spec_problem(q, k, v, kind: str, causal: bool, has_kpm: bool, rope_mode, config, kv_tma=None,
                       tail=None):
     """Why the warp-specialized forward cannot take this call (None: it can): it runs attention with no key
     padding, bias or in-kernel RoPE (causal and prefix_len are fine), Q/K/V by TMA (fp16/bf16, sm_90+,
@@ -1043,7 +1056,7 @@ def warp_spec_problem(q, k, v, kind: str, causal: bool, has_kpm: bool, rope_in_k
     D, Lk = q.shape[-1], k.shape[2]
     if kind != "plain" or has_kpm:
         return "a key padding mask or a bias (the warp-specialized loop takes neither)"
-    if rope_in_kernel:
+    if rope_mode:
         return "RoPE rotated in the kernel (it reads Q by pointers)"
     if D not in FWD_WS_TABLE:
         return f"head dim {D} (64 or 128)"
@@ -1051,11 +1064,7 @@ def warp_spec_problem(q, k, v, kind: str, causal: bool, has_kpm: bool, rope_in_k
         return f"{Lk} keys, not a multiple of the tile's {config[1]} (no masked block in the loop)"
     if kv_tma is False or tail:
         return "kv_tma=False or a tail block (it reads K/V by TMA, with no tail)"
-    try:
-        _use_tma("warp_spec", True, True, q, k, v)
-    except ValueError as e:
-        return str(e).split(": ", 1)[1]
-    return None
+    return _tma_problem(q, k, v)
 
 
 def _tma_ready(t) -> bool:
@@ -1094,6 +1103,15 @@ def _use_tma(name, requested, default, *tensors) -> bool:
     want = default if requested is None else requested
     if not want:
         return False
+    why = _tma_problem(*tensors)
+    if why is not None and requested:
+        raise ValueError(f"{name}=True: {why}")
+    return why is None
+
+
+def _tma_problem(*tensors):
+    """Why ``tensors`` cannot be read through TMA descriptors (None: they can): fp16/bf16, Hopper or later (or
+    the interpreter), head dim up to TMA_MAX_HEAD_DIM, every tensor TMA-addressable."""
     why = None
     if tensors[0].dtype not in (torch.float16, torch.bfloat16):
         why = f"dtype {tensors[0].dtype} (fp16 and bf16 only)"
@@ -1103,9 +1121,7 @@ def _use_tma(name, requested, default, *tensors) -> bool:
         why = f"head dim {tensors[0].shape[-1]} (up to {TMA_MAX_HEAD_DIM}: the tiles compile-checked with TMA)"
     elif not all(_tma_ready(t) for t in tensors):
         why = "a base or strides that are not multiples of 16 bytes"
-    if why is not None and requested:
-        raise ValueError(f"{name}=True: cannot use TMA descriptors with {why}")
-    return why is None
+    return None if why is None else f"cannot use TMA descriptors with {why}"
 
 
 def _descriptors(block_rows, block_d, *tensors):
@@ -1342,15 +1358,14 @@ def aot_specs():
     # RoPE in the forward (ROPE_IN_KERNEL; rope_config): its tiles, with and without the masks and the tail block.
     for dtype, d in (("fp16", 32), ("fp16", 64), ("bf16", 128)):
         for arch in ARCHS:
-            for cfg in (ROPE_TILE[arch][d],):
-                for tail in (0, TAIL_N) if tail_possible(cfg[1], d) else (0,):
-                    want(_attn_fwd, dtype, d, kind_flags["plain"], cfg, arch, tail=tail, rope=True)
-                    want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=cfg[0] >= 64, tail=tail, rope=True)
+            cfg = shipped_configs(rope_config, d, torch_dtype[dtype], arch)
+            for tail in (0, TAIL_N) if tail_possible(cfg[1], d) else (0,):
+                want(_attn_fwd, dtype, d, kind_flags["plain"], cfg, arch, tail=tail, rope=True)
+                want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=cfg[0] >= 64, tail=tail, rope=True)
     # q alone rotated in the forward (ROPE_IN_KERNEL "q"): the plain forward's tiles, pointer and TMA K/V loads.
     for dtype, d in (("fp16", 32), ("fp16", 64), ("bf16", 128)):
         for arch in ARCHS:
-            cfgs = shipped_configs(fwd_configs, d, torch_dtype[dtype], "plain", arch)
-            for cfg in [ROPE_Q_TILE[arch][d]] if d in ROPE_Q_TILE.get(arch, {}) else cfgs:
+            for cfg in shipped_configs(rope_q_configs, d, torch_dtype[dtype], arch):
                 for tail in (0, TAIL_N) if tail_possible(cfg[1], d) else (0,):
                     want(_attn_fwd, dtype, d, kind_flags["plain"], cfg, arch, tail=tail, rope_q=True, tma=False)
                     want(_attn_fwd, dtype, d, (), cfg, arch, wgmma=cfg[0] >= 64, tail=tail, rope_q=True, tma=False)

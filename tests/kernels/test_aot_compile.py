@@ -130,8 +130,7 @@ def test_every_launchable_attention_config_is_checked():
     for arch in A.ARCHS:
         for d in (32, 64, 128):
             for dtype in (torch.float16, torch.bfloat16):
-                cfgs = aot.shipped_configs(A.fwd_configs, d, dtype, "plain", arch)
-                for cfg in [A.ROPE_Q_TILE[arch][d]] if d in A.ROPE_Q_TILE.get(arch, {}) else cfgs:
+                for cfg in aot.shipped_configs(A.rope_q_configs, d, dtype, arch):
                     if (d, *cfg, arch) not in ropeq_checked:
                         missing.append(("_attn_fwd rope q", d, arch, tuple(cfg)))
     assert not missing, f"tiles the launchers can pick that no AOT spec compiles: {sorted(set(missing))[:10]}"
